@@ -1,0 +1,296 @@
+"""Typed configuration: one source of truth for a run.
+
+A run is described by a YAML file plus dotted `key=value` overrides. Every key maps onto a field of the nested
+dataclasses below; an unknown key is an error that names it, never a silently ignored default. Values are parsed
+with `yaml.safe_load` (no eval of config text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Ranks that split each layer's weights (Megatron tensor parallel)."""
+    pp: int = 1
+    """Pipeline stages. Only 1 is supported by the preference step so far."""
+    sp: bool = False
+    """Sequence parallel: shard LayerNorm/dropout activations over the TP group (needs tp > 1)."""
+    cp: int = 1
+    """Context parallel degree (GPU only: needs Transformer-Engine attention)."""
+    backend: str = "auto"
+    """'auto' (nccl with CUDA, else gloo on CPU), 'nccl' or 'gloo'."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over DP (Megatron distributed optimizer). Its checkpoints do not work on CPU."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sp and self.tp == 1:
+            raise ConfigError("parallel.sp=true needs parallel.tp > 1")
+        if self.pp != 1:
+            # TODO(megatron_po): run policy+reference stages through the 1F1B schedule (hidden states of both
+            # models concatenated along the batch on the p2p wire).
+            raise ConfigError("parallel.pp > 1 is not supported by the preference step yet")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    """Input images are resized to image_size x image_size."""
+    patch_size: int = 8
+    """ViT patch size in pixels; the tower sees (image_size / patch_size)^2 patches."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    frozen: bool = True
+    """Freeze the vision tower (ACPO trains the LLM only)."""
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ModelConfig:
+    family: str = "tiny_vlm"
+    """Model builder: 'tiny_vlm' (ViT + MLP projector + Qwen2.5-shaped GPT decoder)."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Grouped-query attention: key/value heads (Qwen2.5 uses GQA)."""
+    rotary_base: int = 1_000_000
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    vocab_size: int = 0
+    """0: taken from the tokenizer. Padded up to a multiple of 128 * tp like Megatron does."""
+    max_seq_length: int = 160
+    """Longest pair sequence (prompt + image tokens + response); longer pairs are skipped and counted."""
+    projector_frozen: bool = True
+    """Freeze the MLP projector (ACPO trains the LLM only)."""
+    spec: str = "auto"
+    """Layer spec: 'auto' (Transformer-Engine on GPU when installed, else local), 'te', 'local'."""
+    params_dtype: str = "fp32"
+    """'fp32' or 'bf16' (bf16 needs a GPU)."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def __post_init__(self):
+        if self.family != "tiny_vlm":
+            raise ConfigError(f"model.family {self.family!r} unknown; known: ['tiny_vlm']")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+        if self.spec not in ("auto", "te", "local"):
+            raise ConfigError(f"model.spec must be auto|te|local, got {self.spec!r}")
+        if self.params_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"model.params_dtype must be fp32|bf16, got {self.params_dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """'synthetic' (the embedded shapes task, generated into output_dir/data) or 'jsonl'."""
+    train_path: str = ""
+    """JSONL of preference records (source=jsonl)."""
+    tokenizer_path: str = ""
+    """SentencePiece model. Empty with source=synthetic: trained on the synthetic text at preparation."""
+    num_train: int = 512
+    num_eval: int = 64
+    seed: int = 1234
+    tokenizer_vocab_size: int = 512
+
+    def __post_init__(self):
+        if self.source not in ("synthetic", "jsonl"):
+            raise ConfigError(f"data.source must be synthetic|jsonl, got {self.source!r}")
+
+
+@dataclass
+class ObjectiveSection:
+    name: str = "acpo"
+    """Registered objective (see megatron_po.objectives.OBJECTIVES)."""
+    params: dict = field(default_factory=dict)
+    """Hyper-parameters of that objective; unknown keys are rejected by the objective's config class."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    """Cosine decay floor."""
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8
+    """Pairs per optimizer step, over all DP ranks and micro-batches."""
+    micro_batch_size: int = 2
+    """Pairs per forward pass on one DP rank."""
+    train_steps: int = 20
+    seed: int = 1234
+    log_interval: int = 1
+    progress_bar: bool = True
+    exit_interval: int = 0
+    """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval): for job time
+    limits; the next launch resumes. 0 = run to train_steps."""
+
+    def __post_init__(self):
+        for name in ("global_batch_size", "micro_batch_size", "train_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    save: bool = True
+    """Save at the end (and every save_interval steps) under output_dir/checkpoints."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in output_dir/checkpoints if there is one."""
+    init_from: str = ""
+    """A previous stage's checkpoint directory: initial weights of the policy and of the reference."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate_world(self, world_size: int) -> int:
+        """Checks the layout against the world size; returns the data-parallel size."""
+        mp = self.parallel.tp * self.parallel.pp * self.parallel.cp
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {mp}")
+        dp = world_size // mp
+        per_step = dp * self.train.micro_batch_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"dp ({dp}) x train.micro_batch_size ({self.train.micro_batch_size})"
+            )
+        return dp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads '5e-3' as a string: accept any text float() parses exactly
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` overrides to a nested dict (value parsed as YAML scalar)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults when path is None) and applies dotted overrides."""
+    data: dict = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,213 @@
+"""Turning preference pairs into model tensors, and the dataset that feeds them.
+
+One pair becomes two rows that share one image::
+
+    [bos] <|user|> <image> x num_image_tokens  prompt_ids  <|assistant|>  response_ids  <|end|>  [pad ...]
+
+Only ``response_ids`` and ``<|end|>`` are supervised. Labels follow Megatron: ``labels[t]`` is the target
+for position ``t`` (``tokens[t + 1]``) and -100 where nothing is predicted, so the prediction made at
+``<|assistant|>`` is the first response token's. A batch of B pairs is laid out as
+**[chosen rows 0..B-1 ; rejected rows B..2B-1]**, so ``logps[:B]`` / ``logps[B:]`` split it.
+
+Pairs are never truncated: a cut could drop image slots or the part of a response where chosen and rejected
+differ. :class:`PreferenceDataset` drops pairs that do not fit when it is built and counts why.
+
+:class:`PreferenceDataset` lives here rather than in ``records.py`` because deciding whether a pair fits
+needs the tokenizer and the sequence layout, which are this module's business.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_po.data.records import PreferenceRecord, load_image, resolve_image
+from megatron_po.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SKIP_REASONS: tuple[str, ...] = ("too_long", "empty_response", "identical_pair")
+"""Reasons :meth:`PairCollator.fits` can give; every :attr:`PreferenceDataset.skipped` counts all three."""
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class CollateConfig:
+    """How pairs become sequences."""
+
+    max_length: int
+    """Longest allowed row (specials and image slots included); longer pairs are dropped, never cut."""
+    num_image_tokens: int
+    """``<image>`` slots per row: must equal the number of embeddings the vision projector emits."""
+    pad_to_multiple_of: int = 1
+    """Round the batch length up to this (sequence parallel needs S divisible by the TP size)."""
+
+    def __post_init__(self):
+        if self.num_image_tokens < 0:
+            raise ValueError(f"num_image_tokens must be >= 0, got {self.num_image_tokens}")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        # 4 specials + the image slots + at least one response token
+        if self.max_length < self.num_image_tokens + 5:
+            raise ValueError(f"max_length ({self.max_length}) leaves no room for a response after "
+                             f"num_image_tokens ({self.num_image_tokens}) and the 4 special tokens")
+
+
+class PairCollator:
+    """Builds the model batch from ``(record, image)`` pairs.
+
+    Args:
+        tokenizer: provides the text ids and the special ids.
+        cfg: lengths and padding.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def _prefix(self, record: PreferenceRecord) -> list[int]:
+        tok = self.tokenizer
+        return ([tok.bos_id, tok.user_id] + [tok.image_id] * self.cfg.num_image_tokens
+                + tok.encode(record.prompt) + [tok.assistant_id])
+
+    def _encode(self, record: PreferenceRecord) -> tuple[list[int], list[int], list[int]]:
+        """(prefix ids, chosen ids, rejected ids) of one pair."""
+        return (self._prefix(record), self.tokenizer.encode(record.chosen),
+                self.tokenizer.encode(record.rejected))
+
+    def _reason(self, record: PreferenceRecord, prefix: list[int], chosen: list[int], rejected: list[int]) -> str:
+        # whitespace-only text still encodes to a "▁" piece, hence the check on the text as well
+        if not (chosen and rejected and record.chosen.strip() and record.rejected.strip()):
+            return "empty_response"
+        if chosen == rejected:
+            return "identical_pair"
+        # +1 for <|end|>
+        if len(prefix) + max(len(chosen), len(rejected)) + 1 > self.cfg.max_length:
+            return "too_long"
+        return ""
+
+    def fits(self, record: PreferenceRecord) -> tuple[bool, str]:
+        """Whether a pair can be collated as is.
+
+        Returns:
+            ``(True, "")``, or ``(False, reason)`` with reason one of :data:`SKIP_REASONS`.
+        """
+        reason = self._reason(record, *self._encode(record))
+        return not reason, reason
+
+    def __call__(self, records_with_images: Sequence[tuple[PreferenceRecord, torch.Tensor]]) -> dict:
+        """Collates B pairs.
+
+        Args:
+            records_with_images: ``(record, image [3, H, W])`` for each pair; every pair must fit (see
+                :meth:`fits`).
+
+        Returns:
+            With S the longest row rounded up to ``pad_to_multiple_of``, rows [chosen 0..B-1; rejected 0..B-1]:
+            ``tokens`` [2B, S] long, ``labels`` [2B, S] long (-100 unsupervised), ``loss_mask`` [2B, S] float,
+            ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [B, 3, H, W] float
+            (shared by a pair's two rows), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
+            tokens per row, ``<|end|>`` included), ``num_pairs`` int B.
+
+        Raises:
+            ValueError: empty batch, or a pair that does not fit (it is reported, never truncated).
+        """
+        if not records_with_images:
+            raise ValueError("cannot collate an empty batch")
+        tok = self.tokenizer
+        b = len(records_with_images)
+        prefixes: list[list[int]] = []
+        responses: list[list[int]] = [[] for _ in range(2 * b)]
+        for i, (record, _) in enumerate(records_with_images):
+            prefix, chosen, rejected = self._encode(record)
+            reason = self._reason(record, prefix, chosen, rejected)
+            if reason:
+                raise ValueError(f"pair {record.id!r} cannot be collated ({reason}); "
+                                 f"filter it out beforehand with PairCollator.fits")
+            prefixes.append(prefix)
+            responses[i] = chosen + [tok.end_id]
+            responses[b + i] = rejected + [tok.end_id]
+
+        rows = [prefixes[r % b] + responses[r] for r in range(2 * b)]
+        seq_len = _round_up(max(len(row) for row in rows), self.cfg.pad_to_multiple_of)
+        tokens = torch.full((2 * b, seq_len), tok.pad_id, dtype=torch.long)
+        labels = torch.full((2 * b, seq_len), IGNORE_INDEX, dtype=torch.long)
+        for r, row in enumerate(rows):
+            row_t = torch.tensor(row, dtype=torch.long)
+            tokens[r, : len(row)] = row_t
+            # targets are the response and <|end|>, predicted from the position just before each of them
+            start = len(prefixes[r % b])
+            labels[r, start - 1 : len(row) - 1] = row_t[start:]
+
+        loss_mask = (labels != IGNORE_INDEX).float()
+        lengths = loss_mask.sum(dim=1).long()
+        images = torch.stack([image for _, image in records_with_images]).float()
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(2 * b, -1).contiguous(),
+            "images": images,
+            "image_token_mask": tokens == tok.image_id,
+            "chosen_lengths": lengths[:b],
+            "rejected_lengths": lengths[b:],
+            "num_pairs": b,
+        }
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Pairs that fit the collator, with their images loaded on access.
+
+    Unfit pairs are dropped here, once, and counted in :attr:`skipped` (a ``collections.Counter`` over
+    :data:`SKIP_REASONS`, zeros included); one summary line is logged.
+
+    Args:
+        records: e.g. from :func:`megatron_po.data.records.read_records`.
+        image_root: base of relative image paths, normally the JSONL file's directory.
+        tokenizer: the tokenizer the collator will use.
+        collate_cfg: the collator's lengths.
+        image_size: side in pixels images are resized to.
+
+    Raises:
+        FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
+        ValueError: no pair is left.
+    """
+
+    def __init__(self, records: Sequence[PreferenceRecord], image_root: Path, tokenizer: Tokenizer,
+                 collate_cfg: CollateConfig, image_size: int):
+        self.image_root = Path(image_root)
+        self.image_size = image_size
+        self.collator = PairCollator(tokenizer, collate_cfg)
+        self.skipped: collections.Counter[str] = collections.Counter({reason: 0 for reason in SKIP_REASONS})
+        self.records: list[PreferenceRecord] = []
+        for record in records:
+            ok, reason = self.collator.fits(record)
+            if ok:
+                self.records.append(record)
+            else:
+                self.skipped[reason] += 1
+        for record in self.records:
+            path = resolve_image(record, self.image_root)
+            if not path.is_file():
+                raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
+        logger.info("preference data: kept %d of %d pairs (skipped %s)", len(self.records), len(records),
+                    ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+        if not self.records:
+            raise ValueError(f"no preference pair fits max_length={collate_cfg.max_length} "
+                             f"(skipped: {dict(self.skipped)})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[PreferenceRecord, torch.Tensor]:
+        record = self.records[i]
+        return record, load_image(resolve_image(record, self.image_root), self.image_size)

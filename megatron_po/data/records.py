@@ -1,0 +1,150 @@
+"""Preference records on disk: the JSONL schema, its validation, and image loading.
+
+One JSON object per line (blank lines are skipped)::
+
+    {"id": "train-00000",                 # str, non-empty, unique within the file
+     "image": "images/train_00000.png",   # str: relative to the JSONL file's directory, or absolute
+     "prompt": "What colour is the square?",
+     "chosen": "The square is red.",      # str, non-empty
+     "rejected": "The square is blue.",   # str, non-empty, != chosen
+     "meta": {...}}                       # optional object, carried through untouched
+
+Other keys are ignored. Any problem raises :class:`RecordError` naming ``file:line`` and the field, before
+training starts, rather than a shape error thousands of steps in. Images are decoded by PIL only: nothing in
+the data path unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "image", "prompt", "chosen", "rejected")
+
+
+class RecordError(ValueError):
+    """A preference record (or its image) that cannot be used; the message says where and why."""
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair about one image."""
+
+    id: str
+    """Unique within its file."""
+    image: str
+    """Path as written in the file: relative to the file's directory (see :func:`resolve_image`) or absolute."""
+    prompt: str
+    chosen: str
+    """The preferred response."""
+    rejected: str
+    """The dispreferred response."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form annotations (the synthetic set stores kind, hallucination type and the objects drawn)."""
+
+
+def _parse_line(line: str, where: str) -> PreferenceRecord:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for name in REQUIRED_FIELDS:
+        if name not in obj:
+            raise RecordError(f"{where}: missing field '{name}'")
+        value = obj[name]
+        if not isinstance(value, str):
+            raise RecordError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RecordError(f"{where}: field '{name}' is empty")
+    meta = obj.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise RecordError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    if obj["chosen"] == obj["rejected"]:
+        # an identical pair has a zero preference margin by construction: it only dilutes the batch
+        raise RecordError(f"{where}: fields 'chosen' and 'rejected' are identical")
+    return PreferenceRecord(id=obj["id"], image=obj["image"], prompt=obj["prompt"], chosen=obj["chosen"],
+                            rejected=obj["rejected"], meta=meta)
+
+
+def read_records(path: Path) -> list[PreferenceRecord]:
+    """Reads and validates a preference JSONL file.
+
+    Args:
+        path: the JSONL file; relative image paths in it are relative to ``path.parent``.
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        RecordError: a line is not a JSON object, a required field is missing, empty or not a string, ``meta``
+            is not an object, ``chosen == rejected``, or an ``id`` repeats. The message starts with
+            ``{path}:{line}`` (1-based).
+    """
+    path = Path(path)
+    records: list[PreferenceRecord] = []
+    first_line_of_id: dict[str, int] = {}
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            record = _parse_line(line, where)
+            if record.id in first_line_of_id:
+                raise RecordError(f"{where}: field 'id' {record.id!r} repeats line {first_line_of_id[record.id]}")
+            first_line_of_id[record.id] = lineno
+            records.append(record)
+    return records
+
+
+def iter_texts(records: Iterable[PreferenceRecord]) -> Iterator[str]:
+    """Prompts and both responses of every record: the corpus to train a tokenizer on."""
+    for r in records:
+        yield r.prompt
+        yield r.chosen
+        yield r.rejected
+
+
+def resolve_image(record: PreferenceRecord, image_root: Path) -> Path:
+    """The record's image path; relative paths are taken relative to ``image_root`` (the JSONL's directory)."""
+    p = Path(record.image)
+    return p if p.is_absolute() else Path(image_root) / p
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """Loads an image as RGB and resizes it to a square.
+
+    Args:
+        path: any format PIL reads.
+        image_size: output side in pixels (bicubic resize; aspect ratio is not kept).
+
+    Returns:
+        ``[3, image_size, image_size]`` float32 in ``[0, 1]``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it).
+        RecordError: PIL cannot decode the file (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            array = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise RecordError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)

@@ -1,0 +1,80 @@
+"""Token log-probabilities from vocab-sharded logits, without gathering the vocabulary.
+
+Each TP rank holds logits for a contiguous slice of the vocabulary. The log-softmax needs only two scalars per
+position from the other ranks (max and sum of exp) and the target logit from the rank that owns it: three small
+all-reduces over the TP group instead of an all-gather of [b, s, v].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group) -> torch.Tensor:
+        v_local = logits.shape[-1]
+        rank = dist.get_rank(group) if group is not None else 0
+        start = rank * v_local
+        logits_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        in_range = (target >= start) & (target < start + v_local)
+        local_target = (target - start).clamp(0, v_local - 1)
+        picked = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * in_range
+        if group is not None:
+            # one collective for both partial sums
+            both = torch.stack([sum_exp, picked])
+            dist.all_reduce(both, group=group)
+            sum_exp, picked = both[0], both[1]
+        exp.div_(sum_exp.unsqueeze(-1))  # now the local softmax slice, kept for backward
+        ctx.save_for_backward(exp, local_target, in_range)
+        return picked - sum_exp.log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, local_target, in_range = ctx.saved_tensors
+        # d logp(t) / d logit_j = 1[j == t] - softmax_j ; each rank owns its vocabulary slice of this gradient
+        grad_logits = softmax.mul_(-grad.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, local_target.unsqueeze(-1), (grad * in_range).unsqueeze(-1))
+        return grad_logits, None, None
+
+
+def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per-token log-probs of `labels` under vocab-sharded `logits`.
+
+    Args:
+        logits: [b, s, v/tp] logits of this TP rank's vocabulary slice (any float dtype; computed in fp32).
+        labels: [b, s] target ids, IGNORE_INDEX where not supervised.
+        tp_group: the tensor-parallel group that shards the vocabulary (None or size 1: no communication).
+    Returns:
+        per_token_logps [b, s] fp32, 0 at ignored positions.
+    """
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    mask = labels != IGNORE_INDEX
+    target = labels.masked_fill(~mask, 0)
+    per_token = _VocabParallelLogProb.apply(logits.float(), target, group)
+    return per_token * mask
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, tp_group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of response-token log-probs per sequence, in fp32.
+
+    The logits cover the full sequence on every TP rank (megatron's output layer gathers SP shards before the
+    vocab-parallel projection), so after the TP reductions above each sum is complete: per-pair statistics may be
+    computed directly from it.
+
+    Returns:
+        (logps [b], lengths [b]) — the summed log-prob and the number of supervised tokens of each sequence.
+    """
+    per_token = vocab_parallel_token_logps(logits, labels, tp_group)
+    lengths = (labels != IGNORE_INDEX).sum(-1)
+    return per_token.sum(-1), lengths

@@ -1,0 +1,145 @@
+"""Layer specs and TransformerConfigs for the VLM, on megatron-core building blocks.
+
+Two backends share one assembly: the Transformer-Engine spec (GPU, when TE is installed) and megatron's local
+spec. The local spec's norm (`WrappedTorchNorm`) refuses sequence parallelism, so on the local path we use
+`SPNorm`, a torch norm whose weight is tagged `sequence_parallel` — megatron's `finalize_model_grads` then
+all-reduces its gradient over TP exactly as it does for TE's norms.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_po.config import ModelConfig, ParallelConfig
+
+
+class SPNorm(torch.nn.Module):
+    """RMSNorm / LayerNorm computed in fp32, usable under sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            # replicated over TP but fed different sequence shards: grads must be summed over TP
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.rms:
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        else:
+            y = torch.nn.functional.layer_norm(
+                xf, (xf.shape[-1],), self.weight.float(), self.bias.float(), self.eps
+            )
+        return y.to(x.dtype)
+
+
+def have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_te_spec(model: ModelConfig) -> bool:
+    if model.spec == "te":
+        if not (have_te() and torch.cuda.is_available()):
+            raise RuntimeError("model.spec='te' needs transformer-engine and a CUDA device")
+        return True
+    return model.spec == "auto" and have_te() and torch.cuda.is_available()
+
+
+def _dtype(model: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
+
+
+def build_lm_config(model: ModelConfig, par: ParallelConfig) -> TransformerConfig:
+    """Qwen2.5-shaped decoder: RMSNorm, SwiGLU, RoPE, GQA, qkv bias, no other biases."""
+    dtype = _dtype(model)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        # the full master weight is drawn on the CPU then sliced, so every TP layout starts from the same weights
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_vision_config(model: ModelConfig, lm: TransformerConfig) -> TransformerConfig:
+    """ViT: LayerNorm, GELU MLP with biases, bidirectional attention; TP-sharded, never sequence parallel."""
+    v = model.vision
+    cfg = copy.deepcopy(lm)
+    cfg.num_layers = v.num_layers
+    cfg.hidden_size = v.hidden_size
+    cfg.ffn_hidden_size = v.ffn_hidden_size
+    cfg.num_attention_heads = v.num_attention_heads
+    cfg.num_query_groups = v.num_attention_heads
+    cfg.kv_channels = v.hidden_size // v.num_attention_heads
+    cfg.normalization = "LayerNorm"
+    cfg.layernorm_epsilon = 1e-6
+    cfg.gated_linear_unit = False
+    cfg.activation_func = torch.nn.functional.gelu
+    cfg.add_bias_linear = True
+    cfg.add_qkv_bias = True
+    # the vision sequence is short: SP would only add collectives; the tower also sits outside the PP split
+    cfg.sequence_parallel = False
+    cfg.pipeline_model_parallel_size = 1
+    return cfg
+
+
+def _with_norms(spec: ModuleSpec, attn_mask_type: AttnMaskType) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = SPNorm
+    spec.submodules.pre_mlp_layernorm = SPNorm
+    spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=attn_mask_type)
+    return spec
+
+
+def build_decoder_spec(model: ModelConfig, lm: TransformerConfig, pp_rank: int) -> TransformerBlockSubmodules | ModuleSpec:
+    if use_te_spec(model):
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = _with_norms(get_gpt_layer_local_spec(normalization="RMSNorm"), AttnMaskType.causal)
+    n = get_num_layers_to_build(lm, vp_stage=None, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SPNorm)
+
+
+def build_vision_spec(vision: TransformerConfig) -> TransformerBlockSubmodules:
+    # megatron's local layer pieces with our norm; no_mask = bidirectional attention over patches
+    layer = _with_norms(get_gpt_layer_local_spec(normalization="LayerNorm"), AttnMaskType.no_mask)
+    return TransformerBlockSubmodules(layer_specs=[layer] * vision.num_layers, layer_norm=SPNorm)

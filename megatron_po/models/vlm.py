@@ -1,0 +1,156 @@
+"""A small VLM on megatron-core: ViT tower -> MLP projector -> GPT decoder (Qwen2.5 shape).
+
+Image embeddings replace the `<image>` placeholder tokens of the decoder input. Everything TP-sharded comes from
+megatron-core (TransformerBlock, MultimodalProjector's MLP, GPTModel); the assembly is ours.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.models.specs import build_decoder_spec, build_lm_config, build_vision_config, build_vision_spec
+from megatron_po.parallel.groups import ParallelGroups
+
+
+class VisionTower(MegatronModule):
+    """ViT: linear patch embedding + learned positions + megatron TransformerBlock (bidirectional)."""
+
+    def __init__(self, model: ModelConfig, config: TransformerConfig, groups: ParallelGroups):
+        super().__init__(config=config)
+        v = model.vision
+        self.patch_size = v.patch_size
+        # replicated over TP (tiny next to the blocks); drawn from the default generator, same on every rank
+        self.patch_embed = torch.nn.Linear(3 * v.patch_size**2, v.hidden_size, dtype=config.params_dtype)
+        self.position_embedding = torch.nn.Parameter(
+            torch.randn(v.num_patches, v.hidden_size, dtype=config.params_dtype) * config.init_method_std
+        )
+        self.blocks = TransformerBlock(
+            config, build_vision_spec(config), post_layer_norm=True, pg_collection=groups.pg_collection
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [n, 3, H, W] -> patch features [p, n, hv] (Megatron [s, b, h] layout)."""
+        p = self.patch_size
+        n, c, h, w = images.shape
+        patches = images.unfold(2, p, p).unfold(3, p, p)  # [n, c, h/p, w/p, p, p]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n, (h // p) * (w // p), c * p * p)
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype)) + self.position_embedding
+        return self.blocks(x.transpose(0, 1).contiguous(), attention_mask=None)
+
+
+class VLMModel(MegatronModule):
+    """Vision tower + projector + GPTModel. `forward` returns vocab-sharded logits [b, s, v/tp]."""
+
+    def __init__(self, model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups):
+        lm_cfg = build_lm_config(model, par)
+        super().__init__(config=lm_cfg)
+        vis_cfg = build_vision_config(model, lm_cfg)
+        self.sequence_parallel = par.sp
+        self.tp_group = groups.tp
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.vision = VisionTower(model, vis_cfg, groups)
+        self.projector = MultimodalProjector(
+            lm_cfg,
+            MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            projector_type="mlp",
+            input_size=model.vision.hidden_size,
+            tp_group=groups.tp,
+        )
+        self.language_model = GPTModel(
+            config=lm_cfg,
+            transformer_layer_spec=build_decoder_spec(model, lm_cfg, pp_rank=0),
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_seq_length,
+            position_embedding_type="rope",
+            rotary_base=model.rotary_base,
+            share_embeddings_and_output_weights=False,
+            parallel_output=True,
+            # image features are merged first; we scatter to sequence-parallel shards ourselves afterwards
+            scatter_embedding_sequence_parallel=False,
+            pg_collection=groups.pg_collection,
+        )
+        if model.vision.frozen:
+            self.vision.requires_grad_(False)
+        if model.projector_frozen:
+            self.projector.requires_grad_(False)
+
+    @property
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
+            p.requires_grad for p in self.projector.parameters()
+        )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        # megatron's schedules hand pipeline activations in here; with pp=1 this is a no-op pass-through
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [n, 3, H, W] -> image embeddings [n, p, h] in the decoder's hidden size."""
+        feats = self.vision(images)  # [p, n, hv]
+        out = self.projector(feats)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(0, 1)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_token_mask: torch.Tensor,
+        image_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the decoder on text with image features spliced in.
+
+        Args:
+            tokens, position_ids: [b, s].
+            attention_mask: [1, 1, s, s] bool, True = masked.
+            image_embeds: [n, p, h] image embeddings (n images; each row of the batch uses one).
+            image_token_mask: [b, s] bool, exactly p True positions per row.
+            image_index: [b] which image each row uses (chosen and rejected of a pair share one).
+        Returns:
+            logits [b, s, v/tp] (vocab-sharded over TP).
+        """
+        emb = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
+        rows = image_embeds[image_index].to(emb.dtype)  # [b, p, h]
+        emb = emb.transpose(0, 1)
+        mask = image_token_mask.unsqueeze(-1).expand_as(emb)
+        emb = emb.masked_scatter(mask, rows.reshape(-1))
+        emb = emb.transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
+        return self.language_model(
+            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
+        )
+
+
+def build_vlm(model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups, seed: int) -> VLMModel:
+    """Builds the VLM with weights that depend only on `seed`, not on the TP layout.
+
+    The policy and the reference both come from here (same seed, then the same checkpoint if one is given).
+    """
+    torch.manual_seed(seed)
+    m = VLMModel(model, par, vocab_size, groups)
+    return m.to(groups.device)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Pads the vocabulary to a multiple of `multiple`, independent of the TP size.
+
+    Megatron-LM pads to `multiple * tp`; we do not, because padded entries take part in the softmax and in the
+    initial weights: a TP-dependent vocabulary would make log-probs depend on the layout.
+    """
+    padded = ((vocab_size + multiple - 1) // multiple) * multiple
+    if padded % tp:
+        raise ValueError(f"padded vocabulary {padded} is not divisible by parallel.tp={tp}")
+    return padded

@@ -1,0 +1,109 @@
+"""Process groups: initialised once by the driver, then passed explicitly.
+
+Model, log-prob and reduction code never call `parallel_state.get_*` themselves (STYLE.md §3): they receive a
+`ParallelGroups`. Megatron's `ProcessGroupCollection` rides along for the megatron modules that take one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_po.config import ParallelConfig
+from megatron_po.parallel.cpu import enable_cpu_backend
+
+
+@dataclass
+class ParallelGroups:
+    tp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    pg_collection: ProcessGroupCollection
+    device: torch.device
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(self.tp)
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp)
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size(self.dp)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp)
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return dist.get_rank() == 0
+
+
+def _backend(cfg: ParallelConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(cfg: ParallelConfig) -> str:
+    """Starts torch.distributed from torchrun's env (a 1-process group when run without torchrun)."""
+    backend = _backend(cfg)
+    if backend == "gloo":
+        enable_cpu_backend()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # plain `python -m megatron_po.train`: a single-process group on a private file store
+            import tempfile
+
+            store = dist.FileStore(tempfile.mktemp(prefix="megatron_po_store_"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return backend
+
+
+def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelGroups:
+    """Initialises megatron's parallel state for `cfg` inside an existing process group.
+
+    May be called again after `destroy_parallel()` with another layout in the same process (tests do this).
+    """
+    backend = init_process_group(cfg)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        context_parallel_size=cfg.cp,
+    )
+    # seeds the default generator (same on every rank, so replicated weights agree) and the TP-rank RNG tracker
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return ParallelGroups(
+        tp=parallel_state.get_tensor_model_parallel_group(),
+        dp=parallel_state.get_data_parallel_group(),
+        pp=parallel_state.get_pipeline_model_parallel_group(),
+        cp=parallel_state.get_context_parallel_group(),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        device=device,
+    )
+
+
+def destroy_parallel() -> None:
+    parallel_state.destroy_model_parallel()
+
+
+def teardown() -> None:
+    destroy_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,197 @@
+"""Reward curves of one or more runs from their metrics.jsonl, as a PNG.
+
+Depends on matplotlib and json only (no torch, no other megatron_po module), so it runs on a laptop next to a
+copied metrics file; `tools/plot_metrics.py` is its command line. The demo calls `plot_rewards` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional
+
+REWARD_PANELS = (
+    ("rewards/chosen", "chosen reward  r_w"),
+    ("rewards/rejected", "rejected reward  r_l"),
+    ("rewards/margins", "margin  r_w - r_l"),
+)
+ALPHA_MEAN, ALPHA_MIN, ALPHA_MAX = "acpo/alpha_hat_mean", "acpo/alpha_hat_min", "acpo/alpha_hat_max"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """One dict per optimizer step, sorted by step; a step logged twice (a resumed run) keeps its last record.
+
+    Non-finite values are written as strings ("nan", "inf") by the metrics writer; they come back as floats.
+    """
+    by_step: dict[int, dict] = {}
+    lines = Path(path).read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            # the last line of a file that is still being written may be cut off; anything else is corruption
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+        by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for r in rows:
+        if key not in r:
+            continue
+        try:
+            v = float(r[key])
+        except (TypeError, ValueError):
+            continue
+        steps.append(int(r["step"]))
+        values.append(v)
+    return steps, values
+
+
+def _rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` finite values (a per-step batch of 8 pairs is noisy)."""
+    out, buf = [], []
+    for v in values:
+        if math.isfinite(v):
+            buf.append(v)
+            buf = buf[-window:]
+        out.append(sum(buf) / len(buf) if buf else math.nan)
+    return out
+
+
+def plot_rewards(
+    runs: Mapping[str, Path],
+    out_png: Path,
+    title: str = "",
+    smooth: int = 5,
+) -> Path:
+    """Draws chosen reward, rejected reward and margin over optimizer steps, one colour per run.
+
+    A fourth panel shows ACPO's α̂ (`acpo/alpha_hat_mean`, with its min-max band over the batch) when any run
+    logged it. Runs that logged no reward (e.g. an SFT stage) are left out of the reward panels.
+
+    Args:
+        runs: label -> path of a metrics.jsonl (one JSON object per optimizer step).
+        out_png: where to write the figure; parent directories are created.
+        title: figure title.
+        smooth: trailing-mean window drawn bold over the faint raw curve; 1 or less draws the raw curve only.
+
+    Returns:
+        `out_png`.
+
+    Raises:
+        ValueError: no runs given, or none of them has any reward metric.
+    """
+    import matplotlib
+
+    # Agg before pyplot is imported: no display on clusters and CI, and never pop up a window
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        raise ValueError("plot_rewards: no runs given")
+    data = {label: read_metrics(Path(p)) for label, p in runs.items()}
+    keys = [k for k, _ in REWARD_PANELS]
+    if not any(k in r for rows in data.values() for r in rows for k in keys):
+        raise ValueError(f"plot_rewards: none of the runs {list(runs)} logged any of {keys}")
+    has_alpha = any(ALPHA_MEAN in r for rows in data.values() for r in rows)
+
+    panels = list(REWARD_PANELS) + ([(ALPHA_MEAN, "ACPO  alpha_hat (mean, min-max)")] if has_alpha else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    for i, (label, rows) in enumerate(data.items()):
+        colour = colours[i % len(colours)]
+        for ax, (key, _) in zip(axes, panels):
+            steps, values = _series(rows, key)
+            if not steps:
+                continue
+            if key == ALPHA_MEAN:
+                lo_steps, lo = _series(rows, ALPHA_MIN)
+                hi_steps, hi = _series(rows, ALPHA_MAX)
+                if lo_steps == steps and hi_steps == steps:
+                    ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
+                ax.plot(steps, values, color=colour, label=label)  # α̂ is a clipped mean: no smoothing
+                continue
+            if smooth > 1 and len(values) > smooth:
+                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, _rolling_mean(values, smooth), color=colour, label=label)
+            else:
+                ax.plot(steps, values, color=colour, label=label)
+
+    for ax, (key, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if key == ALPHA_MEAN:
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, -0.02), max(hi, 1.02))  # the whole [0, 1] window of Eq. 12, not a zoomed-in band
+        else:
+            ax.axhline(0.0, color="black", linewidth=0.6)
+    axes[0].legend(fontsize=8, loc="best")
+    if smooth > 1:
+        fig.text(0.005, 0.005, f"bold: trailing mean over {smooth} steps; faint: per step", fontsize=7, alpha=0.7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def parse_run_arg(text: str) -> tuple[str, Path]:
+    """'LABEL=PATH' -> (label, path); a bare PATH is labelled by its run directory's name."""
+    label, sep, path = text.partition("=")
+    if not sep:
+        p = Path(text)
+        return (p.parent.name if p.name == "metrics.jsonl" else p.name), p
+    if not label or not path:
+        raise ValueError(f"--run {text!r}: expected LABEL=PATH")
+    return label, Path(path)
+
+
+def resolve_metrics_path(path: Path) -> Path:
+    """Accepts a metrics.jsonl or a run's output_dir holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="plot_metrics.py",
+        description="Plot chosen/rejected rewards, margins (and ACPO's alpha_hat) of runs' metrics.jsonl.",
+    )
+    p.add_argument("--run", action="append", required=True, metavar="LABEL=PATH",
+                   help="a run: label and its metrics.jsonl (or output_dir); repeat for several runs")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--title", default="")
+    p.add_argument("--smooth", type=int, default=5, help="trailing-mean window (1: raw curves only)")
+    args = p.parse_args(argv)
+    runs: dict[str, Path] = {}
+    try:
+        for item in args.run:
+            label, path = parse_run_arg(item)
+            if label in runs:
+                raise ValueError(f"--run label {label!r} given twice")
+            runs[label] = resolve_metrics_path(path)
+        out = plot_rewards(runs, args.out, title=args.title, smooth=args.smooth)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(out)
+    return 0

@@ -1,0 +1,83 @@
+"""Data for the trainer: preparation on rank 0, the dataset, and per-rank micro-batch iterators."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_po.config import Config
+from megatron_po.data.collate import CollateConfig, PreferenceDataset
+from megatron_po.data.records import iter_texts, read_records
+from megatron_po.data.sampler import PairBatchSampler
+from megatron_po.data.synthetic import generate_synthetic_dataset
+from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: Config) -> tuple[Path, Path]:
+    """Returns (train jsonl, tokenizer model). Rank 0 generates what is missing; the others wait for it.
+
+    For the embedded default the data and tokenizer live under `output_dir/data`. A stage that starts from a
+    previous stage's checkpoint must use the same tokenizer: point `data.tokenizer_path` at it.
+    """
+    d = cfg.data
+    if d.source == "synthetic":
+        data_dir = Path(cfg.output_dir) / "data"
+        train_path = data_dir / "train.jsonl"
+        tok_path = Path(d.tokenizer_path) if d.tokenizer_path else data_dir / "tokenizer.model"
+        if dist.get_rank() == 0:
+            if not train_path.exists():
+                generate_synthetic_dataset(
+                    data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size
+                )
+            if not tok_path.exists():
+                texts = list(iter_texts(read_records(train_path)))
+                train_tokenizer(texts, tok_path.with_suffix(""), vocab_size=d.tokenizer_vocab_size, seed=d.seed)
+        dist.barrier()
+    else:
+        train_path = Path(d.train_path)
+        tok_path = Path(d.tokenizer_path)
+        for name, p in (("data.train_path", train_path), ("data.tokenizer_path", tok_path)):
+            if not p.is_file():
+                raise FileNotFoundError(f"{name}: no such file {p}")
+    return train_path, tok_path
+
+
+def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int) -> PreferenceDataset:
+    collate_cfg = CollateConfig(
+        max_length=cfg.model.max_seq_length,
+        num_image_tokens=cfg.model.vision.num_patches,
+        # sequence parallel splits the sequence over TP; pad so every rank gets an equal shard
+        pad_to_multiple_of=tp if cfg.parallel.sp else 1,
+    )
+    ds = PreferenceDataset(read_records(train_path), train_path.parent, tokenizer, collate_cfg,
+                           cfg.model.vision.image_size)
+    if dist.get_rank() == 0:
+        logger.warning("data: %d pairs kept; skipped %s", len(ds), dict(ds.skipped))
+    return ds
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[dict]:
+    """The micro-batches of one optimizer step on this rank, collated lazily (images load on demand)."""
+    for idx in indices:
+        yield to_device(ds.collator([ds[i] for i in idx]), device)
+
+
+def build_sampler(cfg: Config, num_samples: int, dp_rank: int, dp_size: int) -> PairBatchSampler:
+    return PairBatchSampler(
+        num_samples=num_samples,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.train.seed,
+    )

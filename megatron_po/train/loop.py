@@ -1,0 +1,201 @@
+"""The training loop: megatron DDP + optimizer + schedule around the preference step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_po.config import Config
+from megatron_po.data.tokenizer import Tokenizer
+from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
+from megatron_po.objectives import OBJECTIVES, build_objective_config
+from megatron_po.parallel.groups import ParallelGroups
+from megatron_po.train import checkpoint as ckpt
+from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data
+from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
+from megatron_po.train.step import PreferenceStep, forward_step, same_vision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    policy: DistributedDataParallel
+    reference: Optional[VLMModel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    step: PreferenceStep
+    groups: ParallelGroups
+
+
+def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[VLMModel, Optional[VLMModel]]:
+    """Policy and (if the objective needs one) a frozen reference, from the same builder and weights."""
+    v = padded_vocab_size(vocab_size, cfg.parallel.tp)
+    policy = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
+    reference = None
+    if OBJECTIVES[cfg.objective.name].needs_reference:
+        reference = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
+        reference.requires_grad_(False)
+        reference.eval()
+    if cfg.checkpoint.init_from:
+        for m in (policy, reference):
+            if m is not None:
+                ckpt.load_model_weights(Path(cfg.checkpoint.init_from), m)
+    return policy, reference
+
+
+def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, reference) -> TrainState:
+    lm_cfg = policy.config
+    # sum-of-pair-losses / global pair count: megatron divides grads by the all-reduced count once per step
+    lm_cfg.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(
+        config=lm_cfg,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        module=policy,
+        pg_collection=groups.pg_collection,
+    )
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.model.params_dtype == "bf16",
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        [ddp],
+        # the optimizer's extra gloo groups are for distributed-optimizer checkpoints (broken on CPU anyway)
+        use_gloo_process_groups=False,
+        pg_collection=groups.pg_collection,
+    )
+    steps = cfg.train.train_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=int(o.warmup_fraction * steps),
+        lr_decay_steps=steps,
+        lr_decay_style="cosine",
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+    lm_cfg.finalize_model_grads_func = finalize_model_grads
+    lm_cfg.no_sync_func = ddp.no_sync
+    lm_cfg.grad_scale_func = optimizer.scale_loss
+    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
+    step = PreferenceStep(cfg.objective.name, objective_cfg, groups, reference, same_vision(policy, reference))
+    return TrainState(ddp, reference, optimizer, scheduler, step, groups)
+
+
+def forward_backward(state: TrainState, batches: list[dict]) -> list[dict]:
+    """Forward + backward of this rank's micro-batches through megatron's schedule.
+
+    On return the DDP grad buffers hold the gradient of the global-batch mean loss (reduced over DP, divided by
+    the global pair count). Returns the per-micro-batch outputs of `loss_func`.
+    """
+    ddp = state.policy
+    ddp.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, state.step),
+        data_iterator=iter(batches),
+        model=ddp,
+        num_microbatches=len(batches),
+        seq_length=max(b["tokens"].shape[1] for b in batches),
+        micro_batch_size=2 * batches[0]["num_pairs"],
+        forward_only=False,
+        pg_collection=state.groups.pg_collection,
+    )
+
+
+def train_step(state: TrainState, batches: list[dict]) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank)."""
+    outputs = forward_backward(state, batches)
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron: 0 on the first warm-up step)
+    ok, grad_norm, _ = state.optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped (non-finite gradients)")
+    state.scheduler.step(increment=1)
+    metrics = global_batch_metrics(outputs, state.groups.dp)
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["lr"] = lr
+    return metrics
+
+
+def run_training(cfg: Config, groups: ParallelGroups) -> dict:
+    """Trains according to `cfg`; returns the last step's metrics."""
+    out = Path(cfg.output_dir)
+    train_path, tok_path = prepare_data(cfg)
+    tokenizer = Tokenizer(tok_path)
+    ds = build_dataset(cfg, train_path, tokenizer, groups.tp_size)
+    policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
+    state = build_train_state(cfg, groups, policy, reference)
+    sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
+
+    ckpt_root = out / "checkpoints"
+    start = 0
+    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    if latest is not None:
+        ts = ckpt.load_checkpoint(latest, policy, state.optimizer)
+        state.scheduler.load_state_dict(ts["scheduler"])
+        sampler.load_state_dict(ts["sampler"])
+        start = ts["step"]
+        if groups.is_logging_rank:
+            logger.warning("resumed from %s at step %d", latest, start)
+
+    writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar)
+    last: dict = {}
+    try:
+        for it in range(start, cfg.train.train_steps):
+            t0 = time.perf_counter()
+            batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
+            metrics = train_step(state, batches)
+            dt = time.perf_counter() - t0
+            tokens = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
+            tokens_t = torch.tensor(tokens, dtype=torch.float64, device=groups.device)
+            dist.all_reduce(tokens_t, group=groups.dp)
+            last = {"step": it + 1, **metrics, "tokens_per_s": tokens_t.item() / dt, "step_time_s": dt}
+            if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
+                writer.log(last)
+            done = it + 1 == cfg.train.train_steps
+            exiting = bool(cfg.train.exit_interval) and (it + 1) % cfg.train.exit_interval == 0
+            interval = cfg.checkpoint.save_interval
+            if cfg.checkpoint.save and (done or exiting or (interval and (it + 1) % interval == 0)):
+                sampler.consumed_samples = (it + 1) * cfg.train.global_batch_size
+                trainer_state = {
+                    "step": it + 1,
+                    "scheduler": state.scheduler.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "objective": cfg.objective.name,
+                }
+                ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state)
+            if exiting and not done:
+                if groups.is_logging_rank:
+                    logger.warning("exit_interval: stopping after step %d (resume by relaunching)", it + 1)
+                break
+    finally:
+        writer.close()
+    return last

@@ -1,0 +1,94 @@
+"""Global-batch metrics and their sinks (metrics.jsonl, TensorBoard, a progress bar), rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_po.objectives import summarize_metrics
+from megatron_po.parallel.reduce import all_gather_cat
+
+
+def global_batch_metrics(micro_outputs: list[dict], dp_group) -> dict[str, float]:
+    """Per-pair samples of all micro-batches of all DP ranks -> global means (never per rank).
+
+    Every DP rank holds the same number of pairs per step (the sampler guarantees it), so an all-gather of the
+    concatenated samples is exact.
+    """
+    keys = sorted(micro_outputs[0]["samples"])
+    out = {}
+    for k in keys:
+        local = torch.cat([m["samples"][k].float().reshape(-1) for m in micro_outputs])
+        out[k] = all_gather_cat(local, dp_group)
+    return summarize_metrics(out)
+
+
+class MetricsWriter:
+    """Writes one JSON object per optimizer step; TensorBoard scalars and a tqdm bar alongside."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # append: a resumed run continues the same file (steps after the checkpoint are rewritten, see truncate)
+        self.path = output_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is a pinned dependency; tolerate its absence in stripped envs
+            self.tb = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        # steps logged after the checkpoint we resume from were lost with the crash; they will be redone
+        if not self.path.exists():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        self.path.write_text("".join(l + "\n" for l in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', float('nan')):.3f}"
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def last_metrics(path: Path) -> Optional[dict]:
+    rows = read_metrics(path)
+    return rows[-1] if rows else None

@@ -1,0 +1,34 @@
+"""megatron_po: preference optimization (ACPO, DPO, ...) of vision-language models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+# Exact pins: megatron-core 0.16.1 is the newest release for Python 3.11, and torch 2.13.0 is the CPU wheel the
+# laptop/CI path is measured on (other specs pull multi-GB CUDA builds). Re-check MEGATRON_ON_CPU.md on upgrades.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "psutil==7.2.2",  # needed by dist_checkpointing.save, not declared by megatron-core
+    "numpy==2.4.6",
+    "pyyaml==6.0.3",
+    "pillow==13.0.0",
+    "sentencepiece==0.2.3",
+    "tensorboard==2.21.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+
+setup(
+    name="megatron_po",
+    version="0.1.0",
+    description="Megatron-core trainer for preference optimization of vision-language models",
+    packages=find_packages(include=["megatron_po", "megatron_po.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # GPU image only (docker/): never install these on a CPU machine, they break megatron imports there
+        "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
+        "hf": ["transformers==4.57.1", "safetensors>=0.4"],
+        "dev": ["pytest==9.2.0"],
+    },
+    entry_points={"console_scripts": ["megatron-po=megatron_po.cli:main"]},
+)
