@@ -7,6 +7,7 @@ Model, log-prob and reduction code never call `parallel_state.get_*` themselves 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -58,7 +59,11 @@ def _backend(cfg: ParallelConfig) -> str:
 def init_process_group(cfg: ParallelConfig) -> str:
     """Starts torch.distributed from torchrun's env (a 1-process group when run without torchrun)."""
     backend = _backend(cfg)
+    # megatron-core 0.16.1 calls collectives torch 2.13 has renamed; the message repeats every step
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     if backend == "gloo":
+        # CUDA_DEVICE_MAX_CONNECTIONS tunes CUDA streams: meaningless on the CPU
+        warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
         enable_cpu_backend()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -67,7 +72,7 @@ def init_process_group(cfg: ParallelConfig) -> str:
             # plain `python -m megatron_po.train`: a single-process group on a private file store
             import tempfile
 
-            store = dist.FileStore(tempfile.mktemp(prefix="megatron_po_store_"), 1)
+            store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="megatron_po_"), "store"), 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
         else:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +48,10 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a pinned dependency; tolerate its absence in stripped envs
             self.tb = None
-        if progress_bar:
+        self.total = total_steps
+        # a redrawn bar only on a terminal; under SLURM / CI logs, one plain line every ~10% of the run
+        self.line_every = max(1, total_steps // 10)
+        if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
@@ -69,11 +73,15 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
+        shown = {"loss": f"{record['loss']:.4f}"}
+        if "rewards/margins" in record:
+            shown["margin"] = f"{record['rewards/margins']:.3f}"
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', float('nan')):.3f}"
-            )
+            self.bar.set_postfix(shown)
+        elif record["step"] % self.line_every == 0 or record["step"] == self.total:
+            items = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"step {record['step']}/{self.total} {items} lr={record.get('lr', 0):.2e}", flush=True)
 
     def close(self) -> None:
         if not self.enabled:

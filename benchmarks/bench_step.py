@@ -1,0 +1,308 @@
+"""Optimizer-step cost of each parallel layout and objective, measured through the trainer's own code path.
+
+    torchrun --nproc_per_node 2 benchmarks/bench_step.py [--layouts tp1,tp2,tp2sp] [--objectives sft,dpo,acpo]
+        [--hidden 128] [--layers 2] [--seq 128] [--steps 10] [--warmup 3] [key=value ...]
+
+Every layout runs in the same process group (megatron's parallel state is destroyed and re-initialised between
+layouts: process start-up would otherwise dominate on a laptop). For each (layout, objective) the script builds
+the policy, the reference when the objective has one, DDP, optimizer and schedule with
+`megatron_po.train.loop.build_models` / `build_train_state`, and times `train_step` on the embedded demo data.
+
+Columns:
+  ms/step    median wall time of one optimizer step (forward + backward of every micro-batch, DP grad reduction,
+             optimizer) after the warm-up steps; per step the slowest rank counts. The interquartile range follows.
+             Data loading and collation are done before timing.
+  tokens/s   sequence tokens of the global batch (2 rows per pair x padded length S, policy only) per second, so
+             objectives with a reference show its forward as lower throughput.
+  peak RSS   highest resident memory of any rank during that configuration (Linux: the kernel's high-water mark,
+             reset per configuration after returning freed heap to the OS; elsewhere psutil sampled every 10 ms).
+  peak GPU   torch.cuda.max_memory_allocated, on GPU runs only.
+
+Trailing `key=value` arguments are megatron_po config overrides (e.g. model.vision.num_layers=4); the layout keys
+(parallel.tp, parallel.sp) and the objective are set by the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# megatron's known CPU fallbacks and deprecations (MEGATRON_ON_CPU.md), repeated by every rank and every
+# configuration, would bury the table; some are issued at import, hence before the imports below
+warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from megatron_po.config import ConfigError, load_config  # noqa: E402
+from megatron_po.data.collate import IGNORE_INDEX  # noqa: E402
+from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
+from megatron_po.objectives import OBJECTIVES  # noqa: E402
+from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
+from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data  # noqa: E402
+from megatron_po.train.loop import build_models, build_train_state, train_step  # noqa: E402
+
+LAYOUT_RE = re.compile(r"^tp(\d+)(sp)?$")
+
+
+def parse_layouts(text: str) -> list[tuple[str, int, bool]]:
+    """'tp1,tp2,tp2sp' -> [(name, tp, sp)]; dp is whatever the world size leaves."""
+    out = []
+    for name in text.split(","):
+        m = LAYOUT_RE.match(name.strip())
+        if not m:
+            raise ValueError(f"--layouts: {name!r} is not tpN or tpNsp")
+        out.append((name.strip(), int(m.group(1)), bool(m.group(2))))
+    return out
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+
+class PeakRSS:
+    """Peak resident set size of this process over a window (one configuration)."""
+
+    _HWM = re.compile(r"VmHWM:\s+(\d+) kB")
+
+    def __init__(self):
+        self.proc = psutil.Process()
+        self.kernel = self._kernel_hwm_resettable()
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def _kernel_hwm_resettable() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        gc.collect()
+        try:
+            # the previous configuration's freed tensors stay in glibc's heap unless handed back to the OS
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        if self.kernel:
+            self._kernel_hwm_resettable()
+            return
+        self._peak = self.proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, self.proc.memory_info().rss)
+
+    def stop(self) -> int:
+        """Bytes."""
+        if self.kernel:
+            with open("/proc/self/status") as f:
+                return int(self._HWM.search(f.read()).group(1)) * 1024
+        self._stop.set()
+        self._thread.join()
+        return max(self._peak, self.proc.memory_info().rss)
+
+
+# ---- batches -----------------------------------------------------------------------------------------------------
+
+def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
+    """Right-pads a collated micro-batch to exactly `seq` positions (causal: real tokens see no padding)."""
+    s = batch["tokens"].shape[1]
+    if s > seq:
+        raise ValueError(f"--seq {seq} is shorter than a collated batch ({s} tokens): raise --seq")
+    if s == seq:
+        return batch
+    extra = seq - s
+    out = dict(batch)
+    out["tokens"] = F.pad(batch["tokens"], (0, extra), value=pad_id)
+    out["labels"] = F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    out["loss_mask"] = F.pad(batch["loss_mask"], (0, extra), value=0.0)
+    out["image_token_mask"] = F.pad(batch["image_token_mask"], (0, extra), value=False)
+    rows = batch["tokens"].shape[0]
+    out["position_ids"] = torch.arange(seq, device=batch["tokens"].device).unsqueeze(0).expand(rows, -1).contiguous()
+    return out
+
+
+# ---- one configuration -------------------------------------------------------------------------------------------
+
+def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
+    policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
+    state = build_train_state(cfg, groups, policy, reference)
+    sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
+    on_gpu = groups.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+    times = []
+    tokens = 0
+    for it in range(warmup + steps):
+        batches = [b for b in micro_batches(ds, sampler.micro_batches(it), groups.device)]
+        if seq:
+            batches = [pad_batch(b, seq, tokenizer.pad_id) for b in batches]
+        dist.barrier()
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(state, batches)
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if it >= warmup:
+            times.append(dt)
+            tokens += sum(b["tokens"].numel() for b in batches)
+
+    # per step, the slowest rank; tokens summed over DP ranks (TP ranks of one DP rank hold the same batch)
+    t = torch.tensor(times, dtype=torch.float64, device=groups.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    tok = torch.tensor([tokens], dtype=torch.float64, device=groups.device)
+    dist.all_reduce(tok, group=groups.dp)
+    times = t.tolist()
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    out = {
+        "ms_per_step": 1e3 * statistics.median(times),
+        "ms_iqr": (1e3 * q[0], 1e3 * q[2]),
+        "tokens_per_s": tok.item() / sum(times),
+        "params_per_rank": sum(p.numel() for p in policy.parameters()),
+    }
+    if on_gpu:
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    del state, policy, reference
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", default="tp1,tp2,tp2sp", help="comma list of tpN / tpNsp (dp = world / tp)")
+    p.add_argument("--objectives", default="sft,dpo,acpo", help=f"comma list of {sorted(OBJECTIVES)}")
+    p.add_argument("--hidden", type=int, default=128, help="decoder hidden size (ffn = 2.75x, Qwen2.5's ratio)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--query-groups", type=int, default=2, help="key/value heads (GQA); a multiple of every tp")
+    p.add_argument("--seq", type=int, default=128, help="pad every row to this length (0: the batch's own length)")
+    p.add_argument("--global-batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=4, help="pairs per forward on one DP rank")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, autotuning, caches)")
+    p.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "megatron_po_bench"),
+                   help="where the embedded data and tokenizer are generated once (shared by the node's ranks)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here (rank 0)")
+    p.add_argument("overrides", nargs="*", help="megatron_po config overrides, key=value")
+    args = p.parse_args()
+    logging.getLogger("megatron_po").setLevel(logging.ERROR)  # the per-dataset summary line, once per layout
+
+    try:
+        layouts = parse_layouts(args.layouts)
+    except ValueError as e:
+        p.error(str(e))
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    for o in objectives:
+        if o not in OBJECTIVES:
+            p.error(f"--objectives: unknown {o!r}; known {sorted(OBJECTIVES)}")
+
+    base = [
+        f"output_dir={args.output_dir}",
+        f"model.hidden_size={args.hidden}",
+        f"model.ffn_hidden_size={int(round(args.hidden * 2.75 / 8)) * 8}",
+        f"model.num_layers={args.layers}",
+        f"model.num_attention_heads={args.heads}",
+        f"model.num_query_groups={args.query_groups}",
+        # rows are padded to --seq; pairs longer than that would be dropped by the dataset
+        f"model.max_seq_length={max(args.seq, 160)}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"train.train_steps={args.warmup + args.steps}",
+        "train.progress_bar=false",
+        "checkpoint.save=false",
+        "checkpoint.resume=false",
+        *args.overrides,
+    ]
+    try:
+        load_config(None, base)  # fail on a bad override before any process group exists
+    except ConfigError as e:
+        p.error(str(e))
+
+    init_process_group(load_config(None, base).parallel)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mem = PeakRSS()
+    rows = []
+    try:
+        for name, tp, sp in layouts:
+            if world % tp:
+                raise SystemExit(f"layout {name}: world size {world} is not a multiple of tp={tp}")
+            if sp and args.seq % tp:
+                raise SystemExit(f"layout {name}: --seq {args.seq} must be a multiple of tp={tp} for sequence parallel")
+            ds = None  # once per layout: sequence parallel pads rows to a multiple of tp
+            for obj in objectives:
+                cfg = load_config(None, base + [f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}",
+                                                f"objective.name={obj}"])
+                dp = cfg.validate_world(world)
+                groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
+                try:
+                    if ds is None:
+                        train_path, tok_path = prepare_data(cfg)
+                        tokenizer = Tokenizer(tok_path)
+                        ds = build_dataset(cfg, train_path, tokenizer, groups.tp_size)
+                    mem.start()
+                    r = bench_one(cfg, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
+                    peak = torch.tensor([mem.stop()], dtype=torch.float64, device=groups.device)
+                    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                    r.update(layout=f"{name} (dp={dp})", objective=obj, peak_rss_bytes=int(peak.item()))
+                    rows.append(r)
+                    if rank == 0:
+                        print(f"  {r['layout']:<14} {obj:<5} {r['ms_per_step']:8.1f} ms/step", file=sys.stderr,
+                              flush=True)
+                finally:
+                    del groups
+                    destroy_parallel()
+    finally:
+        teardown()
+
+    if rank == 0:
+        print_table(args, world, rows)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+    return 0
+
+
+def print_table(args, world: int, rows: list[dict]) -> None:
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} thread(s)/rank)"
+    print(f"\nworld={world} device={device} torch={torch.__version__} | decoder hidden={args.hidden} "
+          f"layers={args.layers} heads={args.heads}/{args.query_groups} | seq={args.seq or 'natural'} "
+          f"global_batch={args.global_batch} pairs micro={args.micro_batch} | median of {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    gpu = any("peak_gpu_bytes" in r for r in rows)
+    head = f"| {'layout':<14} | {'objective':<9} | {'ms/step':>8} | {'IQR ms':>13} | {'tokens/s':>9} | {'peak RSS MiB':>12} |"
+    head += " peak GPU MiB |" if gpu else ""
+    print(head)
+    print(re.sub(r"[^|]", "-", head))
+    for r in rows:
+        line = (f"| {r['layout']:<14} | {r['objective']:<9} | {r['ms_per_step']:8.1f} | "
+                f"{r['ms_iqr'][0]:6.1f}-{r['ms_iqr'][1]:<6.1f} | {r['tokens_per_s']:9.0f} | "
+                f"{r['peak_rss_bytes'] / 2**20:12.0f} |")
+        if gpu:
+            line += f" {r.get('peak_gpu_bytes', 0) / 2**20:12.0f} |"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Typed config: YAML + dotted overrides, unknown keys and bad values named, layout checks."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_po.config import ConfigError, apply_overrides, config_from_dict, load_config
+from megatron_po.objectives import build_objective_config
+
+
+def test_overrides_reach_nested_fields_with_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("parallel:\n  tp: 2\noptim:\n  lr: 1e-3\n")  # PyYAML reads 1e-3 as a string: still a float
+    cfg = load_config(f, ["parallel.sp=true", "train.train_steps=7", "objective.params.beta=0.2"])
+    assert (cfg.parallel.tp, cfg.parallel.sp, cfg.train.train_steps) == (2, True, 7)
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.objective.params == {"beta": 0.2}
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"parallel": {"tpp": 2}}, "parallel.tpp"),
+    ({"modle": {}}, "modle"),
+    ({"model": {"vision": {"patch": 4}}}, "model.vision.patch"),
+    ({"train": {"train_steps": "ten"}}, "train.train_steps"),
+    ({"parallel": {"sp": "yes"}}, "parallel.sp"),
+    ({"parallel": {"sp": True}}, "parallel.sp"),  # sp without tp > 1
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
+    ({"model": {"vision": {"image_size": 30, "patch_size": 8}}}, "image_size"),
+])
+def test_bad_config_is_named(data, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(data)
+
+
+def test_objective_hparams_validated_by_name():
+    with pytest.raises(ValueError, match="betta"):
+        build_objective_config("acpo", {"betta": 0.1})
+    with pytest.raises(ValueError, match="beta"):
+        build_objective_config("dpo", {"beta": 0.0})
+    with pytest.raises(ValueError, match="clip"):
+        build_objective_config("acpo", {"clip_lo": 0.9, "clip_hi": 0.3})
+    with pytest.raises(ValueError, match="unknown objective"):
+        build_objective_config("dpoo", {})
+
+
+def test_world_layout_checked():
+    cfg = config_from_dict({"parallel": {"tp": 2}, "train": {"global_batch_size": 8, "micro_batch_size": 2}})
+    assert cfg.validate_world(4) == 2
+    with pytest.raises(ConfigError, match="not divisible"):
+        cfg.validate_world(3)
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        config_from_dict({"train": {"global_batch_size": 6, "micro_batch_size": 2}}).validate_world(8)
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["parallel.tp"])
+
+
+def test_yaml_is_not_evaluated(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception) as e:
+        load_config(f)
+    assert "pwned" not in str(e.value) or "python/object" in str(e.value)
+
+
+def test_dry_run_cli_validates_without_processes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "megatron_po.train", "--dry-run", "--world-size", "4",
+                         "parallel.tp=2", "parallel.sp=true"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "dp=2" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "megatron_po.train", "--dry-run", "parallel.tq=2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "parallel.tq" in bad.stderr
