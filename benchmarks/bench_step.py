@@ -156,7 +156,7 @@ def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> 
     times = []
     tokens = 0
     for it in range(warmup + steps):
-        batches = [b for b in micro_batches(ds, sampler.micro_batches(it), groups.device)]
+        batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
         if seq:
             batches = [pad_batch(b, seq, tokenizer.pad_id) for b in batches]
         dist.barrier()
@@ -177,7 +177,7 @@ def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> 
     tok = torch.tensor([tokens], dtype=torch.float64, device=groups.device)
     dist.all_reduce(tok, group=groups.dp)
     times = t.tolist()
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     out = {
         "ms_per_step": 1e3 * statistics.median(times),
         "ms_iqr": (1e3 * q[0], 1e3 * q[2]),

@@ -131,6 +131,32 @@ class ObjectiveSection:
     """Registered objective (see megatron_po.objectives.OBJECTIVES)."""
     params: dict = field(default_factory=dict)
     """Hyper-parameters of that objective; unknown keys are rejected by the objective's config class."""
+    batch_stat_scope: str = "global_batch"
+    """Where batch statistics (ACPO batch-alpha, beta-DPO, CW-DPO gate) are taken: 'global_batch' (the whole
+    optimizer step, all DP ranks and micro-batches: layout-invariant; costs a no-grad policy pass) or
+    'micro_batch' (each micro-step over DP, as the reference implementations do)."""
+
+    def __post_init__(self):
+        if self.batch_stat_scope not in ("global_batch", "micro_batch"):
+            raise ConfigError(f"objective.batch_stat_scope must be global_batch|micro_batch, got {self.batch_stat_scope!r}")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Evaluate held-out pairs at step 0, every `interval` steps and at the end (0: never)."""
+    max_pairs: int = 64
+    """Held-out pairs scored per evaluation (from the synthetic eval split or eval.path)."""
+    path: str = ""
+    """JSONL of held-out preference pairs; empty with data.source=synthetic: the generated eval split."""
+    probe_path: str = ""
+    """JSONL of yes/no probe records (meta.present); empty with data.source=synthetic: generated held-out images."""
+    probe_images: int = 64
+    """Images of the generated yes/no probe (synthetic source)."""
+
+    def __post_init__(self):
+        if self.interval < 0 or self.max_pairs < 1:
+            raise ConfigError("eval.interval must be >= 0 and eval.max_pairs >= 1")
 
 
 @dataclass
@@ -196,6 +222,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate_world(self, world_size: int) -> int:
         """Checks the layout against the world size; returns the data-parallel size."""

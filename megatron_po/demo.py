@@ -27,40 +27,48 @@ def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) 
     return time.perf_counter() - t0
 
 
+def summarize(run: Path, seconds: float) -> dict:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    first, last = rows[0], rows[-1]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    return {"seconds": round(seconds, 1), "steps": last["step"],
+            **{f"first/{k}": first[k] for k in keys}, **{f"final/{k}": last[k] for k in keys}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megatron-po demo", description=__doc__)
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--objective", default="acpo", help="preference stage config: launch/configs/demo_<objective>.yaml")
+    p.add_argument("--objectives", default="acpo",
+                   help="comma-separated preference stages from the same SFT checkpoint (launch/configs/demo_<name>.yaml)")
     p.add_argument("--sft-steps", type=int, default=None, help="override the SFT stage length")
-    p.add_argument("--steps", type=int, default=None, help="override the preference stage length")
+    p.add_argument("--steps", type=int, default=None, help="override the preference stages' length")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from megatron_po.plots import plot_rewards
 
     out = Path(args.output_dir)
-    sft, pref = out / "sft", out / args.objective
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+    for n in names:
+        if not (CONFIGS / f"demo_{n}.yaml").is_file():
+            p.error(f"no config {CONFIGS / f'demo_{n}.yaml'} for objective {n!r}")
+    sft = out / "sft"
     sft_extra = [f"train.train_steps={args.sft_steps}"] if args.sft_steps else []
     pref_extra = [f"checkpoint.init_from={sft / 'checkpoints'}", f"data.tokenizer_path={sft / 'data' / 'tokenizer.model'}"]
     pref_extra += [f"train.train_steps={args.steps}"] if args.steps else []
-    t_sft = run_stage("SFT", CONFIGS / "demo_sft.yaml", sft, args.nproc, sft_extra)
-    t_pref = run_stage(args.objective.upper(), CONFIGS / f"demo_{args.objective}.yaml", pref, args.nproc, pref_extra)
+    summary = {"sft": {"seconds": round(run_stage("SFT", CONFIGS / "demo_sft.yaml", sft, args.nproc, sft_extra), 1)}}
+    for n in names:
+        t = run_stage(n.upper(), CONFIGS / f"demo_{n}.yaml", out / n, args.nproc, pref_extra)
+        summary[n] = summarize(out / n, t)
 
-    png = plot_rewards({args.objective.upper(): pref / "metrics.jsonl"}, out / f"{args.objective}_rewards.png",
-                       title=f"{args.objective.upper()} from SFT on the embedded shapes task (TP=2 + SP)")
-    rows = [json.loads(l) for l in (pref / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    first, last = rows[0], rows[-1]
-    summary = {
-        "sft_seconds": round(t_sft, 1), f"{args.objective}_seconds": round(t_pref, 1),
-        "steps": last["step"],
-        **{f"first/{k}": first[k] for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")},
-        **{f"final/{k}": last[k] for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                                            "rewards/accuracies")},
-    }
+    tag = "_vs_".join(names)
+    png = plot_rewards({n.upper(): out / n / "metrics.jsonl" for n in names}, out / f"{tag}_rewards.png",
+                       title=f"{' vs '.join(n.upper() for n in names)} from SFT on the embedded shapes task (TP=2 + SP)")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n== demo summary")
-    for k, v in summary.items():
-        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    for stage, vals in summary.items():
+        for k, v in vals.items():
+            print(f"  {stage:5s} {k:28s} {v:.4f}" if isinstance(v, float) else f"  {stage:5s} {k:28s} {v}")
     print(f"  plot: {png}")
     return 0
 

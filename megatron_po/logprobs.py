@@ -78,3 +78,19 @@ def sequence_logps(
     per_token = vocab_parallel_token_logps(logits, labels, tp_group)
     lengths = (labels != IGNORE_INDEX).sum(-1)
     return per_token.sum(-1), lengths
+
+
+def segment_sums(per_token: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sums of per-token values over segments (e.g. the sentences of a response, ASPO).
+
+    Args:
+        per_token: [b, s] values (log-probs already masked to response tokens), any float dtype.
+        segment_ids: [b, s] segment index of each position, -1 where the position belongs to none.
+        num_segments: K, the number of segment slots (max over the batch).
+    Returns:
+        [b, K] sums; differentiable w.r.t. `per_token`. Segments absent from a row sum to 0.
+    """
+    valid = segment_ids >= 0
+    idx = segment_ids.clamp_min(0)
+    out = torch.zeros(per_token.shape[0], max(num_segments, 1), dtype=per_token.dtype, device=per_token.device)
+    return out.scatter_add(1, idx, per_token * valid)

@@ -17,6 +17,16 @@ REWARD_PANELS = (
     ("rewards/margins", "margin  r_w - r_l"),
 )
 ALPHA_MEAN, ALPHA_MIN, ALPHA_MAX = "acpo/alpha_hat_mean", "acpo/alpha_hat_min", "acpo/alpha_hat_max"
+# drawn when any run logged them: displacement share, held-out probe and log-likelihood drift
+EXTRA_PANELS = (
+    ("rewards/frac_chosen_negative", "share of pairs with r_w < 0"),
+    ("acpo/frac_at_hi", "ACPO  share of alpha_hat at hi"),
+    ("probe/hallucination_rate", "probe: 'yes' to absent objects"),
+    ("probe/accuracy", "probe: yes/no accuracy"),
+    ("eval/delta_logp", "held-out chosen log p/token - step 0"),
+)
+SPARSE_KEYS = {"probe/hallucination_rate", "probe/accuracy", "eval/delta_logp"}
+FRACTION_KEYS = {"rewards/frac_chosen_negative", "acpo/frac_at_hi", "probe/hallucination_rate", "probe/accuracy"}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -103,8 +113,13 @@ def plot_rewards(
     has_alpha = any(ALPHA_MEAN in r for rows in data.values() for r in rows)
 
     panels = list(REWARD_PANELS) + ([(ALPHA_MEAN, "ACPO  alpha_hat (mean, min-max)")] if has_alpha else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    axes = axes[0]
+    panels += [(k, name) for k, name in EXTRA_PANELS if any(k in r for rows in data.values() for r in rows)]
+    ncols = min(len(panels), 4)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    axes = list(axes.flat)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     for i, (label, rows) in enumerate(data.items()):
@@ -120,6 +135,9 @@ def plot_rewards(
                     ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
                 ax.plot(steps, values, color=colour, label=label)  # α̂ is a clipped mean: no smoothing
                 continue
+            if key in SPARSE_KEYS:  # evaluated every few steps: markers, no smoothing
+                ax.plot(steps, values, color=colour, marker="o", markersize=3, label=label)
+                continue
             if smooth > 1 and len(values) > smooth:
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _rolling_mean(values, smooth), color=colour, label=label)
@@ -130,7 +148,7 @@ def plot_rewards(
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        if key == ALPHA_MEAN:
+        if key == ALPHA_MEAN or key in FRACTION_KEYS:
             lo, hi = ax.get_ylim()
             ax.set_ylim(min(lo, -0.02), max(hi, 1.02))  # the whole [0, 1] window of Eq. 12, not a zoomed-in band
         else:

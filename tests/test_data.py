@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ from megatron_po.data.collate import IGNORE_INDEX, CollateConfig, PairCollator, 
 from megatron_po.data.records import (PreferenceRecord, RecordError, iter_texts, load_image, read_records,
                                       resolve_image)
 from megatron_po.data.sampler import PairBatchSampler
-from megatron_po.data.synthetic import COLOURS, generate_synthetic_dataset
+from megatron_po.data.sentences import split_sentences
+from megatron_po.data.synthetic import (COLOURS, YESNO_SHARE, generate_probe_set, generate_synthetic_dataset,
+                                        probe_answers_yes)
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 
 NUM_IMAGE_TOKENS = 5
@@ -70,13 +74,15 @@ def test_synthetic_is_deterministic(tmp_path, synthetic_dir):
 def test_synthetic_rejected_is_a_hallucination(records):
     kinds = {r.meta["kind"] for r in records}
     hallucinations = {r.meta["hallucination"] for r in records}
-    assert kinds == {"describe", "colour", "count"}
-    assert hallucinations == {"wrong_colour", "added_object", "wrong_count"}
+    assert kinds == {"describe", "colour", "count", "yesno"}
+    assert hallucinations == {"wrong_colour", "added_object", "wrong_count", "missed_object"}
     for r in records:
         assert r.chosen != r.rejected
         objects, target = r.meta["objects"], r.meta["target"]
         assert 1 <= len(objects) <= 3
-        if r.meta["kind"] == "colour":
+        if r.meta["kind"] == "yesno":
+            _check_yesno(r)
+        elif r.meta["kind"] == "colour":
             (true_obj,) = [o for o in objects if o["shape"] == target["shape"]]
             assert target["answer"] == true_obj["colour"]
             assert target["rejected_answer"] != true_obj["colour"]
@@ -94,6 +100,48 @@ def test_synthetic_rejected_is_a_hallucination(records):
             assert target["rejected_answer"] != objects[target["index"]]["colour"]
 
 
+def _check_yesno(r: PreferenceRecord) -> None:
+    """A yes/no record's answers agree with the objects drawn."""
+    query, present = r.meta["query"], r.meta["present"]
+    drawn = any(o["colour"] == query["colour"] and o["shape"] == query["shape"] for o in r.meta["objects"])
+    assert present is drawn
+    name = f"{query['colour']} {query['shape']}"
+    assert name in r.prompt and r.prompt.endswith("?")
+    yes, no = (r.chosen, r.rejected) if present else (r.rejected, r.chosen)
+    assert yes.startswith("Yes, there is") and yes.endswith(f" {name}.")
+    assert no == f"No, there is no {name}."
+    assert r.meta["hallucination"] == ("missed_object" if present else "added_object")
+    assert r.meta["target"] == {"answer": "yes" if present else "no", "rejected_answer": "no" if present else "yes"}
+
+
+def test_synthetic_yesno_share_and_balance(records):
+    yesno = [r for r in records if r.meta["kind"] == "yesno"]
+    assert 0.5 * YESNO_SHARE < len(yesno) / len(records) < 2 * YESNO_SHARE
+    assert {r.meta["present"] for r in yesno} == {True, False}
+    assert all("present" not in r.meta for r in records if r.meta["kind"] != "yesno")
+
+
+def test_synthetic_descriptions_have_one_sentence_per_object(records):
+    """Several objects: one sentence each, and the rejected twin differs in exactly one sentence."""
+    multi = [r for r in records if r.meta["kind"] == "describe" and len(r.meta["objects"]) > 1]
+    assert {r.meta["hallucination"] for r in multi} == {"wrong_colour", "added_object"}
+    for r in multi:
+        chosen = [r.chosen[a:b].strip() for a, b in split_sentences(r.chosen)]
+        rejected = [r.rejected[a:b].strip() for a, b in split_sentences(r.rejected)]
+        assert len(chosen) == len(r.meta["objects"]) > 1
+        k = r.meta["target"]["sentence"]
+        for o, sentence in zip(r.meta["objects"], chosen):
+            assert f"{o['colour']} {o['shape']}" in sentence
+        if r.meta["hallucination"] == "wrong_colour":
+            assert len(rejected) == len(chosen)
+            assert [i for i in range(len(chosen)) if chosen[i] != rejected[i]] == [k]
+            assert r.meta["target"]["rejected_answer"] in rejected[k]
+        else:
+            added = r.meta["target"]["added"]
+            assert rejected[:k] + rejected[k + 1:] == chosen
+            assert f"{added['colour']} {added['shape']}" in rejected[k]
+
+
 def test_synthetic_images_show_the_objects(records, synthetic_dir):
     for r in records[:30]:
         image = load_image(resolve_image(r, synthetic_dir), 32)
@@ -103,6 +151,48 @@ def test_synthetic_images_show_the_objects(records, synthetic_dir):
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2 + 1
             pixel = (image[:, cy, cx] * 255).round().tolist()
             assert pixel == list(COLOURS[o["colour"]]), (r.id, o)
+
+
+def _pixels(path: Path) -> str:
+    with Image.open(path) as im:
+        return hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+
+
+def test_probe_set(tmp_path, synthetic_dir, records):
+    path = generate_probe_set(tmp_path / "a", num_images=30, seed=3)
+    assert path == tmp_path / "a" / "probe.jsonl"
+    assert generate_probe_set(tmp_path / "b", 30, seed=3).read_bytes() == path.read_bytes()
+    assert generate_probe_set(tmp_path / "c", 30, seed=4).read_bytes() != path.read_bytes()
+    probes = read_records(path)
+    assert len(probes) == 60
+    # balanced: every image is asked about one drawn and one absent object
+    by_image: dict[str, list[bool]] = {}
+    for r in probes:
+        assert r.meta["kind"] == "yesno"
+        _check_yesno(r)
+        query = r.meta["query"]
+        assert r.prompt.startswith("Is there ") and r.prompt.endswith(f" {query['colour']} {query['shape']} in the image?")
+        by_image.setdefault(r.image, []).append(r.meta["present"])
+    assert len(by_image) == 30 and all(v == [True, False] for v in by_image.values())
+    # held-out images: names that cannot collide, pixels unlike every train/eval image of the same seed
+    assert all(Path(image).name.startswith("probe_") for image in by_image)
+    seen = {_pixels(p) for p in (synthetic_dir / "images").iterdir()}
+    assert not seen & {_pixels(tmp_path / "a" / image) for image in by_image}
+    # and it can share the dataset directory
+    generate_probe_set(tmp_path / "a", 2, seed=3)
+    assert len(list((tmp_path / "a" / "images").iterdir())) == 30
+
+
+def test_probe_answers_yes():
+    present, absent = (PreferenceRecord(f"p{i}", "x.png", "Is there a red square in the image?", a, b,
+                                        meta={"kind": "yesno", "present": i == 0})
+                       for i, (a, b) in enumerate([("Yes, there is a red square.", "No, there is no red square."),
+                                                   ("No, there is no red square.", "Yes, there is a red square.")]))
+    assert probe_answers_yes(present, -1.0, -2.0) and not probe_answers_yes(present, -2.0, -1.0)
+    assert probe_answers_yes(absent, -2.0, -1.0) and not probe_answers_yes(absent, -1.0, -2.0)
+    assert not probe_answers_yes(absent, -1.0, -1.0) and not probe_answers_yes(present, -1.0, -1.0)  # tie: no
+    with pytest.raises(ValueError, match="yes/no"):
+        probe_answers_yes(PreferenceRecord("c", "x.png", "p", "a", "b", meta={"kind": "colour"}), 0.0, 1.0)
 
 
 # ---------------------------------------------------------------- records and images
@@ -212,6 +302,77 @@ def test_collator_layout_and_labels(records, tokenizer, synthetic_dir):
     assert torch.equal(batch["loss_mask"], (labels != IGNORE_INDEX).float())
     assert torch.equal(batch["chosen_lengths"], batch["loss_mask"][:b].sum(1).long())
     assert torch.equal(batch["rejected_lengths"], batch["loss_mask"][b:].sum(1).long())
+
+
+def _segments_of_row(batch, i: int) -> list[int]:
+    seg = batch["chosen_segment_ids"][i]
+    return seg[seg >= 0].tolist()
+
+
+def test_collator_segments_cover_the_chosen_response(records, tokenizer, synthetic_dir):
+    """Every supervised chosen token (``<|end|>`` included) lies in exactly one sentence, in order."""
+    collator = _collator(tokenizer, max_length=96, multiple=8)
+    pairs = [(r, torch.zeros(3, 32, 32)) for r in records]
+    batch = collator(pairs)
+    b = len(records)
+    seg, labels = batch["chosen_segment_ids"], batch["labels"][:b]
+    assert seg.shape == labels.shape and seg.dtype == torch.long
+    assert batch["num_segments"].shape == (b,) and batch["num_segments"].dtype == torch.long
+    # -1 exactly where nothing is predicted; the counts of all sentences add up to the chosen length
+    assert torch.equal(seg < 0, labels == IGNORE_INDEX) and (seg >= -1).all()
+    counts = torch.stack([torch.bincount(seg[i][seg[i] >= 0], minlength=int(batch["num_segments"].max()))
+                          for i in range(b)])
+    assert torch.equal(counts.sum(1), batch["chosen_lengths"])
+    assert (counts[torch.arange(counts.shape[1]) < batch["num_segments"][:, None]] > 0).all()
+    assert torch.equal(batch["num_segments"], (seg.max(1).values + 1))
+    assert batch["segment_similarity"].shape == (b, int(batch["num_segments"].max()))
+    assert batch["segment_similarity"].isnan().all()  # the synthetic records carry no similarity
+    k_of = {}
+    for i, (record, _) in enumerate(pairs):
+        row = _segments_of_row(batch, i)
+        assert row == sorted(row) and row[0] == 0
+        # the tokens are those of a plain encode; grouping them by segment gives back the sentences
+        targets = labels[i][labels[i] != IGNORE_INDEX].tolist()
+        assert targets == tokenizer.encode(record.chosen) + [tokenizer.end_id]
+        sentences = [record.chosen[a:c].strip() for a, c in split_sentences(record.chosen)]
+        assert batch["num_segments"][i] == len(sentences)
+        for k, sentence in enumerate(sentences):
+            assert tokenizer.decode([t for t, s in zip(targets, row) if s == k]).strip() == sentence
+        assert row[-1] == len(sentences) - 1  # <|end|> closes the last sentence
+        k_of.setdefault(record.meta["kind"], set()).add(len(sentences))
+    # the multi-object descriptions give ASPO more than one sentence to weigh
+    assert k_of["describe"] >= {1, 2, 3} and k_of["yesno"] == {1}
+
+
+def test_collator_segment_similarity_and_given_spans(records, tokenizer):
+    base = records[0]
+    text = "There is a red square. There is a blue circle. There is a green triangle."
+    with_sim = PreferenceRecord("s", base.image, base.prompt, text, base.rejected,
+                                chosen_sentence_similarity=[0.1, 0.2, 0.3])
+    no_sim = PreferenceRecord("n", base.image, base.prompt, "It is red.", base.rejected)
+    # caller-given spans replace the splitter: two sentences where the splitter finds three
+    given = PreferenceRecord("g", base.image, base.prompt, text, base.rejected,
+                             chosen_sentence_spans=[(0, 47), (47, len(text))], chosen_sentence_similarity=[0.5, 0.6])
+    # a sentence strictly inside the first token gets no token: it is dropped with its similarity
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    start, end = offsets[0]
+    assert end - start >= 3 and not text[start].isspace()
+    inner = PreferenceRecord("i", base.image, base.prompt, text, base.rejected,
+                             chosen_sentence_spans=[(0, start + 1), (start + 1, start + 2), (start + 2, len(text))],
+                             chosen_sentence_similarity=[0.7, 0.8, 0.9])
+    batch = _collator(tokenizer, max_length=96)([(r, torch.zeros(3, 32, 32)) for r in (with_sim, no_sim, given, inner)])
+    assert batch["num_segments"].tolist() == [3, 1, 2, 2]
+    sim = batch["segment_similarity"]
+    assert sim.shape == (4, 3) and sim.dtype == torch.float32
+    expected = [[0.1, 0.2, 0.3], [math.nan] * 3, [0.5, 0.6, math.nan], [0.7, 0.9, math.nan]]
+    assert torch.allclose(sim, torch.tensor(expected), equal_nan=True)
+    assert torch.equal(batch["chosen_lengths"], (batch["chosen_segment_ids"] >= 0).sum(1))
+    # the given split puts the first two sentences (and their tokens) together
+    row = _segments_of_row(batch, 2)
+    n_first = len(tokenizer.encode(text[:46]))  # the space at 46 rides on the next sentence's "▁There"
+    assert row == [0] * n_first + [1] * (len(row) - n_first)
+    # the chosen tokens are the same whichever split is used
+    assert torch.equal(batch["tokens"][0], batch["tokens"][2]) and torch.equal(batch["tokens"][0], batch["tokens"][3])
 
 
 def test_collator_pads_to_longest_not_max_length(records, tokenizer, synthetic_dir):

@@ -25,7 +25,10 @@ def test_all_layouts_and_objectives_ran(report):
     layouts = {k.split("/")[-1] for k in report}
     assert layouts == {"tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb"}
     objectives = {k.split("/")[0] for k in report}
-    assert objectives == {"dpo", "acpo", "acpo_batch"}
+    assert objectives == {"dpo", "acpo", "acpo_batch", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
+                          "cw_dpo", "aspo"}
+    for core in ("dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"):
+        assert {k.split("/")[-1] for k in report if k.startswith(core + "/")} == layouts, core
 
 
 def test_logps_loss_alpha_grads_match_plain_torch(report):
@@ -38,15 +41,23 @@ def test_logps_loss_alpha_grads_match_plain_torch(report):
             assert r["alpha_rel"] <= TOL, (key, r["alpha_rel"])
 
 
-def test_step0_loss_is_ln2_when_reference_equals_policy(report):
-    same = {k: r for k, r in report.items() if "/ref=same/" in k}
-    assert len(same) >= 10
+# objectives whose step-0 loss (reference == policy) is fixed by definition: DPO-like ln 2; IPO (1/(2 tau))^2
+STEP0 = {"dpo": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "dpo_shift": math.log(2),
+         "beta_dpo": math.log(2), "cw_dpo": math.log(2), "aspo": math.log(2), "ipo": 25.0}
+CORE = {"dpo", "acpo", "acpo_batch", "beta_dpo"}
+
+
+def test_step0_loss_when_reference_equals_policy(report):
+    same = {k: r for k, r in report.items() if "/ref=same/" in k and k.split("/")[0] in STEP0}
+    assert len(same) == 5 * len(CORE) + 2 * (len(STEP0) - len(CORE))
     for key, r in same.items():
-        assert abs(r["mean_loss"] - math.log(2)) < 1e-6, (key, r["mean_loss"])
-    # and it is not ln 2 once the reference differs (guards against comparing the policy with itself)
+        expected = STEP0[key.split("/")[0]]
+        assert abs(r["mean_loss"] - expected) < 1e-6 * max(1.0, expected), (key, r["mean_loss"])
+    # and it moves once the reference differs (guards against comparing the policy with itself)
     for key, r in report.items():
-        if "/ref=same/" not in key:
-            assert abs(r["mean_loss"] - math.log(2)) > 1e-5, key
+        label = key.split("/")[0]
+        if "/ref=same/" not in key and label in STEP0:
+            assert abs(r["mean_loss"] - STEP0[label]) > 1e-5, key
 
 
 def test_reference_and_frozen_vision_never_change(report):

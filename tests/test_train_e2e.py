@@ -71,7 +71,15 @@ def test_demo_configs_sft_then_acpo(tmp_path):
     run_torchrun(["-m", "megatron_po.train", "--config", str(cfgs / "demo_acpo.yaml"), f"output_dir={acpo}",
                   f"checkpoint.init_from={sft / 'checkpoints'}", f"data.tokenizer_path={sft / 'data' / 'tokenizer.model'}",
                   "train.train_steps=12", "train.progress_bar=false"])
-    a = metrics(acpo)
+    rows = metrics(acpo)
+    # held-out evaluation at step 0 (before any update) and at the end: the Δlog p probe starts at 0
+    evals = [r for r in rows if "eval/delta_logp" in r]
+    assert [r["step"] for r in evals] == [0, 10, 12], [r["step"] for r in evals]
+    assert evals[0]["eval/delta_logp"] == 0.0 and evals[-1]["eval/delta_logp"] != 0.0
+    assert evals[0]["eval/rewards/margins"] == 0.0 and evals[-1]["eval/rewards/margins"] != 0.0
+    for r in evals:
+        assert 0.0 <= r["probe/hallucination_rate"] <= 1.0 and 0.0 <= r["probe/accuracy"] <= 1.0
+    a = [r for r in rows if "loss" in r]
     assert abs(a[0]["loss"] - math.log(2)) < 1e-6, a[0]["loss"]  # reference == SFT policy at step 0
     assert a[0]["acpo/alpha_hat_mean"] == pytest.approx(0.95)   # sgn(0) := -1 => alpha_hat = hi at step 0
     assert sum(m["loss"] for m in a[-3:]) / 3 < math.log(2) - 0.01, [m["loss"] for m in a]

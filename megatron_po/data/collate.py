@@ -12,6 +12,11 @@ for position ``t`` (``tokens[t + 1]``) and -100 where nothing is predicted, so t
 Pairs are never truncated: a cut could drop image slots or the part of a response where chosen and rejected
 differ. :class:`PreferenceDataset` drops pairs that do not fit when it is built and counts why.
 
+For sentence-level objectives (ASPO) the chosen rows also carry their sentences: ``chosen_segment_ids[i, t]``
+is the sentence of the token that label position ``t`` predicts (see :mod:`megatron_po.data.sentences` for how
+tokens map to sentences; ``<|end|>`` belongs to the last one), so a per-sentence sum of log-probs is
+``scatter_add`` over ``chosen_segment_ids`` of the per-token log-probs of rows ``0..B-1``.
+
 :class:`PreferenceDataset` lives here rather than in ``records.py`` because deciding whether a pair fits
 needs the tokenizer and the sequence layout, which are this module's business.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 from megatron_po.data.records import PreferenceRecord, load_image, resolve_image
+from megatron_po.data.sentences import token_segments
 from megatron_po.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +91,14 @@ class PairCollator:
         return (self._prefix(record), self.tokenizer.encode(record.chosen),
                 self.tokenizer.encode(record.rejected))
 
+    def _chosen_segments(self, record: PreferenceRecord, chosen_ids: list[int]) -> tuple[list[int], list[int]]:
+        """(sentence index of every chosen token, indices of the record's sentences that kept a token)."""
+        ids, offsets = self.tokenizer.encode_with_offsets(record.chosen)
+        if ids != chosen_ids:
+            # the offsets must describe the very tokens the model is trained on
+            raise RuntimeError(f"pair {record.id!r}: encode_with_offsets disagrees with encode")
+        return token_segments(record.chosen, offsets, record.sentence_spans())
+
     def _reason(self, record: PreferenceRecord, prefix: list[int], chosen: list[int], rejected: list[int]) -> str:
         # whitespace-only text still encodes to a "▁" piece, hence the check on the text as well
         if not (chosen and rejected and record.chosen.strip() and record.rejected.strip()):
@@ -118,6 +133,14 @@ class PairCollator:
             (shared by a pair's two rows), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
             tokens per row, ``<|end|>`` included), ``num_pairs`` int B.
 
+            Sentences of the chosen responses (:mod:`megatron_po.data.sentences`), with K_max the largest
+            ``num_segments`` in the batch: ``chosen_segment_ids`` [B, S] long, aligned with ``labels[:B]``: the
+            sentence (0-based) of the token each label position predicts, -1 where ``labels == -100``;
+            ``num_segments`` [B] long (>= 1; sentences that own no token are dropped);
+            ``segment_similarity`` [B, K_max] float32: the record's ``chosen_sentence_similarity`` of each kept
+            sentence, NaN where the record gives none or ``k >= num_segments``. For every row,
+            ``(chosen_segment_ids[i] >= 0).sum() == chosen_lengths[i]``.
+
         Raises:
             ValueError: empty batch, or a pair that does not fit (it is reported, never truncated).
         """
@@ -127,6 +150,7 @@ class PairCollator:
         b = len(records_with_images)
         prefixes: list[list[int]] = []
         responses: list[list[int]] = [[] for _ in range(2 * b)]
+        segments: list[tuple[list[int], list[int]]] = []
         for i, (record, _) in enumerate(records_with_images):
             prefix, chosen, rejected = self._encode(record)
             reason = self._reason(record, prefix, chosen, rejected)
@@ -134,6 +158,7 @@ class PairCollator:
                 raise ValueError(f"pair {record.id!r} cannot be collated ({reason}); "
                                  f"filter it out beforehand with PairCollator.fits")
             prefixes.append(prefix)
+            segments.append(self._chosen_segments(record, chosen))
             responses[i] = chosen + [tok.end_id]
             responses[b + i] = rejected + [tok.end_id]
 
@@ -151,6 +176,16 @@ class PairCollator:
         loss_mask = (labels != IGNORE_INDEX).float()
         lengths = loss_mask.sum(dim=1).long()
         images = torch.stack([image for _, image in records_with_images]).float()
+
+        segment_ids = torch.full((b, seq_len), -1, dtype=torch.long)
+        num_segments = torch.tensor([len(kept) for _, kept in segments], dtype=torch.long)
+        similarity = torch.full((b, int(num_segments.max())), math.nan, dtype=torch.float32)
+        for i, ((record, _), (token_ids, kept)) in enumerate(zip(records_with_images, segments)):
+            # same positions as the chosen row's labels; <|end|> closes the last sentence
+            start = len(prefixes[i]) - 1
+            segment_ids[i, start : start + len(token_ids) + 1] = torch.tensor(token_ids + [len(kept) - 1])
+            if record.chosen_sentence_similarity is not None:
+                similarity[i, : len(kept)] = torch.tensor([record.chosen_sentence_similarity[k] for k in kept])
         return {
             "tokens": tokens,
             "labels": labels,
@@ -161,6 +196,9 @@ class PairCollator:
             "chosen_lengths": lengths[:b],
             "rejected_lengths": lengths[b:],
             "num_pairs": b,
+            "chosen_segment_ids": segment_ids,
+            "num_segments": num_segments,
+            "segment_similarity": similarity,
         }
 
 

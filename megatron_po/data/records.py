@@ -7,7 +7,16 @@ One JSON object per line (blank lines are skipped)::
      "prompt": "What colour is the square?",
      "chosen": "The square is red.",      # str, non-empty
      "rejected": "The square is blue.",   # str, non-empty, != chosen
-     "meta": {...}}                       # optional object, carried through untouched
+     "meta": {...},                       # optional object, carried through untouched
+     "chosen_sentence_spans": [[0, 18]],  # optional: the sentences of `chosen` (ASPO)
+     "chosen_sentence_similarity": [0.31]} # optional: one image-text score per sentence (ASPO)
+
+``chosen_sentence_spans`` are character offsets into ``chosen``: sorted, contiguous, non-empty, covering the
+whole string (whitespace between sentences belongs to one of them). Without them the sentences are those of
+:func:`megatron_po.data.sentences.split_sentences`. ``chosen_sentence_similarity`` holds precomputed scores
+(e.g. CLIP cosine of each sentence with the image), one finite number per sentence: its length must equal the
+number of given spans or, without spans, the number of sentences the splitter finds — checked when the file is
+read, so a splitter change that invalidates a file fails loudly. ``null`` means absent for both.
 
 Other keys are ignored. Any problem raises :class:`RecordError` naming ``file:line`` and the field, before
 training starts, rather than a shape error thousands of steps in. Images are decoded by PIL only: nothing in
@@ -25,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from megatron_po.data.sentences import check_sentence_similarity, check_sentence_spans, split_sentences
 
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "image", "prompt", "chosen", "rejected")
 
@@ -48,6 +59,38 @@ class PreferenceRecord:
     """The dispreferred response."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form annotations (the synthetic set stores kind, hallucination type and the objects drawn)."""
+    chosen_sentence_spans: list[tuple[int, int]] | None = None
+    """Sentences of ``chosen`` as covering ``(start, end)`` character spans; None: split by
+    :func:`megatron_po.data.sentences.split_sentences`."""
+    chosen_sentence_similarity: list[float] | None = None
+    """One precomputed image-text similarity per sentence of ``chosen`` (ASPO's S_i); None: not given."""
+
+    def __post_init__(self):
+        # records built in code get the same checks as records read from a file
+        problem = _sentence_fields_problem(self.chosen, self.chosen_sentence_spans, self.chosen_sentence_similarity)
+        if problem:
+            raise RecordError(f"record {self.id!r}: {problem}")
+
+    def sentence_spans(self) -> list[tuple[int, int]]:
+        """The sentences of ``chosen``: the given spans, else the splitter's."""
+        if self.chosen_sentence_spans is not None:
+            return [(int(a), int(b)) for a, b in self.chosen_sentence_spans]
+        return split_sentences(self.chosen)
+
+
+def _sentence_fields_problem(chosen: str, spans: Any, similarity: Any) -> str:
+    """What is wrong with the optional sentence fields of a record, naming the field ("" if nothing)."""
+    if spans is not None:
+        problem = check_sentence_spans(spans, len(chosen))
+        if problem:
+            return f"field 'chosen_sentence_spans' {problem}"
+    if similarity is not None:
+        num_sentences = len(spans) if spans is not None else len(split_sentences(chosen))
+        problem = check_sentence_similarity(similarity, num_sentences)
+        if problem:
+            source = "given spans" if spans is not None else "sentence splitter"
+            return f"field 'chosen_sentence_similarity' {problem} (from the {source})"
+    return ""
 
 
 def _parse_line(line: str, where: str) -> PreferenceRecord:
@@ -73,8 +116,16 @@ def _parse_line(line: str, where: str) -> PreferenceRecord:
     if obj["chosen"] == obj["rejected"]:
         # an identical pair has a zero preference margin by construction: it only dilutes the batch
         raise RecordError(f"{where}: fields 'chosen' and 'rejected' are identical")
-    return PreferenceRecord(id=obj["id"], image=obj["image"], prompt=obj["prompt"], chosen=obj["chosen"],
-                            rejected=obj["rejected"], meta=meta)
+    spans, similarity = obj.get("chosen_sentence_spans"), obj.get("chosen_sentence_similarity")
+    problem = _sentence_fields_problem(obj["chosen"], spans, similarity)
+    if problem:
+        raise RecordError(f"{where}: {problem}")
+    return PreferenceRecord(
+        id=obj["id"], image=obj["image"], prompt=obj["prompt"], chosen=obj["chosen"], rejected=obj["rejected"],
+        meta=meta,
+        chosen_sentence_spans=None if spans is None else [(a, b) for a, b in spans],
+        chosen_sentence_similarity=None if similarity is None else [float(x) for x in similarity],
+    )
 
 
 def read_records(path: Path) -> list[PreferenceRecord]:
@@ -89,7 +140,8 @@ def read_records(path: Path) -> list[PreferenceRecord]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         RecordError: a line is not a JSON object, a required field is missing, empty or not a string, ``meta``
-            is not an object, ``chosen == rejected``, or an ``id`` repeats. The message starts with
+            is not an object, ``chosen == rejected``, an ``id`` repeats, ``chosen_sentence_spans`` do not cover
+            ``chosen``, or ``chosen_sentence_similarity`` is not one finite number per sentence. The message starts with
             ``{path}:{line}`` (1-based).
     """
     path = Path(path)

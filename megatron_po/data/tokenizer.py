@@ -119,6 +119,19 @@ class Tokenizer:
         """Token ids of ``text``; no bos/eos, and never a control id."""
         return self._sp.encode(text, out_type=int)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (the same as :meth:`encode`) and each token's character span in ``text``.
+
+        Offsets are *character* offsets (sentencepiece's ``offset_mapping`` with ``return_bytes=False``; its
+        proto pieces' ``begin``/``end`` count UTF-8 bytes instead). A piece that carries the whitespace before
+        a word ("▁There") starts on that whitespace; the dummy prefix before leading whitespace is zero-width.
+
+        Returns:
+            ``(ids, offsets)`` with ``offsets[t] = (start, end)``, ``0 <= start <= end <= len(text)``.
+        """
+        out = self._sp.encode(text, out_type="offset_mapping", return_bytes=False)
+        return [int(i) for i in out["ids"]], [(int(s), int(e)) for s, e in out["offsets"]]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control ids (pad, bos, eos, chat markers) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])

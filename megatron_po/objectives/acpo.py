@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives.common import PairLogps, check_pair_logps, implicit_rewards, preference_metrics
+from megatron_po.objectives.common import (
+    ObjectiveContext,
+    PairLogps,
+    check_pair_logps,
+    implicit_rewards,
+    preference_metrics,
+)
 from megatron_po.parallel.reduce import all_reduce_sum
 
 ALPHA_SCOPES = ("pair", "batch", "hybrid")
@@ -70,8 +76,22 @@ class ACPOConfig:
 
 
 @torch.no_grad()
+def global_stats(logps: PairLogps, cfg: ACPOConfig) -> Optional[dict[str, Tensor]]:
+    """Per-pair quantities the batch / hybrid α scopes average over the optimizer step's global batch.
+
+    The trainer gathers them over all DP ranks and micro-batches and passes them back as ``ctx.global_stats``, so
+    the batch reading does not change with the micro-batch split (None for the per-pair default: nothing to do).
+    """
+    if cfg.alpha_scope == "pair":
+        return None
+    r_w, r_l = implicit_rewards(logps, cfg.beta)
+    return {"r_w": r_w.detach().double(), "r_l": r_l.detach().double(),
+            "lengths": (logps.chosen_lengths + logps.rejected_lengths).double()}
+
+
 def _alpha(
-    r_w: Tensor, r_l: Tensor, lengths: Tensor, cfg: ACPOConfig, group: Optional[ProcessGroup]
+    r_w: Tensor, r_l: Tensor, lengths: Tensor, cfg: ACPOConfig, group: Optional[ProcessGroup],
+    stats: Optional[dict[str, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """α* (Eq. 11), α̂ (Eq. 12) and τ (Eq. 8) per pair, in fp64 and detached (the sg[·] of Eq. 12).
 
@@ -86,7 +106,12 @@ def _alpha(
     r_w, r_l, lengths = r_w.double(), r_l.double(), lengths.double()
     delta = cfg.delta * (cfg.beta if cfg.delta_units == "logratio" else 1.0)
     n = r_w.new_tensor(float(r_w.numel()))
-    if cfg.alpha_scope == "batch":
+    if stats is not None and cfg.alpha_scope != "pair":
+        # the optimizer step's whole global batch, gathered by the trainer (layout-invariant)
+        if cfg.alpha_scope == "batch":
+            r_w, r_l = stats["r_w"].mean(), stats["r_l"].mean()
+        lengths = stats["lengths"].mean()
+    elif cfg.alpha_scope == "batch":
         # A2: ratio of global means; the trainer passes only real pairs, so n counts exactly those
         sums = all_reduce_sum(torch.stack([r_w.sum(), r_l.sum(), lengths.sum(), n]), group)
         r_w, r_l, lengths = sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3]
@@ -103,7 +128,10 @@ def _alpha(
 
 
 def loss_fn(
-    logps: PairLogps, cfg: ACPOConfig, group: Optional[ProcessGroup] = None
+    logps: PairLogps,
+    cfg: ACPOConfig,
+    group: Optional[ProcessGroup] = None,
+    ctx: Optional[ObjectiveContext] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair ACPO loss ``L = −log σ(r_w − α̂·r_l)`` [arXiv 2603.22165, Eq. 13].
 
@@ -116,6 +144,8 @@ def loss_fn(
         cfg: hyper-parameters.
         group: data-parallel group for ``alpha_scope`` "batch"/"hybrid" (one all-reduce of a 4- or 2-vector per
             call); ignored for "pair". None means this batch is the whole global micro-batch.
+        ctx: ``ctx.global_stats`` (from ``global_stats`` over the optimizer step's global batch, gathered by the
+            trainer) replaces the per-call all-reduce for the batch / hybrid scopes.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
@@ -123,7 +153,8 @@ def loss_fn(
     check_pair_logps(logps, "acpo")
     r_w, r_l = implicit_rewards(logps, cfg.beta)
     lengths = logps.chosen_lengths + logps.rejected_lengths
-    alpha_hat, alpha_raw, tau = _alpha(r_w.detach(), r_l.detach(), lengths, cfg, group)
+    stats = ctx.global_stats if ctx is not None else None
+    alpha_hat, alpha_raw, tau = _alpha(r_w.detach(), r_l.detach(), lengths, cfg, group, stats)
     u = r_w - alpha_hat.to(r_w.dtype) * r_l
     loss = -F.logsigmoid(u)
 

@@ -1,17 +1,20 @@
 """Pieces shared by every objective: the per-pair inputs, implicit rewards, TRL metrics and their summary.
 
 Notation follows OBJECTIVES.md §0.1: ``pol_w``/``pol_l`` are the policy's summed response log-probs of the chosen /
-rejected response, ``ref_*`` the frozen reference's, ``r = β·(pol − ref)`` the implicit rewards.
+rejected response, ``ref_*`` the frozen reference's, ``Δ = pol − ref`` the log-ratios and ``r = β·Δ`` the implicit
+rewards.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 LOGP_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 LENGTH_FIELDS = ("chosen_lengths", "rejected_lengths")
+SEGMENT_FIELDS = ("policy_chosen_segment_logps", "ref_chosen_segment_logps", "chosen_segment_lengths")
 
 
 @dataclass
@@ -30,6 +33,55 @@ class PairLogps:
     """[B] response tokens that entered the chosen sum (labels != -100 after the shift), float or int."""
     rejected_lengths: Tensor
     """[B] same for the rejected response."""
+    policy_chosen_segment_logps: Optional[Tensor] = None
+    """[B, K] policy log-prob sums per sentence of the chosen response (ASPO); sums over k equal the chosen sum."""
+    ref_chosen_segment_logps: Optional[Tensor] = None
+    """[B, K] same under the reference."""
+    chosen_segment_lengths: Optional[Tensor] = None
+    """[B, K] tokens per sentence (0 for padding slots k >= the row's sentence count)."""
+    chosen_segment_similarity: Optional[Tensor] = None
+    """[B, K] precomputed image-text similarity per sentence (NaN where unknown)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """Where in the run a loss is computed, for objectives with schedules (DPO-Shift's λ(t)); the trainer passes
+    ``ObjectiveContext(step, total_steps)`` and every ``loss_fn`` treats None as ``ObjectiveContext()``."""
+
+    step: int = 0
+    """0-based optimizer step being computed (every micro-batch of that step sees the same value)."""
+    total_steps: int = 1
+    """Planned optimizer steps of the run (``train.train_steps``), the T of a schedule t/T."""
+    global_stats: Optional[dict] = field(default=None, compare=False)
+    """Per-pair statistics [N] of the optimizer step's whole global batch (all DP ranks and micro-batches), from the
+    objective's own ``global_stats`` hook; None: take batch statistics over this micro-step and ``group``."""
+    pair_index: Optional[Tensor] = field(default=None, compare=False)
+    """[B] positions of this micro-batch's pairs in ``global_stats`` (set together with it)."""
+    state: Optional[dict] = field(default=None, compare=False)
+    """Objective state carried across optimizer steps (JSON-serialisable floats, saved in checkpoints), as committed
+    by the registry entry's ``next_state`` after the previous step; None = the objective's initial state. Every
+    micro-batch of a step sees the same pre-step state (β-DPO's EMA of the margin statistics)."""
+
+    def __post_init__(self):
+        if self.step < 0:
+            raise ValueError(f"ObjectiveContext.step must be >= 0, got {self.step}")
+        if self.total_steps < 1:
+            raise ValueError(f"ObjectiveContext.total_steps must be >= 1, got {self.total_steps}")
+
+    @property
+    def progress(self) -> float:
+        """``t/T`` clamped to [0, 1]: a run resumed past its planned length keeps the schedule's end value."""
+        return min(self.step / self.total_steps, 1.0)
+
+
+def local_pair_index(num_pairs: int, group: Optional[dist.ProcessGroup], device=None) -> Tensor:
+    """[B] positions of this rank's pairs in a rank-major ``all_gather_cat`` of ``[B]`` per-pair values.
+
+    Only a rank lookup, no collective: for objectives that take a batch statistic over ``group`` themselves (no
+    ``ctx.global_stats``) and need their own rows of the gathered tensor.
+    """
+    rank = 0 if group is None or dist.get_world_size(group) == 1 else dist.get_rank(group)
+    return torch.arange(rank * num_pairs, (rank + 1) * num_pairs, device=device)
 
 
 def check_pair_logps(
@@ -70,15 +122,71 @@ def check_pair_logps(
         raise ValueError(f"objective {objective!r}: non-finite log-probs in {bad}")
 
 
-def implicit_rewards(logps: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
-    """β-scaled implicit rewards ``r_w = β(pol_w − ref_w)``, ``r_l = β(pol_l − ref_l)`` (DPO Eq. 5, ACPO Eq. 6).
+def check_segment_logps(
+    logps: PairLogps,
+    objective: str,
+    fields: Sequence[str] = SEGMENT_FIELDS,
+    optional: Sequence[str] = ("chosen_segment_similarity",),
+) -> None:
+    """Rejects missing, mis-shaped or non-finite per-sentence inputs (``[B, K]``, ASPO OBJECTIVES.md §10).
+
+    Call after ``check_pair_logps``, which fixes B. Log-prob segment fields must be finite; lengths must be >= 0;
+    ``optional`` fields may be None and may hold NaN (unknown), but must have the common ``[B, K]`` shape.
+
+    Raises:
+        ValueError: a needed field is None, a field is not ``[B, K]``, a log-prob is NaN/inf or a length < 0.
+    """
+    missing = [name for name in fields if getattr(logps, name) is None]
+    if missing:
+        raise ValueError(
+            f"objective {objective!r} needs per-sentence inputs {missing}, got None "
+            "(does the dataset split chosen responses into sentences?)"
+        )
+    b = logps.policy_chosen_logps.shape[0]
+    shape = getattr(logps, fields[0]).shape
+    for name in (*fields, *optional):
+        t = getattr(logps, name)
+        if t is not None and (t.dim() != 2 or t.shape[0] != b or t.shape != shape):
+            raise ValueError(
+                f"objective {objective!r}: {name} must have shape [B, K] = [{b}, K] like {fields[0]} "
+                f"{list(shape)}, got {list(t.shape)}"
+            )
+    logp_fields = [name for name in fields if "logps" in name]
+    if not torch.isfinite(torch.cat([getattr(logps, n).detach().reshape(-1) for n in logp_fields])).all():
+        bad = [name for name in logp_fields if not torch.isfinite(getattr(logps, name)).all()]
+        raise ValueError(f"objective {objective!r}: non-finite log-probs in {bad}")
+    for name in fields:
+        if "lengths" in name and (getattr(logps, name) < 0).any():
+            raise ValueError(f"objective {objective!r}: {name} must be >= 0")
+
+
+def log_ratios(logps: PairLogps) -> tuple[Tensor, Tensor]:
+    """Sequence log-ratios ``Δ_w = pol_w − sg[ref_w]``, ``Δ_l = pol_l − sg[ref_l]`` (OBJECTIVES.md §0.1).
+
+    The reference terms are detached here (§0.3) so that no objective can send a gradient into reference
+    log-probs, even when a caller hands in tensors that require grad.
 
     Returns:
-        ``(r_w, r_l)``, each ``[B]``, carrying grad through the policy terms.
+        ``(Δ_w, Δ_l)``, each ``[B]``, carrying grad through the policy terms only.
     """
-    r_w = beta * (logps.policy_chosen_logps - logps.ref_chosen_logps)
-    r_l = beta * (logps.policy_rejected_logps - logps.ref_rejected_logps)
-    return r_w, r_l
+    delta_w = logps.policy_chosen_logps - logps.ref_chosen_logps.detach()
+    delta_l = logps.policy_rejected_logps - logps.ref_rejected_logps.detach()
+    return delta_w, delta_l
+
+
+def implicit_rewards(logps: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
+    """β-scaled implicit rewards ``r_w = β·Δ_w``, ``r_l = β·Δ_l`` (DPO Eq. 5, ACPO Eq. 6); see ``log_ratios``.
+
+    Returns:
+        ``(r_w, r_l)``, each ``[B]``, carrying grad through the policy terms only.
+    """
+    delta_w, delta_l = log_ratios(logps)
+    return beta * delta_w, beta * delta_l
+
+
+def per_token_mean(logps: Tensor, lengths: Tensor) -> Tensor:
+    """``ℓ̄ = logp / max(len, 1)`` in ``logps``' dtype: an empty response gives 0, not NaN (TRL; §0.4)."""
+    return logps / lengths.clamp_min(1).to(logps.dtype)
 
 
 def preference_metrics(logps: PairLogps, r_w: Tensor, r_l: Tensor) -> dict[str, Tensor]:
@@ -89,6 +197,8 @@ def preference_metrics(logps: PairLogps, r_w: Tensor, r_l: Tensor) -> dict[str, 
         "rewards/rejected": r_l,
         "rewards/margins": r_w - r_l,
         "rewards/accuracies": (r_w > r_l).to(r_w.dtype),
+        # likelihood displacement: the chosen response became less likely than under the reference
+        "rewards/chosen_negative": (r_w < 0).to(r_w.dtype),
         "logps/chosen": logps.policy_chosen_logps.detach(),
         "logps/rejected": logps.policy_rejected_logps.detach(),
         "lengths/chosen": logps.chosen_lengths.detach().to(r_w.dtype),
@@ -98,19 +208,32 @@ def preference_metrics(logps: PairLogps, r_w: Tensor, r_l: Tensor) -> dict[str, 
 
 # per-pair sample name -> logged name, for samples whose mean reads better under another name
 _MEAN_NAMES = {
+    "rewards/chosen_negative": "rewards/frac_chosen_negative",
     "acpo/at_lo": "acpo/frac_at_lo",
     "acpo/at_hi": "acpo/frac_at_hi",
     "acpo/rl_pos": "acpo/frac_rl_pos",
     "acpo/rl_below_eps": "acpo/frac_rl_below_eps",
     "acpo/tau": "acpo/tau_mean",
+    "beta_dpo/kept": "beta_dpo/frac_kept",
+    "sftc/nll_neg": "sftc/nll_neg_mean",
+    "cw/lbar_l": "cw/lbar_l_mean",
+    "cw/lbar_w": "cw/lbar_w_mean",
+    "cw/wc_below_0.1": "cw/frac_wc_below_0.1",
+    "cw/wc_above_0.9": "cw/frac_wc_above_0.9",
+    "aspo/K": "aspo/K_mean",
+    "aspo/single_sentence": "aspo/frac_single_sentence",
+    "aspo/norm_factor": "aspo/norm_factor_mean",
 }
+# per-pair weights whose spread matters as much as their mean: logged as {mean, std, min, max}
+_SPREAD_NAMES = ("acpo/alpha_hat", "cw/w_c")
 
 
 def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
     """Reduces per-pair metric samples to the logged scalars.
 
     Every key becomes its mean (renamed per ``_MEAN_NAMES``), except
-    ``acpo/alpha_hat`` -> ``acpo/alpha_hat_{mean,std,min,max}`` (population std, so one pair gives 0) and
+    ``acpo/alpha_hat`` -> ``acpo/alpha_hat_{mean,std,min,max}`` (population std, so one pair gives 0; likewise
+    ``cw/w_c``) and
     ``acpo/alpha_raw`` -> ``acpo/alpha_raw_median`` only: raw α* reaches ±τ/ε ≈ ±1e5 near r_l = 0, which swamps
     any mean; the median is torch's lower median, i.e. an observed value, never an average of two outliers.
 
@@ -124,7 +247,7 @@ def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
     names, values = [], []
     for key, x in samples.items():
         x = x.detach().reshape(-1).double()
-        if key == "acpo/alpha_hat":
+        if key in _SPREAD_NAMES:
             stats = {"mean": x.mean(), "std": x.std(correction=0), "min": x.min(), "max": x.max()}
             names += [f"{key}_{stat}" for stat in stats]
             values += list(stats.values())

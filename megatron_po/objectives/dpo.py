@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives.common import PairLogps, check_pair_logps, implicit_rewards, preference_metrics
+from megatron_po.objectives.common import (
+    ObjectiveContext,
+    PairLogps,
+    check_pair_logps,
+    implicit_rewards,
+    preference_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,10 @@ class DPOConfig:
 
 
 def loss_fn(
-    logps: PairLogps, cfg: DPOConfig, group: Optional[ProcessGroup] = None
+    logps: PairLogps,
+    cfg: DPOConfig,
+    group: Optional[ProcessGroup] = None,
+    ctx: Optional[ObjectiveContext] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair DPO loss ``L = −log σ(β·(Δ_w − Δ_l))`` with Δ = pol − ref [Rafailov et al. 2023, Eq. 7].
 
@@ -34,6 +43,7 @@ def loss_fn(
         logps: the batch; reference log-probs are required.
         cfg: hyper-parameters.
         group: unused (DPO has no batch statistics); accepted so every objective has one signature.
+        ctx: unused (no schedule), likewise.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.

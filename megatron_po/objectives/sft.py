@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives.common import PairLogps, check_pair_logps
+from megatron_po.objectives.common import ObjectiveContext, PairLogps, check_pair_logps
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,10 @@ class SFTConfig:
 
 
 def loss_fn(
-    logps: PairLogps, cfg: SFTConfig, group: Optional[ProcessGroup] = None
+    logps: PairLogps,
+    cfg: SFTConfig,
+    group: Optional[ProcessGroup] = None,
+    ctx: Optional[ObjectiveContext] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair NLL of the chosen response as a per-token mean: ``−pol_w / max(len_w, 1)``.
 
@@ -28,6 +31,7 @@ def loss_fn(
         logps: the batch; only ``policy_chosen_logps`` and ``chosen_lengths`` are used.
         cfg: unused.
         group: unused.
+        ctx: unused.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.

@@ -48,18 +48,48 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
     return train_path, tok_path
 
 
-def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int) -> PreferenceDataset:
+def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
     collate_cfg = CollateConfig(
         max_length=cfg.model.max_seq_length,
         num_image_tokens=cfg.model.vision.num_patches,
         # sequence parallel splits the sequence over TP; pad so every rank gets an equal shard
         pad_to_multiple_of=tp if cfg.parallel.sp else 1,
     )
-    ds = PreferenceDataset(read_records(train_path), train_path.parent, tokenizer, collate_cfg,
+    records = read_records(train_path) if records is None else records
+    ds = PreferenceDataset(records, train_path.parent, tokenizer, collate_cfg,
                            cfg.model.vision.image_size)
     if dist.get_rank() == 0:
-        logger.warning("data: %d pairs kept; skipped %s", len(ds), dict(ds.skipped))
+        logger.warning("data %s: %d pairs kept; skipped %s", train_path.name, len(ds), dict(ds.skipped))
     return ds
+
+
+def build_eval_sets(cfg: Config, tokenizer: Tokenizer, groups) -> tuple[list, list]:
+    """Held-out preference pairs and yes/no probe records for `eval.interval > 0` (else none)."""
+    from megatron_po.data.synthetic import generate_probe_set
+    from megatron_po.train.evaluate import build_eval_set
+
+    if cfg.eval.interval == 0:
+        return [], []
+    data_dir = Path(cfg.output_dir) / "data"
+    eval_path = Path(cfg.eval.path) if cfg.eval.path else data_dir / "eval.jsonl"
+    probe_path = Path(cfg.eval.probe_path) if cfg.eval.probe_path else None
+    if probe_path is None and cfg.data.source == "synthetic":
+        probe_path = data_dir / "probe" / "probe.jsonl"
+        if dist.get_rank() == 0 and not probe_path.exists():
+            generate_probe_set(probe_path.parent, cfg.eval.probe_images, seed=cfg.data.seed + 7919,
+                               image_size=cfg.model.vision.image_size)
+        dist.barrier()
+    mbs = cfg.train.micro_batch_size
+    sets, probes = [], []
+    for name, path, out in (("eval", eval_path, sets), ("probe", probe_path, probes)):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"eval: no such file {path}")
+        records = read_records(path)[: cfg.eval.max_pairs if name == "eval" else None]
+        ds = build_dataset(cfg, path, tokenizer, groups.tp_size, records=records)
+        out.append(build_eval_set(name, ds, mbs, groups.dp_rank, groups.dp_size))
+    return sets, probes
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

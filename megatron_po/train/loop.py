@@ -19,10 +19,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_po.config import Config
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
-from megatron_po.objectives import OBJECTIVES, build_objective_config
+from megatron_po.objectives import build_objective_config, objective_needs_reference
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train import checkpoint as ckpt
-from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data
+from megatron_po.train.batch_stats import gather_global_stats
+from megatron_po.train.evaluate import maybe_evaluate
+from megatron_po.train.data import build_dataset, build_eval_sets, build_sampler, micro_batches, prepare_data
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
 from megatron_po.train.step import PreferenceStep, forward_step, same_vision
 
@@ -44,7 +46,8 @@ def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[
     v = padded_vocab_size(vocab_size, cfg.parallel.tp)
     policy = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
     reference = None
-    if OBJECTIVES[cfg.objective.name].needs_reference:
+    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
+    if objective_needs_reference(cfg.objective.name, objective_cfg):
         reference = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
         reference.requires_grad_(False)
         reference.eval()
@@ -56,6 +59,10 @@ def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[
 
 
 def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, reference) -> TrainState:
+    if cfg.parallel.use_distributed_optimizer and groups.device.type == "cpu" and cfg.checkpoint.save:
+        # measured: every sharding type fails or silently resumes with a wrong Adam step (MEGATRON_ON_CPU.md §8)
+        raise ValueError("parallel.use_distributed_optimizer: its checkpoints do not work on the CPU backend; "
+                         "set checkpoint.save=false or use the plain optimizer on CPU")
     lm_cfg = policy.config
     # sum-of-pair-losses / global pair count: megatron divides grads by the all-reduced count once per step
     lm_cfg.calculate_per_token_loss = True
@@ -106,7 +113,18 @@ def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, ref
     lm_cfg.no_sync_func = ddp.no_sync
     lm_cfg.grad_scale_func = optimizer.scale_loss
     objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
-    step = PreferenceStep(cfg.objective.name, objective_cfg, groups, reference, same_vision(policy, reference))
+    step = PreferenceStep(
+        cfg.objective.name,
+        objective_cfg,
+        groups,
+        reference,
+        share_image_embeds=same_vision(policy, reference),
+        use_global_stats=cfg.objective.batch_stat_scope == "global_batch",
+        total_steps=cfg.train.train_steps,
+    )
+    if step.objective.next_state is not None and not step.use_global_stats:
+        raise ValueError(f"objective {cfg.objective.name!r} keeps state across steps (an EMA of batch statistics): "
+                         "it needs objective.batch_stat_scope=global_batch")
     return TrainState(ddp, reference, optimizer, scheduler, step, groups)
 
 
@@ -131,14 +149,22 @@ def forward_backward(state: TrainState, batches: list[dict]) -> list[dict]:
     )
 
 
-def train_step(state: TrainState, batches: list[dict]) -> dict:
+def prepare_step(state: TrainState, batches: list[dict], iteration: int) -> None:
+    """Sets the step counter and, if the objective needs them, gathers this step's global batch statistics."""
+    state.step.iteration = iteration
+    state.step.global_stats = gather_global_stats(state.step, batches, state.policy)
+
+
+def train_step(state: TrainState, batches: list[dict], iteration: int = 0) -> dict:
     """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank)."""
+    prepare_step(state, batches, iteration)
     outputs = forward_backward(state, batches)
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron: 0 on the first warm-up step)
     ok, grad_norm, _ = state.optimizer.step()
     if not ok:
         raise FloatingPointError("optimizer step skipped (non-finite gradients)")
     state.scheduler.step(increment=1)
+    state.step.commit_state()
     metrics = global_batch_metrics(outputs, state.groups.dp)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
@@ -162,22 +188,35 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
         ts = ckpt.load_checkpoint(latest, policy, state.optimizer)
         state.scheduler.load_state_dict(ts["scheduler"])
         sampler.load_state_dict(ts["sampler"])
+        state.step.objective_state = ts.get("objective_state")
         start = ts["step"]
         if groups.is_logging_rank:
             logger.warning("resumed from %s at step %d", latest, start)
 
     writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar)
+    eval_sets, probe_sets = build_eval_sets(cfg, tokenizer, groups)
+
+    def run_eval(step_no: int) -> dict:
+        if not (eval_sets or probe_sets):
+            return {}
+        if step_no not in (0, cfg.train.train_steps) and step_no % cfg.eval.interval:
+            return {}
+        return maybe_evaluate(state.step, state.policy, eval_sets, probe_sets)
+
     last: dict = {}
     try:
+        if start == 0 and (baseline := run_eval(0)):
+            writer.log({"step": 0, **baseline})
         for it in range(start, cfg.train.train_steps):
             t0 = time.perf_counter()
             batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
-            metrics = train_step(state, batches)
+            metrics = train_step(state, batches, it)
             dt = time.perf_counter() - t0
             tokens = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
             tokens_t = torch.tensor(tokens, dtype=torch.float64, device=groups.device)
             dist.all_reduce(tokens_t, group=groups.dp)
             last = {"step": it + 1, **metrics, "tokens_per_s": tokens_t.item() / dt, "step_time_s": dt}
+            last.update(run_eval(it + 1))
             if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
                 writer.log(last)
             done = it + 1 == cfg.train.train_steps
@@ -190,6 +229,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
                     "scheduler": state.scheduler.state_dict(),
                     "sampler": sampler.state_dict(),
                     "objective": cfg.objective.name,
+                    "objective_state": state.step.objective_state,
                 }
                 ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state)
             if exiting and not done:

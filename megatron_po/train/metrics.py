@@ -25,7 +25,11 @@ def global_batch_metrics(micro_outputs: list[dict], dp_group) -> dict[str, float
     for k in keys:
         local = torch.cat([m["samples"][k].float().reshape(-1) for m in micro_outputs])
         out[k] = all_gather_cat(local, dp_group)
-    return summarize_metrics(out)
+    summary = summarize_metrics(out)
+    if "pair_weight" in out:
+        # objectives that drop pairs (beta-DPO): the loss is the mean over the kept ones, as in the gradient
+        summary["loss"] = float(out["loss"].sum() / out["pair_weight"].sum().clamp_min(1))
+    return summary
 
 
 class MetricsWriter:
@@ -73,9 +77,11 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
-        shown = {"loss": f"{record['loss']:.4f}"}
-        if "rewards/margins" in record:
-            shown["margin"] = f"{record['rewards/margins']:.3f}"
+        shown = {k: f"{record[key]:.4f}" for k, key in (("loss", "loss"), ("margin", "rewards/margins"),
+                                                         ("hallucination", "probe/hallucination_rate"))
+                 if key in record}
+        if "loss" not in record:  # an evaluation-only record (step 0)
+            return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(shown)

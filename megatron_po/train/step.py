@@ -15,10 +15,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from megatron_po.logprobs import sequence_logps
+from megatron_po.logprobs import IGNORE_INDEX, segment_sums, vocab_parallel_token_logps
 from megatron_po.models.vlm import VLMModel
-from megatron_po.objectives import OBJECTIVES
-from megatron_po.objectives.common import PairLogps
+from megatron_po.objectives import OBJECTIVES, objective_needs_reference
+from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.parallel.groups import ParallelGroups
 
 
@@ -32,11 +32,31 @@ class PreferenceStep:
     reference: Optional[VLMModel]
     share_image_embeds: bool = False
     """Encode images once for policy and reference (both towers frozen and identical, see `same_vision`)."""
+    use_global_stats: bool = False
+    """Batch statistics over the optimizer step's global batch (see train/batch_stats.py)."""
+    total_steps: int = 1
+    iteration: int = 0
+    """The optimizer step being computed (0-based); set by the loop before each step."""
+    global_stats: Optional[dict] = None
+    """This step's gathered per-pair statistics (None unless use_global_stats and the objective has any)."""
+    objective_state: Optional[dict] = None
+    """State an objective carries across optimizer steps (beta-DPO's EMA); JSON floats, saved in checkpoints."""
 
     def __post_init__(self):
         self.objective = OBJECTIVES[self.objective_name]
-        if self.objective.needs_reference and self.reference is None:
+        self.needs_reference = objective_needs_reference(self.objective_name, self.objective_cfg)
+        if self.needs_reference and self.reference is None:
             raise ValueError(f"objective {self.objective_name!r} needs a reference model")
+
+    def context(self, batch: dict) -> ObjectiveContext:
+        return ObjectiveContext(step=self.iteration, total_steps=self.total_steps, global_stats=self.global_stats,
+                                pair_index=batch.get("_pair_index"), state=self.objective_state)
+
+    def commit_state(self) -> None:
+        """After an optimizer step: fold this step's global statistics into the objective's state (once)."""
+        next_state = self.objective.next_state
+        if next_state is not None and self.global_stats is not None:
+            self.objective_state = next_state(self.objective_cfg, self.objective_state, self.global_stats)
 
 
 def unwrap(model) -> VLMModel:
@@ -61,18 +81,38 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
-def policy_and_reference_logps(step: PreferenceStep, batch: dict, model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Runs the policy (with grad) and the reference (no grad) on one micro-batch.
+@dataclass
+class Logps:
+    """Per-sequence sums [2B] and, when the batch carries sentence segments, chosen-row segment sums [B, K]."""
+
+    seq: torch.Tensor
+    segments: Optional[torch.Tensor] = None
+
+
+def _logps(logits: torch.Tensor, batch: dict, tp_group) -> Logps:
+    per_token = vocab_parallel_token_logps(logits, batch["labels"], tp_group)
+    seg = None
+    if "chosen_segment_ids" in batch:
+        b = batch["num_pairs"]
+        seg = segment_sums(per_token[:b], batch["chosen_segment_ids"], int(batch["num_segments"].max()))
+    return Logps(per_token.sum(-1), seg)
+
+
+def policy_and_reference_logps(
+    step: PreferenceStep, batch: dict, model, with_reference: Optional[bool] = None
+) -> tuple[Logps, Optional[Logps]]:
+    """Runs the policy (with grad unless under no_grad) and the reference (no grad) on one micro-batch.
 
     Returns:
-        (policy_logps [2B], ref_logps [2B] or None) per-sequence sums of response-token log-probs.
+        (policy, reference or None): per-sequence sums of response-token log-probs (fp32, TP-reduced).
     """
     policy = unwrap(model)
     b = batch["num_pairs"]
-    tokens, labels = batch["tokens"], batch["labels"]
+    tokens = batch["tokens"]
     mask = causal_mask(tokens.shape[1], tokens.device)
     image_index = torch.arange(b, device=tokens.device).repeat(2)
-    needs_ref = step.objective.needs_reference
+    needs_ref = step.needs_reference if with_reference is None else with_reference
+    cached_ref = batch.get("_ref_logps")  # from the global-statistics pass of this step
 
     if step.share_image_embeds:
         # tower and projector are frozen copies of the same weights in policy and reference: encode once
@@ -84,40 +124,54 @@ def policy_and_reference_logps(step: PreferenceStep, batch: dict, model) -> tupl
         ref_image_embeds = None
     args = (tokens, batch["position_ids"], mask)
     logits = model(*args, image_embeds, batch["image_token_mask"], image_index)
-    policy_logps, _ = sequence_logps(logits, labels, step.groups.tp)
+    policy_logps = _logps(logits, batch, step.groups.tp)
 
     ref_logps = None
-    if needs_ref:
+    if needs_ref and cached_ref is not None:
+        ref_logps = cached_ref
+    elif needs_ref:
         with torch.no_grad():
             if ref_image_embeds is None:
                 ref_image_embeds = step.reference.encode_images(batch["images"])
             ref_logits = step.reference(*args, ref_image_embeds, batch["image_token_mask"], image_index)
-            ref_logps, _ = sequence_logps(ref_logits, labels, step.groups.tp)
+            ref_logps = _logps(ref_logits, batch, step.groups.tp)
     return policy_logps, ref_logps
 
 
-def split_pairs(batch: dict, policy_logps: torch.Tensor, ref_logps: Optional[torch.Tensor]) -> PairLogps:
+def split_pairs(batch: dict, policy: Logps, ref: Optional[Logps]) -> PairLogps:
     b = batch["num_pairs"]
+    dtype = policy.seq.dtype
+    seg_lengths = None
+    if policy.segments is not None:
+        ids = batch["chosen_segment_ids"]
+        seg_lengths = segment_sums((ids >= 0).to(dtype), ids, policy.segments.shape[1])
     return PairLogps(
-        policy_chosen_logps=policy_logps[:b],
-        policy_rejected_logps=policy_logps[b:],
-        ref_chosen_logps=None if ref_logps is None else ref_logps[:b],
-        ref_rejected_logps=None if ref_logps is None else ref_logps[b:],
-        chosen_lengths=batch["chosen_lengths"].to(policy_logps.dtype),
-        rejected_lengths=batch["rejected_lengths"].to(policy_logps.dtype),
+        policy_chosen_logps=policy.seq[:b],
+        policy_rejected_logps=policy.seq[b:],
+        ref_chosen_logps=None if ref is None else ref.seq[:b],
+        ref_rejected_logps=None if ref is None else ref.seq[b:],
+        chosen_lengths=batch["chosen_lengths"].to(dtype),
+        rejected_lengths=batch["rejected_lengths"].to(dtype),
+        policy_chosen_segment_logps=policy.segments,
+        ref_chosen_segment_logps=None if ref is None else ref.segments,
+        chosen_segment_lengths=seg_lengths,
+        chosen_segment_similarity=batch.get("segment_similarity"),
     )
 
 
-def loss_func(step: PreferenceStep, batch: dict, ref_logps: Optional[torch.Tensor], policy_logps: torch.Tensor):
-    pairs = split_pairs(batch, policy_logps, ref_logps)
-    per_pair, samples = step.objective.loss_fn(pairs, step.objective_cfg, group=step.groups.dp)
-    num_pairs = torch.tensor(batch["num_pairs"], dtype=torch.int)
+def loss_func(step: PreferenceStep, batch: dict, ref: Optional[Logps], policy: Logps, output: torch.Tensor):
+    pairs = split_pairs(batch, policy, ref)
+    per_pair, samples = step.objective.loss_fn(pairs, step.objective_cfg, group=step.groups.dp, ctx=step.context(batch))
     samples = {k: v.detach() for k, v in samples.items()}
+    # objectives that drop pairs (beta-DPO filtering) weight them 0: the step normalises by the kept count
+    weight = samples.get("pair_weight")
+    count = batch["num_pairs"] if weight is None else int(weight.sum().round())
     samples["loss"] = per_pair.detach()
-    return per_pair.sum(), num_pairs, {"samples": samples}
+    return per_pair.sum(), torch.tensor(count, dtype=torch.int), {"samples": samples}
 
 
 def forward_step(step: PreferenceStep, data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     policy_logps, ref_logps = policy_and_reference_logps(step, batch, model)
-    return policy_logps, partial(loss_func, step, batch, ref_logps)
+    # megatron's schedule hands `output` back to loss_func; the structured log-probs travel in the closure
+    return policy_logps.seq, partial(loss_func, step, batch, ref_logps, policy_logps)

@@ -20,15 +20,20 @@ from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import build_vlm, padded_vocab_size
 from megatron_po.objectives import OBJECTIVES, build_objective_config
-from megatron_po.objectives.common import PairLogps
+from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data
-from megatron_po.train.loop import build_train_state, forward_backward
+from megatron_po.train.loop import build_train_state, forward_backward, prepare_step
 from megatron_po.train.step import causal_mask
 
 GLOBAL_BATCH = 4
 POLICY_SEED, REF_SEED = 11, 12
+# every layout for the core objectives and those with batch statistics (where rank-local statistics would break);
+# the per-pair rest on TP=1 x DP=2 with 2 micro-batches and on TP=2 + SP: the paths they share are covered above
+CORE = {"dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"}
+SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp"}
+NO_STEP0 = {"combo", "cw_sftc"}  # labels without a defined step-0 value: only compared with a drifted reference
 LAYOUTS = [  # (name, tp, sp, micro_batch_size) on 2 processes: dp = 2 / tp
     ("tp1_dp2", 1, False, 2),
     ("tp1_dp2_2mb", 1, False, 1),
@@ -36,11 +41,22 @@ LAYOUTS = [  # (name, tp, sp, micro_batch_size) on 2 processes: dp = 2 / tp
     ("tp2_sp", 2, True, 4),
     ("tp2_sp_2mb", 2, True, 2),
 ]
-OBJECTIVE_CASES = [  # (label, objective name, params, valid with >1 micro-batch per step)
-    ("dpo", "dpo", {"beta": 0.1}, True),
-    ("acpo", "acpo", {}, True),
-    # the batch-alpha reading is a per-micro-step statistic (OBJECTIVES.md §0.2): only splits of the DP axis keep it
-    ("acpo_batch", "acpo", {"alpha_scope": "batch"}, False),
+OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
+    ("dpo", "dpo", {"beta": 0.1}, ("drifted", "other")),
+    ("acpo", "acpo", {}, ("drifted",)),
+    # batch statistics over the optimizer step's global batch (batch_stat_scope=global_batch, the default)
+    ("acpo_batch", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
+    ("ipo", "ipo", {}, ("drifted",)),
+    ("simpo", "simpo", {}, ()),
+    ("dpo_shift", "dpo_shift", {"schedule": "increase_linear"}, ("drifted",)),
+    ("combo", "combo", {"weights": {"dpo": 1.0, "sft": 0.5}}, ("drifted",)),  # no step-0 claim: "same" skipped
+    # filtering keeps 2 of 4 pairs, chosen once per step by a seed shared by all ranks: exact global masked mean
+    ("beta_dpo", "beta_dpo", {"rho": 0.5}, ("drifted",)),
+    # stage 1 with the batch-mean gate open (C large): the gate is a global-batch statistic
+    ("cw_sftc", "cw_sftc", {"c": 1000.0}, ("drifted",)),
+    ("cw_dpo", "cw_dpo", {}, ("drifted",)),
+    # sentence-level rewards from segment sums of the chosen responses
+    ("aspo", "aspo", {}, ("drifted",)),
 ]
 
 
@@ -83,9 +99,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
-def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref_mode: str):
+def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref_mode: str, groups):
     """Single-process, full-vocabulary computation over the whole global batch (no megatron reductions)."""
-    groups = init_parallel(ParallelConfig(tp=1), seed=cfg.train.seed)
     policy, reference = build_pair(cfg, vocab, groups, ref_mode)
     idx = build_sampler(cfg, len(ds), 0, 1).global_batch(0)
     batch = ds.collator([ds[i] for i in idx])
@@ -100,18 +115,30 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
             labels = batch["labels"]
             valid = labels != -100
             lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            return (lp * valid).sum(-1)
+            return (lp * valid).sum(-1), lp * valid
 
-    pol, ref = logps(policy, True), logps(reference, False)
+    (pol, pol_tok), (ref, ref_tok) = logps(policy, True), logps(reference, False)
+    seg = {}
+    if "chosen_segment_ids" in batch:  # sentence sums of the chosen rows, written out independently of the trainer
+        ids, k = batch["chosen_segment_ids"], int(batch["num_segments"].max())
+        one_hot = torch.nn.functional.one_hot(ids.clamp_min(0), k).float() * (ids >= 0).unsqueeze(-1)
+        seg = dict(policy_chosen_segment_logps=torch.einsum("bs,bsk->bk", pol_tok[:b], one_hot),
+                   ref_chosen_segment_logps=torch.einsum("bs,bsk->bk", ref_tok[:b], one_hot),
+                   chosen_segment_lengths=one_hot.sum(1), chosen_segment_similarity=batch["segment_similarity"])
     pairs = PairLogps(pol[:b], pol[b:], ref[:b], ref[b:], batch["chosen_lengths"].float(),
-                      batch["rejected_lengths"].float())
-    per_pair, samples = OBJECTIVES[objective].loss_fn(pairs, params_cfg, group=None)
-    per_pair.mean().backward()
+                      batch["rejected_lengths"].float(), **seg)
+    obj = OBJECTIVES[objective]
+    # the whole global batch is this one call: its own statistics are the global ones
+    stats = obj.global_stats(pairs, params_cfg) if obj.global_stats is not None else None
+    ctx = ObjectiveContext(step=0, total_steps=cfg.train.train_steps, global_stats=stats,
+                           pair_index=torch.arange(b) if stats is not None else None)
+    per_pair, samples = obj.loss_fn(pairs, params_cfg, group=None, ctx=ctx)
+    weight = samples.get("pair_weight")
+    (per_pair.sum() / (weight.sum() if weight is not None else b)).backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
     out = {"loss": per_pair.detach(), "logps": pol.detach(), "grads": grads}
     if "acpo/alpha_hat" in samples:
         out["alpha_hat"] = samples["acpo/alpha_hat"].detach()
-    destroy_parallel()
     return out
 
 
@@ -129,8 +156,7 @@ def full_grad(p: torch.Tensor, tp_group) -> torch.Tensor:
     return g
 
 
-def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str) -> dict:
-    groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
+def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups) -> dict:
     policy, reference = build_pair(cfg, vocab, groups, ref_mode)
     reference.requires_grad_(False).eval()
     ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
@@ -139,13 +165,16 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str) -> di
     state = build_train_state(cfg, groups, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
+    prepare_step(state, batches, iteration=0)
     outputs = forward_backward(state, batches)
 
     def gathered(key):
         return all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
 
+    weight = gathered("pair_weight") if "pair_weight" in outputs[0]["samples"] else None
     res = {
         "loss": gathered("loss"),
+        "loss_mean": float(gathered("loss").sum() / (weight.sum() if weight is not None else len(gathered("loss")))),
         "logps": torch.cat([gathered("logps/chosen"), gathered("logps/rejected")]),
         "grads": {n: full_grad(p, groups.tp) for n, p in policy.named_parameters() if p.requires_grad},
     }
@@ -156,7 +185,6 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str) -> di
     res["ref_unchanged"] = all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters())
     res["vision_unchanged"] = all(torch.equal(p, vision_before[n]) for n, p in policy.vision.named_parameters())
     res["lm_changed"] = any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters())
-    destroy_parallel()
     return res
 
 
@@ -167,36 +195,47 @@ def main(out_dir: str) -> None:
     train_path, tok_path = prepare_data(base)
     tokenizer = Tokenizer(tok_path)
     vocab = padded_vocab_size(tokenizer.vocab_size, 2)
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    cases = [(label, objective, params, mode) for label, objective, params, extra in OBJECTIVE_CASES
+             if not only or label in only
+             for mode in (() if label in NO_STEP0 else ("same",)) + tuple(extra)]
+    # every layout pads to a multiple of 2 so all of them share one dataset object
+    ds = build_dataset(make_cfg(out, 2, True, 2, "dpo", {}), train_path, tokenizer, 2)
+    seed = base.train.seed
+    # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
+    groups = init_parallel(ParallelConfig(tp=1), seed=seed)
+    plains = {}
+    for label, objective, params, mode in cases:
+        ref_cfg = make_cfg(out, 1, False, GLOBAL_BATCH, objective, params)
+        plains[label, mode] = plain_reference(ref_cfg, ds, vocab, build_objective_config(objective, params),
+                                              objective, mode, groups)
+    destroy_parallel()
+
     report = {}
-    for label, objective, params, multi_mb_ok in OBJECTIVE_CASES:
-        for ref_mode in ("same", "drifted", "other") if label == "dpo" else ("same", "drifted"):
-            key = f"{label}/ref={ref_mode}"
-            # every layout pads to a multiple of 2 so all of them share the reference's dataset object
-            ref_cfg = make_cfg(out, 1, False, GLOBAL_BATCH, objective, params)
-            ds = build_dataset(make_cfg(out, 2, True, 2, objective, params), train_path, tokenizer, 2)
-            params_cfg = build_objective_config(objective, params)
-            plain = plain_reference(ref_cfg, ds, vocab, params_cfg, objective, ref_mode)
-            for name, tp, sp, mbs in LAYOUTS:
-                if not multi_mb_ok and mbs * (2 // tp) != GLOBAL_BATCH:
-                    continue
-                cfg = make_cfg(out, tp, sp, mbs, objective, params)
-                r = run_layout(cfg, ds, vocab, objective, ref_mode)
-                entry = {
-                    "mean_loss": float(r["loss"].mean()),
-                    "loss_rel": rel(r["loss"], plain["loss"]),
-                    "logps_rel": rel(r["logps"], plain["logps"]),
-                    "grad_rel": max(rel(r["grads"][n], g) for n, g in plain["grads"].items()),
-                    "worst": sorted(((rel(r["grads"][n], g), n) for n, g in plain["grads"].items()))[-3:],
-                    "grad_names_match": sorted(r["grads"]) == sorted(plain["grads"]),
-                    "ref_grads_none": r["ref_grads_none"],
-                    "ref_unchanged": r["ref_unchanged"],
-                    "vision_unchanged": r["vision_unchanged"],
-                    "lm_changed": r["lm_changed"],
-                }
-                if "alpha_hat" in plain:
-                    entry["alpha_rel"] = rel(r["alpha_hat"], plain["alpha_hat"])
-                    entry["alpha_hat"] = r["alpha_hat"].tolist()
-                report[f"{key}/{name}"] = entry
+    for name, tp, sp, mbs in LAYOUTS:
+        groups = init_parallel(ParallelConfig(tp=tp, sp=sp), seed=seed)
+        for label, objective, params, mode in cases:
+            if label not in CORE and name not in SHORT_LAYOUTS:
+                continue
+            plain = plains[label, mode]
+            r = run_layout(make_cfg(out, tp, sp, mbs, objective, params), ds, vocab, objective, mode, groups)
+            entry = {
+                "mean_loss": r["loss_mean"],
+                "loss_rel": rel(r["loss"], plain["loss"]),
+                "logps_rel": rel(r["logps"], plain["logps"]),
+                "grad_rel": max(rel(r["grads"][n], g) for n, g in plain["grads"].items()),
+                "worst": sorted(((rel(r["grads"][n], g), n) for n, g in plain["grads"].items()))[-3:],
+                "grad_names_match": sorted(r["grads"]) == sorted(plain["grads"]),
+                "ref_grads_none": r["ref_grads_none"],
+                "ref_unchanged": r["ref_unchanged"],
+                "vision_unchanged": r["vision_unchanged"],
+                "lm_changed": r["lm_changed"],
+            }
+            if "alpha_hat" in plain:
+                entry["alpha_rel"] = rel(r["alpha_hat"], plain["alpha_hat"])
+                entry["alpha_hat"] = r["alpha_hat"].tolist()
+            report[f"{label}/ref={mode}/{name}"] = entry
+        destroy_parallel()
     if dist.get_rank() == 0:
         (out / "layouts.json").write_text(json.dumps(report, indent=1))
         for k, v in report.items():

@@ -1,0 +1,133 @@
+"""Held-out evaluation through megatron's schedule (forward only): objective metrics and the yes/no probe.
+
+Every `eval.interval` steps (and at step 0 and at the end) the trainer scores held-out pairs:
+- `eval/*`: the objective's metrics on the eval split (rewards, margins, accuracies, ...);
+- `eval/chosen_logp_per_token` and `eval/delta_logp`: mean per-token log-prob of the held-out chosen responses
+  and its change since step 0 (CW-DPO's Δlog p probe: negative = likelihood displacement);
+- `probe/*` on yes/no questions about held-out images: the policy "answers yes" when it gives the yes-answer the
+  higher log-prob; hallucination rate = share of absent-object questions answered yes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_po.data.collate import PreferenceDataset
+from megatron_po.objectives import summarize_metrics
+from megatron_po.objectives.common import ObjectiveContext
+from megatron_po.parallel.reduce import all_gather_cat
+from megatron_po.train.data import micro_batches
+from megatron_po.train.step import PreferenceStep, policy_and_reference_logps, split_pairs
+
+
+@dataclass
+class EvalSet:
+    name: str
+    dataset: PreferenceDataset
+    indices: list[list[int]]
+    """This DP rank's micro-batches of dataset indices (equal count on every rank)."""
+    baseline: dict = field(default_factory=dict)
+
+
+def build_eval_set(name: str, ds: PreferenceDataset, micro_batch_size: int, dp_rank: int, dp_size: int) -> EvalSet:
+    """Splits the held-out pairs evenly over DP ranks (the remainder that does not fill a micro-batch on every
+    rank is left out, so all ranks run the same number of forwards)."""
+    per_rank = len(ds) // dp_size // micro_batch_size * micro_batch_size
+    if per_rank == 0:
+        raise ValueError(f"eval set {name!r}: {len(ds)} pairs cannot give every one of {dp_size} DP ranks a "
+                         f"micro-batch of {micro_batch_size}")
+    mine = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+    return EvalSet(name, ds, [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
+
+
+def _eval_forward_step(step: PreferenceStep, with_reference: bool, data_iterator, model):
+    batch = next(data_iterator)
+    with torch.no_grad():
+        policy_logps, ref_logps = policy_and_reference_logps(step, batch, model, with_reference=with_reference)
+
+    def loss_func(output):
+        pairs = split_pairs(batch, policy_logps, ref_logps)
+        samples = {
+            "logps/chosen": pairs.policy_chosen_logps,
+            "logps/rejected": pairs.policy_rejected_logps,
+            "lengths/chosen": pairs.chosen_lengths,
+        }
+        if with_reference:
+            # per-pair view of the objective on held-out pairs (batch statistics, if any, over this micro-batch)
+            _, objective_samples = step.objective.loss_fn(pairs, step.objective_cfg, group=None,
+                                                          ctx=ObjectiveContext(step.iteration, step.total_steps,
+                                                                               state=step.objective_state))
+            samples.update(objective_samples)
+        zero = output.sum() * 0.0
+        return zero, torch.tensor(batch["num_pairs"], dtype=torch.int), {"samples": {k: v.detach() for k, v in samples.items()}}
+
+    return policy_logps.seq, loss_func
+
+
+def score_pairs(step: PreferenceStep, model, ev: EvalSet, with_reference: bool) -> dict[str, torch.Tensor]:
+    """Per-pair samples over the whole eval set (all DP ranks), in eval order."""
+    batches = list(micro_batches(ev.dataset, ev.indices, step.groups.device))
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_eval_forward_step, step, with_reference),
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=max(b["tokens"].shape[1] for b in batches),
+            micro_batch_size=2 * batches[0]["num_pairs"],
+            forward_only=True,
+            pg_collection=step.groups.pg_collection,
+        )
+    finally:
+        model.train(was_training)
+    keys = outputs[0]["samples"].keys()
+    return {k: all_gather_cat(torch.cat([o["samples"][k] for o in outputs]).double(), step.groups.dp) for k in keys}
+
+
+def evaluate(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
+    with_ref = step.reference is not None
+    samples = score_pairs(step, model, ev, with_ref)
+    out = {f"{ev.name}/{k}": v for k, v in summarize_metrics(samples).items()}
+    per_token = float(samples["logps/chosen"].sum() / samples["lengths/chosen"].sum().clamp_min(1))
+    ev.baseline.setdefault("chosen_logp_per_token", per_token)
+    out[f"{ev.name}/chosen_logp_per_token"] = per_token
+    out[f"{ev.name}/delta_logp"] = per_token - ev.baseline["chosen_logp_per_token"]
+    return out
+
+
+def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
+    """Yes/no probe: each record's chosen is the correct answer, rejected the opposite one."""
+    samples = score_pairs(step, model, ev, with_reference=False)
+    chosen, rejected = samples["logps/chosen"], samples["logps/rejected"]
+    present = torch.tensor([bool(r.meta.get("present")) for r in _ordered_records(ev, step)], dtype=torch.bool)
+    # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
+    says_yes = torch.where(present, chosen > rejected, rejected > chosen)
+    correct = says_yes == present
+    absent = ~present
+    return {
+        f"{ev.name}/accuracy": float(correct.double().mean()),
+        f"{ev.name}/hallucination_rate": float(says_yes[absent].double().mean()) if absent.any() else float("nan"),
+        f"{ev.name}/yes_rate_present": float(says_yes[present].double().mean()) if present.any() else float("nan"),
+    }
+
+
+def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
+    # the gathered order is rank-major; ranks hold contiguous equal shares starting at 0
+    n = len(ev.indices) * len(ev.indices[0]) * step.groups.dp_size
+    return [ev.dataset.records[i] for i in range(n)]
+
+
+def maybe_evaluate(step: PreferenceStep, model, sets: list[EvalSet], probes: list[EvalSet]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for ev in sets:
+        out.update(evaluate(step, model, ev))
+    for ev in probes:
+        out.update(probe(step, model, ev))
+    return out
+
+
