@@ -29,10 +29,19 @@ def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) 
 
 def summarize(run: Path, seconds: float) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    first, last = rows[0], rows[-1]
-    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-    return {"seconds": round(seconds, 1), "steps": last["step"],
-            **{f"first/{k}": first[k] for k in keys}, **{f"final/{k}": last[k] for k in keys}}
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval/delta_logp" in r or "probe/accuracy" in r]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "rewards/frac_chosen_negative")
+    out = {"seconds": round(seconds, 1), "steps": train[-1]["step"],
+           **{f"first/{k}": train[0][k] for k in keys if k in train[0]},
+           **{f"final/{k}": train[-1][k] for k in keys if k in train[-1]}}
+    eval_keys = ("eval/rewards/margins", "eval/rewards/accuracies", "eval/delta_logp", "probe/accuracy",
+                 "probe/hallucination_rate")
+    if evals:
+        out.update({f"step0/{k}": evals[0][k] for k in eval_keys if k in evals[0]})
+        out.update({f"end/{k}": evals[-1][k] for k in eval_keys if k in evals[-1]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

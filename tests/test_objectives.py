@@ -10,10 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from megatron_po.objectives import OBJECTIVES, PairLogps, build_objective_config, pair_loss, summarize_metrics
+from megatron_po.objectives import OBJECTIVES, build_objective_config, pair_loss, summarize_metrics
 from megatron_po.parallel.reduce import all_gather_cat, all_reduce_sum
 
-F64 = torch.float64
+from objective_helpers import CANONICAL, F64, LN2, TRL_KEYS, make_logps, random_rows, run
+
 # objectives that compare policy with reference: the ones for which "policy == reference" means step 0
 PREFERENCE = [name for name, obj in OBJECTIVES.items() if obj.needs_reference]
 # DPO-like ones: ln 2 at step 0 and rewards β·Δ over sequence sums. IPO is neither ((1/(2τ))² at step 0; rewards
@@ -22,36 +23,11 @@ DPO_LIKE = [name for name in PREFERENCE if name != "ipo"]
 # ... minus beta_dpo (rewards at the batch's β_used; filtered pairs have loss 0) and aspo (needs per-sentence
 # inputs): tests/test_objectives_advanced.py covers both
 DPO_LIKE = [name for name in DPO_LIKE if name not in ("beta_dpo", "aspo")]
-TRL_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"]
-LN2 = math.log(2)
 
 
 def approx(expected):
     # spec values carry 7 decimals (rounding error <= 5e-8); rel covers the 7-significant-digit ±4.5e5
     return pytest.approx(expected, rel=1e-7, abs=1e-7)
-
-
-def make_logps(rows, dtype=F64):
-    """rows: (pol_w, ref_w, pol_l, ref_l, len_w, len_l) per pair -> PairLogps with leaf policy tensors."""
-    pol_w, ref_w, pol_l, ref_l, len_w, len_l = (torch.tensor(c, dtype=dtype) for c in zip(*rows))
-    return PairLogps(pol_w.requires_grad_(), pol_l.requires_grad_(), ref_w, ref_l, len_w, len_l)
-
-
-def run(name, rows, group=None, dtype=F64, **hparams):
-    """Per-pair loss, metric samples and d(sum loss)/d(pol_w), d(sum loss)/d(pol_l) (= per-pair gradients)."""
-    logps = make_logps(rows, dtype)
-    loss, metrics = OBJECTIVES[name].loss_fn(logps, build_objective_config(name, hparams), group)
-    g_w, g_l = torch.autograd.grad(loss.sum(), [logps.policy_chosen_logps, logps.policy_rejected_logps])
-    return loss.detach(), metrics, g_w, g_l
-
-
-def random_rows(n, seed, same_policy_as_reference=False):
-    g = torch.Generator().manual_seed(seed)
-    pol = -torch.rand(n, 2, generator=g, dtype=F64) * 200
-    ref = pol.clone() if same_policy_as_reference else pol + torch.randn(n, 2, generator=g, dtype=F64) * 5
-    lengths = torch.randint(1, 400, (n, 2), generator=g).double()
-    return [(pol[i, 0], ref[i, 0], pol[i, 1], ref[i, 1], lengths[i, 0], lengths[i, 1]) for i in range(n)]
 
 
 def dpo_shift(rows, beta, lam):
@@ -65,9 +41,6 @@ def dpo_shift(rows, beta, lam):
 
 
 # ---------------------------------------------------------------------------------------------------- DPO §13.1
-CANONICAL = (-10.0, -11.0, -15.0, -12.0, 20, 25)
-
-
 def test_dpo_canonical_pair():
     loss, m, g_w, g_l = run("dpo", [CANONICAL])
     assert m["rewards/margins"].item() == approx(0.4)

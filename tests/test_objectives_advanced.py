@@ -22,42 +22,12 @@ from megatron_po.objectives import (
 )
 from megatron_po.objectives import aspo, beta_dpo, cw_dpo
 
-F64 = torch.float64
-LN2 = math.log(2)
-# pol_w, ref_w, pol_l, ref_l, len_w, len_l: Δ_w = +1, Δ_l = −3
-CANONICAL = (-10.0, -11.0, -15.0, -12.0, 20, 25)
-TRL_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"}
+from objective_helpers import CANONICAL, F64, LN2, TRL_KEYS, columns, make_logps, random_rows, run
 
 
 def approx(expected):
     # spec values carry 7 decimals (rounding error <= 5e-8)
     return pytest.approx(expected, rel=1e-7, abs=1e-7)
-
-
-def make_logps(rows, dtype=F64, drop_reference=False):
-    """rows: (pol_w, ref_w, pol_l, ref_l, len_w, len_l) per pair -> PairLogps with leaf policy tensors."""
-    pol_w, ref_w, pol_l, ref_l, len_w, len_l = (torch.tensor(c, dtype=dtype) for c in zip(*rows))
-    if drop_reference:
-        ref_w = ref_l = None
-    return PairLogps(pol_w.requires_grad_(), pol_l.requires_grad_(), ref_w, ref_l, len_w, len_l)
-
-
-def run(name, rows, group=None, ctx=None, dtype=F64, drop_reference=False, **hparams):
-    """loss_fn on rows -> (per-pair loss, metric samples, d(Σ loss)/d(pol_w), d(Σ loss)/d(pol_l))."""
-    logps = make_logps(rows, dtype, drop_reference)
-    loss, metrics = OBJECTIVES[name].loss_fn(logps, build_objective_config(name, hparams), group, ctx=ctx)
-    g_w, g_l = torch.autograd.grad(loss.sum(), [logps.policy_chosen_logps, logps.policy_rejected_logps])
-    return loss.detach(), metrics, g_w, g_l
-
-
-def random_rows(n, seed, same_policy_as_reference=False):
-    g = torch.Generator().manual_seed(seed)
-    pol = -torch.rand(n, 2, generator=g, dtype=F64) * 200
-    ref = pol.clone() if same_policy_as_reference else pol + torch.randn(n, 2, generator=g, dtype=F64) * 5
-    lengths = torch.randint(1, 400, (n, 2), generator=g).double()
-    return [tuple(float(x) for x in (pol[i, 0], ref[i, 0], pol[i, 1], ref[i, 1], lengths[i, 0], lengths[i, 1]))
-            for i in range(n)]
 
 
 def margin_rows(margins):
@@ -119,14 +89,8 @@ def test_beta_dpo_given_mask_13_2(monkeypatch):
     local = [loss[i:i + 2].sum() / m["pair_weight"][i:i + 2].sum() for i in (0, 2)]
     assert ((local[0] + local[1]) / 2).item() == approx(0.6901889)
     # ... and the same through the functional entry point
-    _, summary = pair_loss("beta_dpo", *_columns(margin_rows(M_13_2)), ctx=ctx)
+    _, summary = pair_loss("beta_dpo", *columns(margin_rows(M_13_2)), ctx=ctx)
     assert summary["beta_dpo/beta_used"] == approx(0.05775) and summary["beta_dpo/frac_kept"] == 0.75
-
-
-def _columns(rows, dtype=F64):
-    logps = make_logps(rows, dtype)
-    return (logps.policy_chosen_logps, logps.policy_rejected_logps, logps.ref_chosen_logps, logps.ref_rejected_logps,
-            logps.chosen_lengths, logps.rejected_lengths)
 
 
 def test_beta_dpo_step0_is_ln2():
@@ -383,11 +347,11 @@ def test_cw_dpo_step0_and_filter_hook():
 
 
 def test_cw_metrics_summary():
-    _, summary = pair_loss("cw_dpo", *_columns([CANONICAL, (-5, -10, -30, -10, 5, 5)]))
+    _, summary = pair_loss("cw_dpo", *columns([CANONICAL, (-5, -10, -30, -10, 5, 5)]))
     assert {"cw/w_c_mean", "cw/w_c_min", "cw/w_c_max", "cw/w_c_std", "cw/lbar_l_mean", "cw/lbar_w_mean",
             "cw/frac_wc_below_0.1", "cw/frac_wc_above_0.9"} <= set(summary)
     assert summary["cw/frac_wc_below_0.1"] == 0.5  # ℓ̄(y_l) = −6: an easy negative
-    _, summary = pair_loss("cw_sftc", *_columns(SFTC_BATCH)[:2], None, None, *_columns(SFTC_BATCH)[4:])
+    _, summary = pair_loss("cw_sftc", *columns(SFTC_BATCH)[:2], None, None, *columns(SFTC_BATCH)[4:])
     assert summary == approx({"sftc/nll_pos": 0.55, "sftc/nll_neg_mean": 1.1, "sftc/gate_active": 0.0,
                               "sftc/penalty": 0.0, "logps/chosen": -11.0, "logps/rejected": -27.5,
                               "lengths/chosen": 20.0, "lengths/rejected": 25.0})
@@ -406,7 +370,7 @@ def run_aspo(segments, rows=(CANONICAL,), dtype=F64, **hparams):
     pol = torch.tensor(pol, dtype=dtype, requires_grad=True)
     ref, lengths = torch.tensor(ref, dtype=dtype), torch.tensor(lengths, dtype=dtype)
     sim = None if sim is None else torch.tensor(sim, dtype=dtype)
-    cols = _columns(list(rows), dtype)
+    cols = columns(list(rows), dtype)
     loss, summary = pair_loss("aspo", *cols, policy_chosen_segment_logps=pol, ref_chosen_segment_logps=ref,
                               chosen_segment_lengths=lengths, chosen_segment_similarity=sim, **hparams)
     g_seg, g_l = torch.autograd.grad(loss.sum(), [pol, cols[1]])
@@ -499,7 +463,7 @@ def test_aspo_step0_is_ln2():
 
 
 def test_aspo_input_checks():
-    cols = _columns([CANONICAL])
+    cols = columns([CANONICAL])
     with pytest.raises(ValueError, match=r"per-sentence inputs \['policy_chosen_segment_logps', "
                                          r"'ref_chosen_segment_logps', 'chosen_segment_lengths'\]"):
         pair_loss("aspo", *cols)

@@ -16,12 +16,8 @@ from megatron_po.objectives import (
 )
 from megatron_po.objectives.dpo_shift import shift_lambda
 
-F64 = torch.float64
-LN2 = math.log(2)
-# pol_w, ref_w, pol_l, ref_l, len_w, len_l: Δ_w = +1, Δ_l = −3
-CANONICAL = (-10.0, -11.0, -15.0, -12.0, 20, 25)
-TRL_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"}
+from objective_helpers import CANONICAL, F64, LN2, TRL_KEYS, columns, random_rows
+
 # a config for every registered objective: the registry defaults, combo as RPO (DPO + SFT)
 CONFIGS = {name: {} for name in OBJECTIVES} | {"combo": {"weights": {"dpo": 1.0, "sft": 0.5}}}
 # a C above every negative's NLL opens SFT-C's gate, so the rejected response gets a gradient
@@ -33,15 +29,10 @@ def approx(expected):
     return pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
-def columns(rows, dtype=F64, ref_grad=False):
-    """rows of (pol_w, ref_w, pol_l, ref_l, len_w, len_l) -> pair_loss arguments, policy (and optionally ref) leaves."""
-    pol_w, ref_w, pol_l, ref_l, len_w, len_l = (torch.tensor(c, dtype=dtype) for c in zip(*rows))
-    return (pol_w.requires_grad_(), pol_l.requires_grad_(), ref_w.requires_grad_(ref_grad),
-            ref_l.requires_grad_(ref_grad), len_w, len_l)
-
-
 def run(name, rows, ctx=None, drop_reference=False, **hparams):
-    """pair_loss on rows -> (per-pair loss, summary, d(Σ loss)/d(pol_w), d(Σ loss)/d(pol_l))."""
+    """pair_loss on rows -> (per-pair loss, summary, d(Σ loss)/d(pol_w), d(Σ loss)/d(pol_l)). Unlike
+    objective_helpers.run (loss_fn, per-pair metric samples), this goes through the functional entry point and
+    returns its batch summary."""
     args = columns(rows)
     if drop_reference:
         args = (args[0], args[1], None, None, *args[4:])
@@ -50,14 +41,6 @@ def run(name, rows, ctx=None, drop_reference=False, **hparams):
     grads = torch.autograd.grad(loss.sum(), [args[0], args[1]], allow_unused=True)
     g_w, g_l = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, args))
     return loss.detach(), summary, g_w, g_l
-
-
-def random_rows(n, seed, same_policy_as_reference=False):
-    g = torch.Generator().manual_seed(seed)
-    pol = -torch.rand(n, 2, generator=g, dtype=F64) * 200
-    ref = pol.clone() if same_policy_as_reference else pol + torch.randn(n, 2, generator=g, dtype=F64) * 5
-    lengths = torch.randint(1, 400, (n, 2), generator=g).double()
-    return [(pol[i, 0], ref[i, 0], pol[i, 1], ref[i, 1], lengths[i, 0], lengths[i, 1]) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ §13.1 rows

@@ -84,3 +84,23 @@ def test_demo_configs_sft_then_acpo(tmp_path):
     assert a[0]["acpo/alpha_hat_mean"] == pytest.approx(0.95)   # sgn(0) := -1 => alpha_hat = hi at step 0
     assert sum(m["loss"] for m in a[-3:]) / 3 < math.log(2) - 0.01, [m["loss"] for m in a]
     assert a[-1]["rewards/margins"] > 0
+
+
+def test_beta_dpo_ema_state_is_checkpointed(tmp_path, sft_run):
+    """beta-DPO's EMA of margin statistics advances once per step and resumes exactly from a checkpoint."""
+    init = [f"checkpoint.init_from={sft_run / 'checkpoints'}", f"data.tokenizer_path={sft_run / 'data' / 'tokenizer.model'}",
+            "objective.name=beta_dpo", "objective.params.rho=0.5", "train.train_steps=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, *init)
+    train(resumed, *init, "train.exit_interval=1")
+    train(resumed, *init)
+    a, b = metrics(straight), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for ma, mb in zip(a, b):
+        for k in ma.keys() - TIMING_KEYS:
+            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
+    assert all(m["beta_dpo/frac_kept"] == 0.5 for m in a)  # 2 of the 4 pairs of each step
+    state_a = json.loads((straight / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
+    state_b = json.loads((resumed / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
+    assert state_a["objective_state"] == state_b["objective_state"]
+    assert state_a["objective_state"]["gap_std"] > 0  # the EMA moved away from its initial (0, 0)

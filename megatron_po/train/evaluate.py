@@ -13,14 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_po.data.collate import PreferenceDataset
 from megatron_po.objectives import summarize_metrics
 from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.data import micro_batches
-from megatron_po.train.step import PreferenceStep, policy_and_reference_logps, split_pairs
+from megatron_po.train.step import PreferenceStep, policy_and_reference_logps, run_schedule, split_pairs
 
 
 @dataclass
@@ -73,16 +72,8 @@ def score_pairs(step: PreferenceStep, model, ev: EvalSet, with_reference: bool) 
     was_training = model.training
     model.eval()
     try:
-        outputs = get_forward_backward_func()(
-            forward_step_func=partial(_eval_forward_step, step, with_reference),
-            data_iterator=iter(batches),
-            model=model,
-            num_microbatches=len(batches),
-            seq_length=max(b["tokens"].shape[1] for b in batches),
-            micro_batch_size=2 * batches[0]["num_pairs"],
-            forward_only=True,
-            pg_collection=step.groups.pg_collection,
-        )
+        outputs = run_schedule(step, model, batches, partial(_eval_forward_step, step, with_reference),
+                               forward_only=True)
     finally:
         model.train(was_training)
     keys = outputs[0]["samples"].keys()

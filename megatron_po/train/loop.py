@@ -14,7 +14,6 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_po.config import Config
 from megatron_po.data.tokenizer import Tokenizer
@@ -26,7 +25,7 @@ from megatron_po.train.batch_stats import gather_global_stats
 from megatron_po.train.evaluate import maybe_evaluate
 from megatron_po.train.data import build_dataset, build_eval_sets, build_sampler, micro_batches, prepare_data
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
-from megatron_po.train.step import PreferenceStep, forward_step, same_vision
+from megatron_po.train.step import PreferenceStep, forward_step, run_schedule, same_vision
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +136,7 @@ def forward_backward(state: TrainState, batches: list[dict]) -> list[dict]:
     ddp = state.policy
     ddp.zero_grad_buffer()
     state.optimizer.zero_grad()
-    return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, state.step),
-        data_iterator=iter(batches),
-        model=ddp,
-        num_microbatches=len(batches),
-        seq_length=max(b["tokens"].shape[1] for b in batches),
-        micro_batch_size=2 * batches[0]["num_pairs"],
-        forward_only=False,
-        pg_collection=state.groups.pg_collection,
-    )
+    return run_schedule(state.step, ddp, batches, partial(forward_step, state.step), forward_only=False)
 
 
 def prepare_step(state: TrainState, batches: list[dict], iteration: int) -> None:

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_po.logprobs import IGNORE_INDEX, segment_sums, vocab_parallel_token_logps
 from megatron_po.models.vlm import VLMModel
@@ -168,6 +169,20 @@ def loss_func(step: PreferenceStep, batch: dict, ref: Optional[Logps], policy: L
     count = batch["num_pairs"] if weight is None else int(weight.sum().round())
     samples["loss"] = per_pair.detach()
     return per_pair.sum(), torch.tensor(count, dtype=torch.int), {"samples": samples}
+
+
+def run_schedule(step: PreferenceStep, model, batches: list[dict], forward_step_func, forward_only: bool) -> list:
+    """This rank's micro-batches through megatron's forward/backward schedule; returns the loss_func outputs."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(batches),
+        model=model,
+        num_microbatches=len(batches),
+        seq_length=max(b["tokens"].shape[1] for b in batches),
+        micro_batch_size=2 * batches[0]["num_pairs"],  # rows: chosen + rejected of each pair
+        forward_only=forward_only,
+        pg_collection=step.groups.pg_collection,
+    )
 
 
 def forward_step(step: PreferenceStep, data_iterator: Iterator[dict], model):
