@@ -138,6 +138,8 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
     out["labels"] = F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
     out["loss_mask"] = F.pad(batch["loss_mask"], (0, extra), value=0.0)
     out["image_token_mask"] = F.pad(batch["image_token_mask"], (0, extra), value=False)
+    if "chosen_segment_ids" in batch:  # sentence index per label position (ASPO); -1 = no sentence
+        out["chosen_segment_ids"] = F.pad(batch["chosen_segment_ids"], (0, extra), value=-1)
     rows = batch["tokens"].shape[0]
     out["position_ids"] = torch.arange(seq, device=batch["tokens"].device).unsqueeze(0).expand(rows, -1).contiguous()
     return out
