@@ -85,6 +85,8 @@ def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelGroups:
     May be called again after `destroy_parallel()` with another layout in the same process (tests do this).
     """
     backend = init_process_group(cfg)
+    if backend == "gloo" and cfg.cp > 1:
+        raise ValueError("parallel.cp > 1 needs Transformer-Engine attention on GPUs; the CPU backend has none")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,

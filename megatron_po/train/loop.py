@@ -173,18 +173,22 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
 
     ckpt_root = out / "checkpoints"
     start = 0
+    eval_baselines: dict = {}
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is not None:
         ts = ckpt.load_checkpoint(latest, policy, state.optimizer)
         state.scheduler.load_state_dict(ts["scheduler"])
         sampler.load_state_dict(ts["sampler"])
         state.step.objective_state = ts.get("objective_state")
+        eval_baselines = ts.get("eval_baselines", {})
         start = ts["step"]
         if groups.is_logging_rank:
             logger.warning("resumed from %s at step %d", latest, start)
 
     writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar)
     eval_sets, probe_sets = build_eval_sets(cfg, tokenizer, groups)
+    for ev in eval_sets:  # Δlog p is measured against step 0 even across a resume
+        ev.baseline.update(eval_baselines.get(ev.name, {}))
 
     def run_eval(step_no: int) -> dict:
         if not (eval_sets or probe_sets):
@@ -220,6 +224,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
                     "sampler": sampler.state_dict(),
                     "objective": cfg.objective.name,
                     "objective_state": state.step.objective_state,
+                    "eval_baselines": {ev.name: ev.baseline for ev in eval_sets},
                 }
                 ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state)
             if exiting and not done:
