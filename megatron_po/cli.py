@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -14,13 +13,13 @@ from megatron_po.config import Config, ConfigError, config_to_dict, load_config
 logger = logging.getLogger("megatron_po")
 
 
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megatron-po train", description=__doc__)
     p.add_argument("--config", default=None, help="YAML config (defaults: the embedded demo task)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and layout, given --world-size)")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to check")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 objective.name=dpo")
-    return p.parse_args(argv), []
+    return p.parse_args(argv)
 
 
 def dry_run(cfg: Config, world_size: int | None) -> None:
@@ -34,7 +33,7 @@ def dry_run(cfg: Config, world_size: int | None) -> None:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args, _ = _parse(sys.argv[1:] if argv is None else argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
