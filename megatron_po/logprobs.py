@@ -63,23 +63,6 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, tp_gr
     return per_token * mask
 
 
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, tp_group
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of response-token log-probs per sequence, in fp32.
-
-    The logits cover the full sequence on every TP rank (megatron's output layer gathers SP shards before the
-    vocab-parallel projection), so after the TP reductions above each sum is complete: per-pair statistics may be
-    computed directly from it.
-
-    Returns:
-        (logps [b], lengths [b]) — the summed log-prob and the number of supervised tokens of each sequence.
-    """
-    per_token = vocab_parallel_token_logps(logits, labels, tp_group)
-    lengths = (labels != IGNORE_INDEX).sum(-1)
-    return per_token.sum(-1), lengths
-
-
 def segment_sums(per_token: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Sums of per-token values over segments (e.g. the sentences of a response, ASPO).
 

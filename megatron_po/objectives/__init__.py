@@ -9,6 +9,7 @@ and passes ``ctx=ObjectiveContext(step, total_steps, ...)`` for objectives with 
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -76,6 +77,16 @@ def objective_needs_reference(name: str, cfg: Any) -> bool:
     if name == "combo":
         return combo.needs_reference(cfg)
     return OBJECTIVES[name].needs_reference
+
+
+_EMPTY = PairLogps(*([torch.zeros(0)] * 6))
+
+
+def uses_global_stats(name: str, cfg: Any) -> bool:
+    """Whether objective ``name`` with ``cfg`` takes statistics across pairs (its ``global_stats`` hook returns
+    something for this config, e.g. ACPO only with the batch / hybrid α scopes). Asked once, with an empty batch."""
+    entry = OBJECTIVES[name]
+    return entry.global_stats is not None and entry.global_stats(_EMPTY, cfg) is not None
 
 
 def pair_loss(

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -31,7 +30,7 @@ class ComboConfig:
     """Term name -> built config, filled from ``weights``/``params`` at construction (not a hyper-parameter)."""
 
     def __post_init__(self):
-        from megatron_po.objectives import OBJECTIVES, build_objective_config
+        from megatron_po.objectives import OBJECTIVES, build_objective_config, uses_global_stats
 
         if not isinstance(self.weights, dict) or not self.weights:
             raise ValueError(f"combo.weights must map at least one objective to a weight, got {self.weights!r}")
@@ -59,9 +58,7 @@ class ComboConfig:
             except ValueError as e:
                 raise ValueError(f"combo.params[{term!r}]: {e}") from e
         for term, term_cfg in term_configs.items():
-            entry = OBJECTIVES[term]
-            if entry.next_state is not None or (entry.global_stats is not None and entry.global_stats(
-                    _EMPTY, term_cfg) is not None):
+            if OBJECTIVES[term].next_state is not None or uses_global_stats(term, term_cfg):
                 # the trainer gathers batch statistics and pair masks for the top-level objective only
                 raise ValueError(f"combo.weights: {term!r} (with these hyper-parameters) uses batch statistics "
                                  "across pairs, which a combo does not pass to its terms; use it on its own")
@@ -69,9 +66,6 @@ class ComboConfig:
         object.__setattr__(self, "weights", {k: float(w) for k, w in self.weights.items()})
         object.__setattr__(self, "params", {k: dict(v) for k, v in self.params.items()})
         object.__setattr__(self, "term_configs", term_configs)
-
-
-_EMPTY = PairLogps(*([torch.zeros(0)] * 6))
 
 
 def needs_reference(cfg: ComboConfig) -> bool:

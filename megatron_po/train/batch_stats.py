@@ -15,16 +15,8 @@ from typing import Optional
 
 import torch
 
-from megatron_po.objectives.common import PairLogps
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.step import PreferenceStep, policy_and_reference_logps, split_pairs
-
-
-def needs_global_stats(step: PreferenceStep) -> bool:
-    """Asks the objective's hook with an empty batch: it returns None when its config needs no statistics."""
-    empty = torch.zeros(0)
-    probe = PairLogps(empty, empty, empty, empty, empty, empty)
-    return step.objective.global_stats(probe, step.objective_cfg) is not None
 
 
 def gather_global_stats(step: PreferenceStep, batches: list[dict], model) -> Optional[dict[str, torch.Tensor]]:
@@ -34,7 +26,7 @@ def gather_global_stats(step: PreferenceStep, batches: list[dict], model) -> Opt
     Each batch gets `_ref_logps` (reused by the main pass) and `_pair_index` (its pairs' global positions).
     """
     obj = step.objective
-    if obj.global_stats is None or not step.use_global_stats or not needs_global_stats(step):
+    if not step.use_global_stats:
         return None
     per_mb: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():

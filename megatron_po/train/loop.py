@@ -18,7 +18,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_po.config import Config
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
-from megatron_po.objectives import build_objective_config, objective_needs_reference
+from megatron_po.objectives import build_objective_config, objective_needs_reference, uses_global_stats
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train import checkpoint as ckpt
 from megatron_po.train.batch_stats import gather_global_stats
@@ -118,10 +118,11 @@ def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, ref
         groups,
         reference,
         share_image_embeds=same_vision(policy, reference),
-        use_global_stats=cfg.objective.batch_stat_scope == "global_batch",
+        use_global_stats=cfg.objective.batch_stat_scope == "global_batch"
+        and uses_global_stats(cfg.objective.name, objective_cfg),
         total_steps=cfg.train.train_steps,
     )
-    if step.objective.next_state is not None and not step.use_global_stats:
+    if step.objective.next_state is not None and cfg.objective.batch_stat_scope != "global_batch":
         raise ValueError(f"objective {cfg.objective.name!r} keeps state across steps (an EMA of batch statistics): "
                          "it needs objective.batch_stat_scope=global_batch")
     return TrainState(ddp, reference, optimizer, scheduler, step, groups)

@@ -34,7 +34,8 @@ class PreferenceStep:
     share_image_embeds: bool = False
     """Encode images once for policy and reference (both towers frozen and identical, see `same_vision`)."""
     use_global_stats: bool = False
-    """Batch statistics over the optimizer step's global batch (see train/batch_stats.py)."""
+    """Run the statistics pass of train/batch_stats.py: the objective takes statistics across pairs with this
+    config and objective.batch_stat_scope=global_batch (decided once, at build time)."""
     total_steps: int = 1
     iteration: int = 0
     """The optimizer step being computed (0-based); set by the loop before each step."""
