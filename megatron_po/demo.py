@@ -28,7 +28,9 @@ def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) 
 
 
 def summarize(run: Path, seconds: float) -> dict:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    from megatron_po.plots import read_metrics
+
+    rows = read_metrics(run / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/delta_logp" in r or "probe/accuracy" in r]
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",

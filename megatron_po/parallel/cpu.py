@@ -82,7 +82,3 @@ def enable_cpu_backend() -> None:
         torch.cuda.synchronize = lambda device=None: None
         _CudaToCpuMode().__enter__()
         _ENABLED = True
-
-
-def cpu_backend_enabled() -> bool:
-    return _ENABLED

@@ -6,7 +6,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -97,12 +96,3 @@ class MetricsWriter:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-
-
-def last_metrics(path: Path) -> Optional[dict]:
-    rows = read_metrics(path)
-    return rows[-1] if rows else None
