@@ -54,7 +54,7 @@ from megatron_po.data.collate import IGNORE_INDEX  # noqa: E402
 from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_po.objectives import OBJECTIVES  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
-from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data  # noqa: E402
+from megatron_po.train.data import build_sampler, build_train_dataset, micro_batches, prepare_data  # noqa: E402
 from megatron_po.train.loop import build_models, build_train_state, train_step  # noqa: E402
 
 LAYOUT_RE = re.compile(r"^tp(\d+)(sp)?$")
@@ -142,6 +142,8 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
         out["chosen_segment_ids"] = F.pad(batch["chosen_segment_ids"], (0, extra), value=-1)
     rows = batch["tokens"].shape[0]
     out["position_ids"] = torch.arange(seq, device=batch["tokens"].device).unsqueeze(0).expand(rows, -1).contiguous()
+    if "ref_rows" in batch:  # P2-DPO: the reference's calibration rows are a second view of the batch
+        out["ref_rows"] = pad_batch(batch["ref_rows"], seq, pad_id)
     return out
 
 
@@ -253,17 +255,19 @@ def main() -> int:
                 raise SystemExit(f"layout {name}: world size {world} is not a multiple of tp={tp}")
             if sp and args.seq % tp:
                 raise SystemExit(f"layout {name}: --seq {args.seq} must be a multiple of tp={tp} for sequence parallel")
-            ds = None  # once per layout: sequence parallel pads rows to a multiple of tp
+            datasets = {}  # once per layout and record kind: sequence parallel pads rows to a multiple of tp
             for obj in objectives:
                 cfg = load_config(None, base + [f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}",
                                                 f"objective.name={obj}"])
                 dp = cfg.validate_world(world)
                 groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
                 try:
-                    if ds is None:
+                    kind = OBJECTIVES[obj].inputs
+                    if kind not in datasets:
                         train_path, tok_path = prepare_data(cfg)
                         tokenizer = Tokenizer(tok_path)
-                        ds = build_dataset(cfg, train_path, tokenizer, groups.tp_size)
+                        datasets[kind] = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size)
+                    ds = datasets[kind]
                     mem.start()
                     r = bench_one(cfg, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
                     peak = torch.tensor([mem.stop()], dtype=torch.float64, device=groups.device)

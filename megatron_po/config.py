@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from megatron_po.models.families import FAMILY_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -74,7 +76,11 @@ class VisionConfig:
 @dataclass
 class ModelConfig:
     family: str = "tiny_vlm"
-    """Model builder: 'tiny_vlm' (ViT + MLP projector + Qwen2.5-shaped GPT decoder)."""
+    """Model builder: 'tiny_vlm' (ViT + MLP projector + Qwen2.5-shaped GPT decoder, shapes from the fields below),
+    or a Hugging Face family, 'internvl3' or 'qwen2_5_vl', whose shapes come from `hf_path`."""
+    hf_path: str = ""
+    """HF families: directory with the HF config.json, tokenizer and processor files (a converted checkpoint's
+    hf/ directory, see tools/convert_hf.py). Weights come from checkpoint.init_from."""
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 176
@@ -97,8 +103,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
-        if self.family != "tiny_vlm":
-            raise ConfigError(f"model.family {self.family!r} unknown; known: ['tiny_vlm']")
+        if self.family not in FAMILY_NAMES:
+            raise ConfigError(f"model.family {self.family!r} unknown; known: {list(FAMILY_NAMES)}")
+        if (self.family == "tiny_vlm") == bool(self.hf_path):
+            raise ConfigError("model.hf_path is required by HF families and meaningless for tiny_vlm")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
         if self.spec not in ("auto", "te", "local"):
@@ -110,9 +118,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """'synthetic' (the embedded shapes task, generated into output_dir/data) or 'jsonl'."""
+    """'synthetic' (the embedded shapes task, generated into output_dir/data) or 'jsonl'. The record kind follows
+    the objective: preference pairs, or P2-DPO samples (data/p2_records.py) for objective p2_dpo, for which the
+    synthetic task writes p2_train.jsonl."""
     train_path: str = ""
-    """JSONL of preference records (source=jsonl)."""
+    """JSONL of training records (source=jsonl): preference pairs, or P2-DPO samples for objective p2_dpo."""
     tokenizer_path: str = ""
     """SentencePiece model. Empty with source=synthetic: trained on the synthetic text at preparation."""
     num_train: int = 512

@@ -34,7 +34,7 @@ def summarize(run: Path, seconds: float) -> dict:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/delta_logp" in r or "probe/accuracy" in r]
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "rewards/frac_chosen_negative")
+            "rewards/frac_chosen_negative", "p2/focus_accuracy", "p2/robust_accuracy", "p2/calib_gain_policy")
     out = {"seconds": round(seconds, 1), "steps": train[-1]["step"],
            **{f"first/{k}": train[0][k] for k in keys if k in train[0]},
            **{f"final/{k}": train[-1][k] for k in keys if k in train[-1]}}
@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         summary[n] = summarize(out / n, t)
 
     tag = "_vs_".join(names)
-    png = plot_rewards({n.upper(): out / n / "metrics.jsonl" for n in names}, out / f"{tag}_rewards.png",
-                       title=f"{' vs '.join(n.upper() for n in names)} from SFT on the embedded shapes task (TP=2 + SP)")
+    # P2-DPO logs per-branch metrics, not pair rewards: the reward plot shows the other stages
+    rewarded = [n for n in names if n != "p2_dpo"]
+    png = plot_rewards({n.upper(): out / n / "metrics.jsonl" for n in rewarded}, out / f"{tag}_rewards.png",
+                       title=f"{' vs '.join(n.upper() for n in rewarded)} from SFT on the embedded shapes task "
+                             "(TP=2 + SP)") if rewarded else "none (P2-DPO logs no pair rewards)"
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n== demo summary")
     for stage, vals in summary.items():

@@ -46,20 +46,31 @@ class _VocabParallelLogProb(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+def vocab_parallel_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, tp_group, vocab_size: int | None = None
+) -> torch.Tensor:
     """Per-token log-probs of `labels` under vocab-sharded `logits`.
 
     Args:
         logits: [b, s, v/tp] logits of this TP rank's vocabulary slice (any float dtype; computed in fp32).
         labels: [b, s] target ids, IGNORE_INDEX where not supervised.
         tp_group: the tensor-parallel group that shards the vocabulary (None or size 1: no communication).
+        vocab_size: the real vocabulary; entries of the padded embedding beyond it are excluded from the softmax
+            (a converted HF model's log-probs then equal transformers' exactly). None: all entries count.
     Returns:
         per_token_logps [b, s] fp32, 0 at ignored positions.
     """
     group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     mask = labels != IGNORE_INDEX
     target = labels.masked_fill(~mask, 0)
-    per_token = _VocabParallelLogProb.apply(logits.float(), target, group)
+    logits = logits.float()
+    if vocab_size is not None:
+        v_local = logits.shape[-1]
+        start = (dist.get_rank(group) if group is not None else 0) * v_local
+        ids = torch.arange(start, start + v_local, device=logits.device)
+        if bool((ids >= vocab_size).any()):
+            logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    per_token = _VocabParallelLogProb.apply(logits, target, group)
     return per_token * mask
 
 

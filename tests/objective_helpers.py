@@ -11,6 +11,8 @@ import torch
 from megatron_po.objectives import OBJECTIVES, PairLogps, build_objective_config
 
 F64 = torch.float64
+# objectives whose loss_fn takes PairLogps (P2-DPO takes P2Logps: tests/test_objectives_p2.py)
+PAIR_OBJECTIVES = sorted(name for name, obj in OBJECTIVES.items() if obj.inputs == "pairs")
 LN2 = math.log(2)
 # Δ_w = +1, Δ_l = −3: the pair of OBJECTIVES.md §13.1 (DPO: margin 0.4, loss 0.5130153)
 CANONICAL = (-10.0, -11.0, -15.0, -12.0, 20, 25)

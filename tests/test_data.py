@@ -271,6 +271,7 @@ def test_collator_layout_and_labels(records, tokenizer, synthetic_dir):
     assert batch["num_pairs"] == b and batch["tokens"].shape == (2 * b, s)
     assert s % 8 == 0 and s <= 64
     assert batch["images"].shape == (b, 3, 32, 32)
+    assert batch["row_images"] == [[i] for i in range(b)] * 2  # a pair's two rows show its one image
     assert torch.equal(batch["position_ids"], torch.arange(s).expand(2 * b, s))
     for key in ("labels", "loss_mask", "image_token_mask", "position_ids"):
         assert batch[key].shape == (2 * b, s), key

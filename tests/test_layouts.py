@@ -26,7 +26,7 @@ def test_all_layouts_and_objectives_ran(report):
     assert layouts == {"tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb"}
     objectives = {k.split("/")[0] for k in report}
     assert objectives == {"dpo", "acpo", "acpo_batch", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
-                          "cw_dpo", "aspo"}
+                          "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected"}
     for core in ("dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"):
         assert {k.split("/")[-1] for k in report if k.startswith(core + "/")} == layouts, core
 
@@ -58,6 +58,37 @@ def test_step0_loss_when_reference_equals_policy(report):
         label = key.split("/")[0]
         if "/ref=same/" not in key and label in STEP0:
             assert abs(r["mean_loss"] - STEP0[label]) > 1e-5, key
+
+
+def p2_step0(batch: dict, lambda_calib: float = 0.3) -> float:
+    """P2-DPO's mean loss when reference == policy under calib_reference="chosen" (OBJECTIVES.md §9.1).
+
+    Every logit is 0 (focus and robust DPO: Δ_w = Δ_l = 0; calibration: the reference's gain is the policy's own
+    on y_w^f), so L_dpo_focus = L_calib = L_dpo_rob = ln 2 and a sample's loss is
+    ln 2·(w_focus·(1 + λ_calib) + w_robust): ln 2·(1 + λ·w_focus) with both branches (w_focus + w_robust = 1,
+    DDW w_focus = 0.5 + 0.2·tanh((crop/image − 1)/0.1)), ln 2·(1 + λ) focus only, ln 2 robust only.
+    """
+    total, count = 0.0, 0
+    for f, r, crop, image in zip(batch["has_focus"], batch["has_robust"], batch["clip_crop_score"],
+                                 batch["clip_image_score"]):
+        w_focus = 0.5 + 0.2 * math.tanh((crop / image - 1) / 0.1) if f and r else float(f)
+        w_robust = 1.0 - w_focus if f and r else float(r)
+        total += math.log(2) * (w_focus * (1 + lambda_calib) + w_robust)
+        count += f or r
+    return total / count
+
+
+def test_p2_dpo_step0_closed_form(report):
+    same = {k: r for k, r in report.items() if k.startswith("p2_dpo/ref=same/")}
+    assert sorted(k.split("/")[-1] for k in same) == ["tp1_dp2_2mb", "tp2_sp"]
+    for key, r in same.items():
+        batch = r["p2_batch"]
+        # the global batch mixes both-branch, focus-only and robust-only samples, so every weight case is checked
+        kinds = set(zip(batch["has_focus"], batch["has_robust"]))
+        assert kinds == {(True, True), (True, False), (False, True)}, (key, kinds)
+        assert abs(r["mean_loss"] - p2_step0(batch)) < 1e-6, (key, r["mean_loss"], p2_step0(batch))
+        drifted = report[key.replace("ref=same", "ref=drifted")]
+        assert abs(drifted["mean_loss"] - p2_step0(batch)) > 1e-5, key
 
 
 def test_reference_and_frozen_vision_never_change(report):

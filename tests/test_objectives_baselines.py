@@ -16,7 +16,7 @@ from megatron_po.objectives import (
 )
 from megatron_po.objectives.dpo_shift import shift_lambda
 
-from objective_helpers import CANONICAL, F64, LN2, TRL_KEYS, columns, random_rows
+from objective_helpers import CANONICAL, F64, LN2, PAIR_OBJECTIVES, TRL_KEYS, columns, random_rows
 
 # a config for every registered objective: the registry defaults, combo as RPO (DPO + SFT)
 CONFIGS = {name: {} for name in OBJECTIVES} | {"combo": {"weights": {"dpo": 1.0, "sft": 0.5}}}
@@ -270,11 +270,11 @@ def test_config_validation_names_the_field(name, params, field):
 # ------------------------------------------------------------------------------------ every registered objective
 def test_every_objective_is_covered():
     assert set(OBJECTIVES) == {"dpo", "acpo", "sft", "ipo", "simpo", "dpo_shift", "combo",
-                               "beta_dpo", "cw_sftc", "cw_dpo", "aspo"}
+                               "beta_dpo", "cw_sftc", "cw_dpo", "aspo", "p2_dpo"}
 
 
 # aspo needs per-sentence inputs: tests/test_objectives_advanced.py::test_aspo_contract
-@pytest.mark.parametrize("name", [n for n in sorted(OBJECTIVES) if n != "aspo"])
+@pytest.mark.parametrize("name", [n for n in PAIR_OBJECTIVES if n != "aspo"])
 def test_contract_over_every_objective(name):
     """Finite [B] loss, gradient into the policy, none into the reference, detached [B] metrics."""
     b = 6

@@ -1,5 +1,5 @@
-"""Pure-math tests of P2-DPO (not registered in OBJECTIVES yet) against OBJECTIVES.md §13.5, float64: values,
-autograd gradients, step 0, per-sample branch masks, the global masked mean, and input/config validation."""
+"""Pure-math tests of P2-DPO against OBJECTIVES.md §13.5, float64: values, autograd gradients, step 0, per-sample
+branch masks, the global masked mean, their metric summary, and input/config validation."""
 
 import dataclasses
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_po.objectives import OBJECTIVES
+from megatron_po.data.p2_records import keep_pair
+from megatron_po.objectives import OBJECTIVES, build_objective_config, pair_loss, summarize_metrics
 from megatron_po.objectives import p2_dpo
 from megatron_po.objectives.p2_dpo import P2DPOConfig, P2Logps
 
@@ -249,16 +250,19 @@ def test_no_calibration_ablation():
 # ------------------------------------------------------------------------------------------------ metrics
 def test_summarize_metrics_masks_branches():
     _, s, _ = run(mixed_batch())
-    out = p2_dpo.summarize_metrics(s)
+    out = summarize_metrics(s)
     close(out["p2/focus_loss"], 0.5130153)      # over the 2 focus samples, not diluted by the 2 without
     close(out["p2/robust_loss"], 0.5981389)
     close(out["p2/calib_gain_policy"], 3.0, tol=1e-12)
     close(out["p2/frac_single_branch"], 2 / 3, tol=1e-12)
     close(out["p2/frac_focus"], 0.5, tol=0)
     close([out["p2/w_focus_mean"], out["p2/w_focus_min"], out["p2/w_focus_max"]], [0.6226715] * 3)
+    close(out["p2/w_focus_std"], 0.0, tol=0)
+    close(out["p2/calib_logit_mean"], 0.2, tol=1e-12)
+    close(out["p2/frac_robust"], 0.5, tol=0)
     # no sample with both branches: the w_focus spread is left out rather than NaN
     _, s, _ = run(make(robust=None, clip=None))
-    out = p2_dpo.summarize_metrics(s)
+    out = summarize_metrics(s)
     assert "p2/w_focus_mean" not in out and "p2/robust_loss" not in out
     assert all(math.isfinite(v) for v in out.values())
 
@@ -272,7 +276,7 @@ def test_summarize_metrics_masks_branches():
 def test_pair_filter_13_5(chosen_logp, rejected_logp, chosen_ppl, rejected_ppl, margin, keep):
     t = lambda x: torch.tensor([x], dtype=F64)  # noqa: E731
     close(t(chosen_logp) - t(rejected_logp), [margin], tol=1e-12)
-    assert p2_dpo.keep_pair(t(chosen_logp), t(rejected_logp), t(chosen_ppl), t(rejected_ppl)).tolist() == [keep]
+    assert keep_pair(t(chosen_logp), t(rejected_logp), t(chosen_ppl), t(rejected_ppl)).tolist() == [keep]
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -314,6 +318,13 @@ def test_input_shape_error():
         p2_dpo.loss_fn(logps, P2DPOConfig())
 
 
-def test_not_registered_until_the_trainer_can_feed_it():
-    assert "p2_dpo" not in OBJECTIVES
-    assert "TODO" in p2_dpo.__doc__
+def test_registered_as_p2_inputs():
+    entry = OBJECTIVES["p2_dpo"]
+    assert entry.inputs == "p2" and entry.needs_reference and entry.loss_fn is p2_dpo.loss_fn
+    assert entry.global_stats is None and entry.next_state is None  # no batch statistics (§11)
+    assert "TODO" not in p2_dpo.__doc__
+    one = torch.zeros(1, dtype=F64)
+    with pytest.raises(ValueError, match="takes 'p2' inputs"):
+        pair_loss("p2_dpo", one, one, one, one, one, one)
+    with pytest.raises(ValueError, match="'p2_dpo' does not take preference pairs"):
+        build_objective_config("combo", {"weights": {"dpo": 1.0, "p2_dpo": 1.0}})

@@ -104,3 +104,41 @@ def test_beta_dpo_ema_state_is_checkpointed(tmp_path, sft_run):
     state_b = json.loads((resumed / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
     assert state_a["objective_state"] == state_b["objective_state"]
     assert state_a["objective_state"]["gap_std"] > 0  # the EMA moved away from its initial (0, 0)
+
+
+P2_KEYS = {"p2/focus_loss", "p2/calib_loss", "p2/robust_loss", "p2/focus_logit_mean", "p2/calib_logit_mean",
+           "p2/robust_logit_mean", "p2/focus_accuracy", "p2/robust_accuracy", "p2/calib_gain_policy",
+           "p2/w_focus_mean", "p2/w_focus_min", "p2/w_focus_max", "p2/frac_single_branch"}
+
+
+def test_p2_dpo_demo_config_from_sft(tmp_path, sft_run):
+    """P2-DPO through the CLI with its demo config (shortened; TP=2 + SP, 2 micro-batches): the synthetic source
+    writes P2 samples, every row kind runs, the §9.6 metrics are logged, and the DPO branches move off ln 2."""
+    out = tmp_path / "p2"
+    run_torchrun(["-m", "megatron_po.train", "--config", str(REPO / "launch" / "configs" / "demo_p2_dpo.yaml"),
+                  f"output_dir={out}", f"checkpoint.init_from={sft_run / 'checkpoints'}",
+                  f"data.tokenizer_path={sft_run / 'data' / 'tokenizer.model'}", "data.num_train=32",
+                  "train.train_steps=4", "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=5e-4",
+                  "eval.interval=4", "eval.max_pairs=8", "eval.probe_images=4", "train.progress_bar=false"])
+    assert (out / "data" / "p2_train.jsonl").is_file()
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    # a global batch without any sample of a branch logs no statistic of it (step 2 here: robust-only samples)
+    assert P2_KEYS <= set().union(*train_rows), P2_KEYS - set().union(*train_rows)
+    assert "p2/focus_loss" not in train_rows[1] and train_rows[1]["p2/frac_focus"] == 0.0
+    for r in train_rows:
+        assert all(math.isfinite(r[k]) for k in (P2_KEYS & set(r)) | {"loss", "grad_norm", "p2/frac_robust"})
+        assert 0.3 <= r.get("p2/w_focus_min", 0.3) <= r.get("p2/w_focus_max", 0.7) <= 0.7
+    # step 0: the reference is the SFT policy, so both DPO branches are exactly ln 2 (calibration is not: its
+    # reference gain is on y_l^f by default)
+    first = train_rows[0]
+    assert abs(first["p2/focus_loss"] - math.log(2)) < 1e-6 and abs(first["p2/robust_loss"] - math.log(2)) < 1e-6
+    assert first["p2/focus_logit_mean"] == 0.0 and first["p2/robust_logit_mean"] == 0.0
+    last = train_rows[-1]
+    assert last["p2/focus_loss"] < math.log(2) and last["p2/robust_loss"] < math.log(2), last
+    # held-out pairs are scored by the policy (P2-DPO takes no pairs, so no eval/rewards), and the probe runs
+    evals = [r for r in rows if "eval/delta_logp" in r]
+    assert [r["step"] for r in evals] == [0, 4] and evals[-1]["eval/delta_logp"] != 0.0
+    assert not any(k.startswith("eval/rewards") for k in evals[-1])
+    assert 0.0 <= evals[-1]["probe/accuracy"] <= 1.0

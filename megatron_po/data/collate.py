@@ -69,6 +69,37 @@ class CollateConfig:
                              f"num_image_tokens ({self.num_image_tokens}) and the 4 special tokens")
 
 
+def prompt_prefix(tokenizer: Tokenizer, prompt: str, num_images: int, num_image_tokens: int) -> list[int]:
+    """``[bos] <|user|> <image> x (num_images * num_image_tokens) prompt_ids <|assistant|>``: images in slot order."""
+    tok = tokenizer
+    return ([tok.bos_id, tok.user_id] + [tok.image_id] * (num_images * num_image_tokens) + tok.encode(prompt)
+            + [tok.assistant_id])
+
+
+def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]], pad_to_multiple_of: int) -> dict:
+    """Pads ``(prefix ids, response ids)`` rows into model tensors; only the response is supervised.
+
+    Returns:
+        With S the longest row rounded up to ``pad_to_multiple_of``: ``tokens``, ``labels`` (-100 unsupervised),
+        ``loss_mask`` (float), ``position_ids``, ``image_token_mask`` (bool), each [R, S].
+    """
+    seq_len = _round_up(max(len(p) + len(r) for p, r in rows), pad_to_multiple_of)
+    tokens = torch.full((len(rows), seq_len), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, (prefix, response) in enumerate(rows):
+        row_t = torch.tensor(prefix + response, dtype=torch.long)
+        tokens[i, : len(row_t)] = row_t
+        # targets are the response, predicted from the position just before each of its tokens
+        labels[i, len(prefix) - 1 : len(row_t) - 1] = row_t[len(prefix):]
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": (labels != IGNORE_INDEX).float(),
+        "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).contiguous(),
+        "image_token_mask": tokens == tokenizer.image_id,
+    }
+
+
 class PairCollator:
     """Builds the model batch from ``(record, image)`` pairs.
 
@@ -82,9 +113,7 @@ class PairCollator:
         self.cfg = cfg
 
     def _prefix(self, record: PreferenceRecord) -> list[int]:
-        tok = self.tokenizer
-        return ([tok.bos_id, tok.user_id] + [tok.image_id] * self.cfg.num_image_tokens
-                + tok.encode(record.prompt) + [tok.assistant_id])
+        return prompt_prefix(self.tokenizer, record.prompt, 1, self.cfg.num_image_tokens)
 
     def _encode(self, record: PreferenceRecord) -> tuple[list[int], list[int], list[int]]:
         """(prefix ids, chosen ids, rejected ids) of one pair."""
@@ -130,7 +159,8 @@ class PairCollator:
             With S the longest row rounded up to ``pad_to_multiple_of``, rows [chosen 0..B-1; rejected 0..B-1]:
             ``tokens`` [2B, S] long, ``labels`` [2B, S] long (-100 unsupervised), ``loss_mask`` [2B, S] float,
             ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [B, 3, H, W] float
-            (shared by a pair's two rows), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
+            (shared by a pair's two rows), ``row_images`` (list of 2B lists: the images of each row, here
+            ``[i]`` for both rows of pair i), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
             tokens per row, ``<|end|>`` included), ``num_pairs`` int B.
 
             Sentences of the chosen responses (:mod:`megatron_po.data.sentences`), with K_max the largest
@@ -162,19 +192,9 @@ class PairCollator:
             responses[i] = chosen + [tok.end_id]
             responses[b + i] = rejected + [tok.end_id]
 
-        rows = [prefixes[r % b] + responses[r] for r in range(2 * b)]
-        seq_len = _round_up(max(len(row) for row in rows), self.cfg.pad_to_multiple_of)
-        tokens = torch.full((2 * b, seq_len), tok.pad_id, dtype=torch.long)
-        labels = torch.full((2 * b, seq_len), IGNORE_INDEX, dtype=torch.long)
-        for r, row in enumerate(rows):
-            row_t = torch.tensor(row, dtype=torch.long)
-            tokens[r, : len(row)] = row_t
-            # targets are the response and <|end|>, predicted from the position just before each of them
-            start = len(prefixes[r % b])
-            labels[r, start - 1 : len(row) - 1] = row_t[start:]
-
-        loss_mask = (labels != IGNORE_INDEX).float()
-        lengths = loss_mask.sum(dim=1).long()
+        rows = layout_rows(tok, [(prefixes[r % b], responses[r]) for r in range(2 * b)], self.cfg.pad_to_multiple_of)
+        seq_len = rows["tokens"].shape[1]
+        lengths = rows["loss_mask"].sum(dim=1).long()
         images = torch.stack([image for _, image in records_with_images]).float()
 
         segment_ids = torch.full((b, seq_len), -1, dtype=torch.long)
@@ -187,12 +207,10 @@ class PairCollator:
             if record.chosen_sentence_similarity is not None:
                 similarity[i, : len(kept)] = torch.tensor([record.chosen_sentence_similarity[k] for k in kept])
         return {
-            "tokens": tokens,
-            "labels": labels,
-            "loss_mask": loss_mask,
-            "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(2 * b, -1).contiguous(),
+            **rows,
             "images": images,
-            "image_token_mask": tokens == tok.image_id,
+            # each pair's two rows show its one image
+            "row_images": [[i % b] for i in range(2 * b)],
             "chosen_lengths": lengths[:b],
             "rejected_lengths": lengths[b:],
             "num_pairs": b,
@@ -214,19 +232,20 @@ class PreferenceDataset(torch.utils.data.Dataset):
         tokenizer: the tokenizer the collator will use.
         collate_cfg: the collator's lengths.
         image_size: side in pixels images are resized to.
+        collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
 
     Raises:
         FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
         ValueError: no pair is left.
     """
 
-    def __init__(self, records: Sequence[PreferenceRecord], image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int):
+    def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
+                 collate_cfg: CollateConfig, image_size: int, collator=None):
         self.image_root = Path(image_root)
         self.image_size = image_size
-        self.collator = PairCollator(tokenizer, collate_cfg)
+        self.collator = collator or PairCollator(tokenizer, collate_cfg)
         self.skipped: collections.Counter[str] = collections.Counter({reason: 0 for reason in SKIP_REASONS})
-        self.records: list[PreferenceRecord] = []
+        self.records: list = []
         for record in records:
             ok, reason = self.collator.fits(record)
             if ok:
@@ -234,14 +253,18 @@ class PreferenceDataset(torch.utils.data.Dataset):
             else:
                 self.skipped[reason] += 1
         for record in self.records:
-            path = resolve_image(record, self.image_root)
-            if not path.is_file():
-                raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
+            for path in self.image_files(record):
+                if not path.is_file():
+                    raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
         logger.info("preference data: kept %d of %d pairs (skipped %s)", len(self.records), len(records),
                     ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if not self.records:
             raise ValueError(f"no preference pair fits max_length={collate_cfg.max_length} "
                              f"(skipped: {dict(self.skipped)})")
+
+    def image_files(self, record: PreferenceRecord) -> list[Path]:
+        """The files a kept record reads, checked when the dataset is built."""
+        return [resolve_image(record, self.image_root)]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -26,7 +26,7 @@ the data path unpickles.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,29 +93,51 @@ def _sentence_fields_problem(chosen: str, spans: Any, similarity: Any) -> str:
     return ""
 
 
-def _parse_line(line: str, where: str) -> PreferenceRecord:
+def parse_object(line: str, where: str) -> dict:
+    """One JSONL line -> its JSON object."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for name in REQUIRED_FIELDS:
-        if name not in obj:
-            raise RecordError(f"{where}: missing field '{name}'")
-        value = obj[name]
-        if not isinstance(value, str):
-            raise RecordError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise RecordError(f"{where}: field '{name}' is empty")
+    return obj
+
+
+def require_text(obj: dict, name: str, where: str, label: str = "") -> str:
+    """The non-empty string field ``name`` of ``obj``; ``label`` names it in messages (e.g. 'focus.chosen')."""
+    label = label or name
+    if name not in obj:
+        raise RecordError(f"{where}: missing field '{label}'")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: field '{label}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(f"{where}: field '{label}' is empty")
+    return value
+
+
+def parse_meta(obj: dict, where: str) -> dict:
     meta = obj.get("meta", {})
     if meta is None:
-        meta = {}
+        return {}
     if not isinstance(meta, dict):
         raise RecordError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
-    if obj["chosen"] == obj["rejected"]:
+    return meta
+
+
+def check_distinct(chosen: str, rejected: str, where: str, prefix: str = "") -> None:
+    if chosen == rejected:
         # an identical pair has a zero preference margin by construction: it only dilutes the batch
-        raise RecordError(f"{where}: fields 'chosen' and 'rejected' are identical")
+        raise RecordError(f"{where}: fields '{prefix}chosen' and '{prefix}rejected' are identical")
+
+
+def _parse_line(line: str, where: str) -> PreferenceRecord:
+    obj = parse_object(line, where)
+    for name in REQUIRED_FIELDS:
+        require_text(obj, name, where)
+    meta = parse_meta(obj, where)
+    check_distinct(obj["chosen"], obj["rejected"], where)
     spans, similarity = obj.get("chosen_sentence_spans"), obj.get("chosen_sentence_similarity")
     problem = _sentence_fields_problem(obj["chosen"], spans, similarity)
     if problem:
@@ -126,6 +148,24 @@ def _parse_line(line: str, where: str) -> PreferenceRecord:
         chosen_sentence_spans=None if spans is None else [(a, b) for a, b in spans],
         chosen_sentence_similarity=None if similarity is None else [float(x) for x in similarity],
     )
+
+
+def read_jsonl(path: Path, parse: Callable[[str, str], Any]) -> list:
+    """Parses every non-blank line of a JSONL file with ``parse(line, "path:line")``; ids must not repeat."""
+    path = Path(path)
+    records: list = []
+    first_line_of_id: dict[str, int] = {}
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            record = parse(line, where)
+            if record.id in first_line_of_id:
+                raise RecordError(f"{where}: field 'id' {record.id!r} repeats line {first_line_of_id[record.id]}")
+            first_line_of_id[record.id] = lineno
+            records.append(record)
+    return records
 
 
 def read_records(path: Path) -> list[PreferenceRecord]:
@@ -144,20 +184,7 @@ def read_records(path: Path) -> list[PreferenceRecord]:
             ``chosen``, or ``chosen_sentence_similarity`` is not one finite number per sentence. The message starts with
             ``{path}:{line}`` (1-based).
     """
-    path = Path(path)
-    records: list[PreferenceRecord] = []
-    first_line_of_id: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            record = _parse_line(line, where)
-            if record.id in first_line_of_id:
-                raise RecordError(f"{where}: field 'id' {record.id!r} repeats line {first_line_of_id[record.id]}")
-            first_line_of_id[record.id] = lineno
-            records.append(record)
-    return records
+    return read_jsonl(path, _parse_line)
 
 
 def iter_texts(records: Iterable[PreferenceRecord]) -> Iterator[str]:
@@ -174,6 +201,32 @@ def resolve_image(record: PreferenceRecord, image_root: Path) -> Path:
     return p if p.is_absolute() else Path(image_root) / p
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """Decodes an image file to an RGB PIL image at its own size.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it).
+        RecordError: PIL cannot decode the file (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise RecordError(f"cannot read image {path}: {e}") from e
+
+
+def to_tensor(im: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> ``[3, image_size, image_size]`` float32 in ``[0, 1]`` (bicubic resize; aspect ratio is
+    not kept)."""
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """Loads an image as RGB and resizes it to a square.
 
@@ -188,15 +241,4 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
         FileNotFoundError: ``path`` does not exist (the message names it).
         RecordError: PIL cannot decode the file (the message names it).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            array = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise RecordError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return to_tensor(open_rgb(path), image_size)

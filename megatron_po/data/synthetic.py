@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,15 +264,33 @@ def _rng(seed: int, split: str) -> random.Random:
     return random.Random(f"megatron_po-synthetic-{seed}-{split}")
 
 
-def _write_split(out_dir: Path, split: str, num_pairs: int, seed: int, image_size: int) -> None:
+def _check_image_size(image_size: int) -> None:
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 to draw recognisable shapes, got {image_size}")
+
+
+def _write_scenes(out_dir: Path, split: str, count: int, seed: int, image_size: int,
+                  records: Callable[[random.Random, int, str, list[dict[str, Any]]], list[str]]) -> Path:
+    """Draws ``count`` scenes from the ``split`` stream, saves ``images/{split}_NNNNN.png`` and writes
+    ``{split}.jsonl`` with the JSON lines ``records(rng, i, image path, objects)`` gives each scene."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = _rng(seed, split)
     lines = []
-    for i in range(num_pairs):
+    for i in range(count):
         image, objects = _draw_scene(rng, image_size)
         rel_path = f"images/{split}_{i:05d}.png"
         image.save(out_dir / rel_path, format="PNG")
-        lines.append(_record(f"{split}-{i:05d}", rel_path, _make_pair(rng, objects), objects))
-    (out_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        lines += records(rng, i, rel_path, objects)
+    path = out_dir / f"{split}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _write_split(out_dir: Path, split: str, num_pairs: int, seed: int, image_size: int) -> None:
+    _write_scenes(out_dir, split, num_pairs, seed, image_size,
+                  lambda rng, i, rel_path, objects: [_record(f"{split}-{i:05d}", rel_path, _make_pair(rng, objects),
+                                                             objects)])
 
 
 def generate_synthetic_dataset(out_dir: Path, num_train: int, num_eval: int, seed: int,
@@ -289,12 +308,9 @@ def generate_synthetic_dataset(out_dir: Path, num_train: int, num_eval: int, see
     Returns:
         ``{"train": num_train, "eval": num_eval, "images": num_train + num_eval}``.
     """
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 to draw recognisable shapes, got {image_size}")
+    _check_image_size(image_size)
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     _write_split(out_dir, "train", num_train, seed, image_size)
     _write_split(out_dir, "eval", num_eval, seed, image_size)
     return {"train": num_train, "eval": num_eval, "images": num_train + num_eval}
@@ -327,26 +343,20 @@ def generate_probe_set(out_dir: Path, num_images: int, seed: int, image_size: in
     Returns:
         The path of ``probe.jsonl``.
     """
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 to draw recognisable shapes, got {image_size}")
+    _check_image_size(image_size)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rng = _rng(seed, "probe")
-    lines = []
-    for i in range(num_images):
-        image, objects = _draw_scene(rng, image_size)
-        rel_path = f"images/probe_{i:05d}.png"
-        image.save(out_dir / rel_path, format="PNG")
+
+    def questions(rng, i, rel_path, objects):
+        lines = []
         for present in (True, False):
             pair = _yesno_pair(rng, objects, present=present, prompt=YESNO_PROMPTS[0])
             pair["kind"] = "yesno"
             name = "present" if present else "absent"
             lines.append(_record(f"probe-{i:05d}-{name}", rel_path, pair, objects))
-    path = out_dir / "probe.jsonl"
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
+        return lines
+
+    return _write_scenes(out_dir, "probe", num_images, seed, image_size, questions)
 
 
 def probe_answers_yes(record: PreferenceRecord, chosen_logp: float, rejected_logp: float) -> bool:

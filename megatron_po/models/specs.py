@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -64,25 +65,57 @@ def _dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
 
 
-def build_lm_config(model: ModelConfig, par: ParallelConfig) -> TransformerConfig:
-    """Qwen2.5-shaped decoder: RMSNorm, SwiGLU, RoPE, GQA, qkv bias, no other biases."""
+@dataclass(frozen=True)
+class LMShape:
+    """The shape of a Qwen2/Qwen2.5 decoder (the LLM of every family we build)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    norm_epsilon: float
+    rotary_base: float
+    vocab_size: int
+    """Real vocabulary (the HF config's); the embedding is padded beyond it (see models.vlm.padded_vocab_size)."""
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def lm_shape_of(model: ModelConfig, vocab_size: int) -> LMShape:
+    """The tiny_vlm decoder's shape, from the flat model config."""
+    return LMShape(model.num_layers, model.hidden_size, model.ffn_hidden_size, model.num_attention_heads,
+                   model.num_query_groups, model.norm_epsilon, model.rotary_base, vocab_size,
+                   init_method_std=model.init_method_std)
+
+
+def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | None = None) -> TransformerConfig:
+    """Qwen2.5-shaped decoder: RMSNorm, SwiGLU, RoPE, GQA, qkv bias, no other biases.
+
+    `shape` defaults to the tiny_vlm fields of `model`; HF families pass the shape read from their config.
+    """
     dtype = _dtype(model)
+    shape = shape or lm_shape_of(model, vocab_size=0)
     return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.kv_channels,
         normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
+        layernorm_epsilon=shape.norm_epsilon,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model.init_method_std,
+        init_method_std=shape.init_method_std,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         context_parallel_size=par.cp,

@@ -95,7 +95,7 @@ class VLMModel(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images [n, 3, H, W] -> image embeddings [n, p, h] in the decoder's hidden size."""
+        """images [n, 3, H, W] -> image embeddings [n, p, h] in the decoder's hidden size (p tokens per image)."""
         feats = self.vision(images)  # [p, n, hv]
         out = self.projector(feats)
         out = out[0] if isinstance(out, tuple) else out
@@ -108,24 +108,28 @@ class VLMModel(MegatronModule):
         attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
         image_token_mask: torch.Tensor,
-        image_index: torch.Tensor,
     ) -> torch.Tensor:
         """Runs the decoder on text with image features spliced in.
 
         Args:
             tokens, position_ids: [b, s].
             attention_mask: [1, 1, s, s] bool, True = masked.
-            image_embeds: [n, p, h] image embeddings (n images; each row of the batch uses one).
-            image_token_mask: [b, s] bool, exactly p True positions per row.
-            image_index: [b] which image each row uses (chosen and rejected of a pair share one).
+            image_embeds: [T, h] the embeddings of every image slot of the batch, in row-major order of
+                `image_token_mask` (a row may hold several images, and rows may share one: the caller lays them
+                out, see train/rows.py).
+            image_token_mask: [b, s] bool, T True positions in all.
         Returns:
             logits [b, s, v/tp] (vocab-sharded over TP).
+        Raises:
+            ValueError: T differs from the number of image slots (masked_scatter would silently use a prefix).
         """
+        slots = int(image_token_mask.sum())
+        if image_embeds.shape[0] != slots:
+            raise ValueError(f"image_embeds has {image_embeds.shape[0]} embeddings for {slots} image slots")
         emb = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
-        rows = image_embeds[image_index].to(emb.dtype)  # [b, p, h]
         emb = emb.transpose(0, 1)
         mask = image_token_mask.unsqueeze(-1).expand_as(emb)
-        emb = emb.masked_scatter(mask, rows.reshape(-1))
+        emb = emb.masked_scatter(mask, image_embeds.to(emb.dtype).reshape(-1))
         emb = emb.transpose(0, 1).contiguous()
         if self.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)

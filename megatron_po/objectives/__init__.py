@@ -1,7 +1,8 @@
 """Objective registry: a plain dict from name to (config class, per-pair loss function, needs a reference).
 
 Every ``loss_fn(logps: PairLogps, cfg, group=None, ctx=None) -> (per_pair_loss [B], metric samples name -> [B])``
-is a pure function of per-pair sequence quantities (STYLE.md §4); the trainer owns reductions over pairs and ranks
+is a pure function of per-pair sequence quantities (STYLE.md §4) — P2-DPO's takes ``P2Logps`` instead (six
+forwards per sample, ``inputs="p2"``); the trainer owns reductions over pairs and ranks
 and passes ``ctx=ObjectiveContext(step, total_steps, ...)`` for objectives with schedules, global-batch statistics
 (``global_stats``) or state carried across optimizer steps (``next_state``).
 """
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives import acpo, aspo, beta_dpo, combo, cw_dpo, dpo, dpo_shift, ipo, sft, simpo
+from megatron_po.objectives import acpo, aspo, beta_dpo, combo, cw_dpo, dpo, dpo_shift, ipo, p2_dpo, sft, simpo
 from megatron_po.objectives.common import ObjectiveContext, PairLogps, summarize_metrics
 
 
@@ -28,6 +29,9 @@ class Objective(NamedTuple):
     """``(cfg, state: dict | None, global_stats: dict) -> dict``: objective state after an optimizer step (β-DPO's
     EMA), from the state before it and the step's gathered ``global_stats``. The trainer calls it once per step and
     passes the result as the next step's ``ctx.state``; ``loss_fn`` computes the same update for its own step."""
+    inputs: str = "pairs"
+    """What ``loss_fn`` takes, and so which records and batches the trainer builds: "pairs" (``PairLogps`` from
+    the chosen/rejected rows of preference records) or "p2" (``P2Logps`` from P2-DPO records, data/p2_records.py)."""
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -45,6 +49,7 @@ OBJECTIVES: dict[str, Objective] = {
                          global_stats=cw_dpo.sftc_global_stats),
     "cw_dpo": Objective(cw_dpo.CWDPOConfig, cw_dpo.loss_fn, needs_reference=True),
     "aspo": Objective(aspo.ASPOConfig, aspo.loss_fn, needs_reference=True),
+    "p2_dpo": Objective(p2_dpo.P2DPOConfig, p2_dpo.loss_fn, needs_reference=True, inputs="p2"),
 }
 
 
@@ -122,6 +127,8 @@ def pair_loss(
         summarises samples gathered over the global batch.
     """
     cfg = build_objective_config(name, hparams)
+    if OBJECTIVES[name].inputs != "pairs":
+        raise ValueError(f"objective {name!r} takes {OBJECTIVES[name].inputs!r} inputs, not pairs: call its loss_fn")
     logps = PairLogps(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         chosen_lengths, rejected_lengths, policy_chosen_segment_logps, ref_chosen_segment_logps,

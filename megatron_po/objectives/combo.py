@@ -41,6 +41,8 @@ class ComboConfig:
                 raise ValueError("combo.weights: 'combo' cannot be a term of a combo (nested combos are not supported)")
             if term not in OBJECTIVES:
                 raise ValueError(f"combo.weights: unknown objective {term!r}; known: {sorted(OBJECTIVES)}")
+            if OBJECTIVES[term].inputs != "pairs":
+                raise ValueError(f"combo.weights: {term!r} does not take preference pairs; use it on its own")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                     or weight <= 0:
                 raise ValueError(f"combo.weights[{term!r}] must be a finite number > 0, got {weight!r}")

@@ -5,6 +5,7 @@ rejected response, ``ref_*`` the frozen reference's, ``Δ = pol − ref`` the lo
 rewards.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -223,9 +224,46 @@ _MEAN_NAMES = {
     "aspo/K": "aspo/K_mean",
     "aspo/single_sentence": "aspo/frac_single_sentence",
     "aspo/norm_factor": "aspo/norm_factor_mean",
+    "p2/focus_logit": "p2/focus_logit_mean",
+    "p2/calib_logit": "p2/calib_logit_mean",
+    "p2/robust_logit": "p2/robust_logit_mean",
+    "p2/single_branch": "p2/frac_single_branch",
+    "p2/has_focus": "p2/frac_focus",
+    "p2/has_robust": "p2/frac_robust",
+    "p2/w_robust": "p2/w_robust_mean",
 }
 # per-pair weights whose spread matters as much as their mean: logged as {mean, std, min, max}
-_SPREAD_NAMES = ("acpo/alpha_hat", "cw/w_c")
+_SPREAD_NAMES = ("acpo/alpha_hat", "cw/w_c", "p2/w_focus")
+_FOCUS, _ROBUST = ("p2/has_focus",), ("p2/has_robust",)
+# samples defined only where the product of these 0/1 mask samples is 1 (P2-DPO's branches, OBJECTIVES.md §9.6):
+# their statistics cover those samples only, and are left out (never NaN) when there is none
+_MASKS = {
+    "p2/focus_loss": _FOCUS, "p2/calib_loss": _FOCUS, "p2/focus_logit": _FOCUS, "p2/calib_logit": _FOCUS,
+    "p2/focus_accuracy": _FOCUS, "p2/calib_gain_policy": _FOCUS,
+    "p2/robust_loss": _ROBUST, "p2/robust_logit": _ROBUST, "p2/robust_accuracy": _ROBUST,
+    "p2/single_branch": ("pair_weight",),
+    # DDW acts on samples with both branches; single-branch samples weigh their branch 1
+    "p2/w_focus": _FOCUS + _ROBUST, "p2/w_robust": _FOCUS + _ROBUST,
+}
+
+
+def _stats(key: str, x: Tensor, mask: Optional[Tensor]) -> dict[str, Tensor]:
+    """Logged name -> 0-dim statistic of one sample ``x`` over the ``mask``ed entries (all when None)."""
+    if key == "acpo/alpha_raw":
+        return {f"{key}_median": x.median()}
+    if mask is None:
+        if key in _SPREAD_NAMES:
+            return {f"{key}_mean": x.mean(), f"{key}_std": x.std(correction=0), f"{key}_min": x.min(),
+                    f"{key}_max": x.max()}
+        return {_MEAN_NAMES.get(key, key): x.mean()}
+    n = mask.sum().clamp_min(1)
+    mean = (x * mask).sum() / n
+    if key not in _SPREAD_NAMES:
+        return {_MEAN_NAMES.get(key, key): mean}
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    chosen = mask > 0
+    return {f"{key}_mean": mean, f"{key}_std": ((x - mean).square() * mask).sum().div(n).sqrt(),
+            f"{key}_min": torch.where(chosen, x, inf).min(), f"{key}_max": torch.where(chosen, x, -inf).max()}
 
 
 def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
@@ -233,9 +271,11 @@ def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
 
     Every key becomes its mean (renamed per ``_MEAN_NAMES``), except
     ``acpo/alpha_hat`` -> ``acpo/alpha_hat_{mean,std,min,max}`` (population std, so one pair gives 0; likewise
-    ``cw/w_c``) and
+    ``cw/w_c`` and ``p2/w_focus``) and
     ``acpo/alpha_raw`` -> ``acpo/alpha_raw_median`` only: raw α* reaches ±τ/ε ≈ ±1e5 near r_l = 0, which swamps
     any mean; the median is torch's lower median, i.e. an observed value, never an average of two outliers.
+    Samples listed in ``_MASKS`` (P2-DPO's per-branch values) are reduced over the samples that have their branch
+    only, and left out when none has it.
 
     Args:
         samples: name -> per-pair values; pass them concatenated over the whole global batch (all DP ranks and
@@ -244,19 +284,16 @@ def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
     Returns:
         name -> Python float, computed in fp64 with one host sync for the whole dict.
     """
-    names, values = [], []
-    for key, x in samples.items():
-        x = x.detach().reshape(-1).double()
-        if key in _SPREAD_NAMES:
-            stats = {"mean": x.mean(), "std": x.std(correction=0), "min": x.min(), "max": x.max()}
-            names += [f"{key}_{stat}" for stat in stats]
-            values += list(stats.values())
-        elif key == "acpo/alpha_raw":
-            names.append(f"{key}_median")
-            values.append(x.median())
-        else:
-            names.append(_MEAN_NAMES.get(key, key))
-            values.append(x.mean())
-    if not names:
+    s = {key: x.detach().reshape(-1).double() for key, x in samples.items()}
+    stats, counts = {}, {}
+    for key, x in s.items():
+        mask = None
+        if key in _MASKS and all(m in s for m in _MASKS[key]):
+            mask = torch.stack([s[m] for m in _MASKS[key]]).prod(0)
+        for name, value in _stats(key, x, mask).items():
+            stats[name] = value
+            counts[name] = mask.sum() if mask is not None else torch.ones((), dtype=x.dtype, device=x.device)
+    if not stats:
         return {}
-    return dict(zip(names, torch.stack(values).tolist()))
+    values = torch.stack([*stats.values(), *counts.values()]).tolist()
+    return {name: v for name, v, n in zip(stats, values, values[len(stats):]) if n > 0}

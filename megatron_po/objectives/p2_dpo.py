@@ -27,10 +27,10 @@ absent slots are never read (NaN there is fine and gets a zero gradient). DDW ne
 both branches are present. Calibration inputs may be None only when λ_calib = 0 (the code silently skips the term
 whenever they are missing). Reference terms are detached here, although the code leaves that to its trainer.
 
-TODO(p2_dpo): not registered in ``OBJECTIVES``: the trainer cannot yet run the extra policy/reference forwards
-under [I, I_crop], I_deg and I_noise (§9.2: 6 policy + 6 reference forwards per sample) nor fill ``P2Logps``;
-registering it would let a config select an objective the trainer cannot feed. At integration, also fold
-``summarize_metrics`` below into ``common.summarize_metrics`` (masked branch means, w_focus spread).
+The trainer feeds it from P2 records (data/p2_records.py): data/p2_collate.py lays the six forwards of every sample
+of a micro-batch out as rows of one policy and one reference forward, and train/p2_inputs.py gathers them into
+``P2Logps``. The per-branch metric samples are reduced by ``common.summarize_metrics`` over the samples that have
+the branch.
 """
 
 from dataclasses import dataclass, fields
@@ -300,82 +300,3 @@ def loss_fn(
         "p2/w_robust": w_r,
     }
     return loss, {name: value.detach() for name, value in metrics.items()}
-
-
-# summary name -> (sample, mask sample): means over the samples that have the branch
-_MASKED = {
-    "p2/focus_loss": "p2/has_focus",
-    "p2/calib_loss": "p2/has_focus",
-    "p2/focus_logit_mean": ("p2/focus_logit", "p2/has_focus"),
-    "p2/calib_logit_mean": ("p2/calib_logit", "p2/has_focus"),
-    "p2/focus_accuracy": "p2/has_focus",
-    "p2/calib_gain_policy": "p2/has_focus",
-    "p2/robust_loss": "p2/has_robust",
-    "p2/robust_logit_mean": ("p2/robust_logit", "p2/has_robust"),
-    "p2/robust_accuracy": "p2/has_robust",
-    "p2/frac_single_branch": ("p2/single_branch", "pair_weight"),
-}
-
-
-def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
-    """Reduces ``loss_fn``'s per-sample metric samples to the logged scalars of §9.6.
-
-    Branch metrics are means over the samples that have the branch; ``p2/w_focus_{mean,min,max}`` cover samples
-    with both branches (where DDW applies); ``p2/frac_focus`` / ``p2/frac_robust`` are over all samples and
-    ``p2/frac_single_branch`` over samples with any branch. A statistic over an empty set is left out (never NaN).
-
-    Args:
-        samples: name -> per-sample values, concatenated over the global batch for global statistics.
-
-    Returns:
-        name -> Python float (fp64).
-    """
-    s = {k: v.detach().reshape(-1).double() for k, v in samples.items()}
-    out = {}
-
-    def masked_mean(x, m):
-        if m.sum() > 0:
-            return (x * m).sum() / m.sum()
-        return None
-
-    for name, spec in _MASKED.items():
-        key, mask = (name, spec) if isinstance(spec, str) else spec
-        value = masked_mean(s[key], s[mask])
-        if value is not None:
-            out[name] = value.item()
-    out["p2/frac_focus"] = s["p2/has_focus"].mean().item()
-    out["p2/frac_robust"] = s["p2/has_robust"].mean().item()
-    both = (s["p2/has_focus"] * s["p2/has_robust"]).bool()
-    if both.any():
-        w = s["p2/w_focus"][both]
-        out.update({"p2/w_focus_mean": w.mean().item(), "p2/w_focus_min": w.min().item(),
-                    "p2/w_focus_max": w.max().item()})
-    return out
-
-
-def keep_pair(
-    chosen_logp: Tensor,
-    rejected_logp: Tensor,
-    chosen_ppl: Tensor,
-    rejected_ppl: Tensor,
-    max_ppl: float = 2.5,
-    margin_low: float = -0.174,
-    margin_high: float = 0.208,
-) -> Tensor:
-    """P2-DPO's pair filter (§9.5; code ``Data_gen/p2_pairs/filter_pairs.py`` ``keep_record``).
-
-    Keeps a pair iff ``max(chosen_ppl, rejected_ppl) < max_ppl`` and ``chosen_logp − rejected_logp`` lies in
-    ``[margin_low, margin_high]`` (both ends kept, as the code). The log-probs are *mean per-token* values recorded
-    at generation time, each under its own generation context. Data preparation, not loss: it lives here only
-    until the P2 data pipeline exists (TODO(p2_dpo): move to ``megatron_po/data/``).
-
-    Args:
-        chosen_logp, rejected_logp: [B] mean token log-probs.
-        chosen_ppl, rejected_ppl: [B] perplexities ``exp(−mean token log-prob)``.
-        max_ppl, margin_low, margin_high: the code's command-line defaults.
-
-    Returns:
-        [B] bool, True = keep.
-    """
-    margin = chosen_logp - rejected_logp
-    return (torch.maximum(chosen_ppl, rejected_ppl) < max_ppl) & (margin >= margin_low) & (margin <= margin_high)

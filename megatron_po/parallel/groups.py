@@ -96,6 +96,11 @@ def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelGroups:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return current_groups(device)
+
+
+def current_groups(device: torch.device) -> ParallelGroups:
+    """The groups of megatron's initialised parallel state (the one place that reads parallel_state)."""
     return ParallelGroups(
         tp=parallel_state.get_tensor_model_parallel_group(),
         dp=parallel_state.get_data_parallel_group(),

@@ -11,32 +11,42 @@ import torch.distributed as dist
 
 from megatron_po.config import Config
 from megatron_po.data.collate import CollateConfig, PreferenceDataset
+from megatron_po.data.p2_collate import P2Dataset
+from megatron_po.data.p2_records import iter_p2_texts, read_p2_records
 from megatron_po.data.records import iter_texts, read_records
 from megatron_po.data.sampler import PairBatchSampler
 from megatron_po.data.synthetic import generate_synthetic_dataset
+from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_po.objectives import OBJECTIVES, build_objective_config
 
 logger = logging.getLogger(__name__)
+
+
+def takes_p2_records(cfg: Config) -> bool:
+    """Whether the objective trains on P2-DPO records (data/p2_records.py) rather than preference pairs."""
+    return OBJECTIVES[cfg.objective.name].inputs == "p2"
 
 
 def prepare_data(cfg: Config) -> tuple[Path, Path]:
     """Returns (train jsonl, tokenizer model). Rank 0 generates what is missing; the others wait for it.
 
-    For the embedded default the data and tokenizer live under `output_dir/data`. A stage that starts from a
-    previous stage's checkpoint must use the same tokenizer: point `data.tokenizer_path` at it.
+    For the embedded default the data and tokenizer live under `output_dir/data`: preference pairs, or P2-DPO
+    samples of the same task when the objective takes them. A stage that starts from a previous stage's checkpoint
+    must use the same tokenizer: point `data.tokenizer_path` at it.
     """
     d = cfg.data
     if d.source == "synthetic":
+        p2 = takes_p2_records(cfg)
         data_dir = Path(cfg.output_dir) / "data"
-        train_path = data_dir / "train.jsonl"
+        train_path = data_dir / ("p2_train.jsonl" if p2 else "train.jsonl")
         tok_path = Path(d.tokenizer_path) if d.tokenizer_path else data_dir / "tokenizer.model"
         if dist.get_rank() == 0:
             if not train_path.exists():
-                generate_synthetic_dataset(
-                    data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size
-                )
+                generate = generate_p2_dataset if p2 else generate_synthetic_dataset
+                generate(data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size)
             if not tok_path.exists():
-                texts = list(iter_texts(read_records(train_path)))
+                texts = list(iter_p2_texts(read_p2_records(train_path)) if p2 else iter_texts(read_records(train_path)))
                 train_tokenizer(texts, tok_path.with_suffix(""), vocab_size=d.tokenizer_vocab_size, seed=d.seed)
         dist.barrier()
     else:
@@ -48,19 +58,42 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
     return train_path, tok_path
 
 
-def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
-    collate_cfg = CollateConfig(
+def _collate_cfg(cfg: Config, tp: int) -> CollateConfig:
+    return CollateConfig(
         max_length=cfg.model.max_seq_length,
         num_image_tokens=cfg.model.vision.num_patches,
         # sequence parallel splits the sequence over TP; pad so every rank gets an equal shard
         pad_to_multiple_of=tp if cfg.parallel.sp else 1,
     )
-    records = read_records(train_path) if records is None else records
-    ds = PreferenceDataset(records, train_path.parent, tokenizer, collate_cfg,
-                           cfg.model.vision.image_size)
+
+
+def _log_kept(path: Path, ds: PreferenceDataset) -> None:
     if dist.get_rank() == 0:
-        logger.warning("data %s: %d pairs kept; skipped %s", train_path.name, len(ds), dict(ds.skipped))
+        logger.warning("data %s: %d samples kept; skipped %s", path.name, len(ds), dict(ds.skipped))
+
+
+def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
+    """Preference pairs from `train_path` (or the given records of it)."""
+    records = read_records(train_path) if records is None else records
+    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size)
+    _log_kept(train_path, ds)
     return ds
+
+
+def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> P2Dataset:
+    """P2-DPO samples from `train_path` (or the given records of it); the reference's calibration rows follow the
+    objective's calib_reference."""
+    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
+    records = read_p2_records(train_path) if records is None else records
+    ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
+                   calib_reference=objective_cfg.calib_reference)
+    _log_kept(train_path, ds)
+    return ds
+
+
+def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int) -> PreferenceDataset:
+    """The training set in the form the objective takes (pairs or P2-DPO samples)."""
+    return (build_p2_dataset if takes_p2_records(cfg) else build_dataset)(cfg, train_path, tokenizer, tp)
 
 
 def build_eval_sets(cfg: Config, tokenizer: Tokenizer, groups) -> tuple[list, list]:
@@ -93,7 +126,9 @@ def build_eval_sets(cfg: Config, tokenizer: Tokenizer, groups) -> tuple[list, li
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of the batch (and of nested views such as P2's `ref_rows`) on `device`; other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict)
+            else v for k, v in batch.items()}
 
 
 def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[dict]:

@@ -81,7 +81,8 @@ def score_pairs(step: PreferenceStep, model, ev: EvalSet, with_reference: bool) 
 
 
 def evaluate(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
-    with_ref = step.reference is not None
+    # the objective's own view of held-out pairs; P2-DPO takes other inputs than pairs, so it gets log-probs only
+    with_ref = step.reference is not None and step.objective.inputs == "pairs"
     samples = score_pairs(step, model, ev, with_ref)
     out = {f"{ev.name}/{k}": v for k, v in summarize_metrics(samples).items()}
     per_token = float(samples["logps/chosen"].sum() / samples["lengths/chosen"].sum().clamp_min(1))

@@ -23,7 +23,7 @@ from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train import checkpoint as ckpt
 from megatron_po.train.batch_stats import gather_global_stats
 from megatron_po.train.evaluate import maybe_evaluate
-from megatron_po.train.data import build_dataset, build_eval_sets, build_sampler, micro_batches, prepare_data
+from megatron_po.train.data import build_eval_sets, build_sampler, build_train_dataset, micro_batches, prepare_data
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
 from megatron_po.train.step import PreferenceStep, forward_step, run_schedule, same_vision
 
@@ -167,7 +167,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
     out = Path(cfg.output_dir)
     train_path, tok_path = prepare_data(cfg)
     tokenizer = Tokenizer(tok_path)
-    ds = build_dataset(cfg, train_path, tokenizer, groups.tp_size)
+    ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size)
     policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
     state = build_train_state(cfg, groups, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)

@@ -1,7 +1,8 @@
 """Megatron's step contract for preference pairs: `forward_step(data_iterator, model) -> (output, loss_func)`.
 
-A micro-batch holds B pairs laid out as rows [chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}]. Each image is
-encoded once per pair and serves both rows; the policy runs with grad and the frozen reference runs under
+A micro-batch holds B pairs laid out as rows [chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}], or B P2-DPO
+samples whose rows are the six forwards of OBJECTIVES.md §9.2 (data/p2_collate.py). Each image is encoded once
+and serves every row that shows it (train/rows.py); the policy runs with grad and the frozen reference runs under
 no_grad on bit-identical inputs in the same step. The loss returned to the schedule is the *sum* of per-pair
 losses with the pair count as "num_tokens": with `calculate_per_token_loss=True` megatron divides the gradients
 once by the global pair count (all-reduced over DP), so any micro-batch split equals one large batch.
@@ -16,11 +17,13 @@ from typing import Any, Iterator, Optional
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_po.logprobs import IGNORE_INDEX, segment_sums, vocab_parallel_token_logps
+from megatron_po.logprobs import segment_sums
 from megatron_po.models.vlm import VLMModel
 from megatron_po.objectives import OBJECTIVES, objective_needs_reference
 from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.parallel.groups import ParallelGroups
+from megatron_po.train.p2_inputs import p2_logps
+from megatron_po.train.rows import encode, row_token_logps
 
 
 @dataclass
@@ -61,12 +64,6 @@ class PreferenceStep:
             self.objective_state = next_state(self.objective_cfg, self.objective_state, self.global_stats)
 
 
-def unwrap(model) -> VLMModel:
-    while not isinstance(model, VLMModel):
-        model = model.module
-    return model
-
-
 def same_vision(policy: VLMModel, reference: Optional[VLMModel]) -> bool:
     """True when the policy's vision tower + projector are frozen and bit-identical to the reference's."""
     if reference is None or not policy.vision_frozen:
@@ -78,21 +75,15 @@ def same_vision(policy: VLMModel, reference: Optional[VLMModel]) -> bool:
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def causal_mask(seq_len: int, device) -> torch.Tensor:
-    # explicit mask: megatron's default causal mask is allocated on "cuda"; True = masked
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
-
-
 @dataclass
 class Logps:
-    """Per-sequence sums [2B] and, when the batch carries sentence segments, chosen-row segment sums [B, K]."""
+    """Per-sequence sums [R] and, when the batch carries sentence segments, chosen-row segment sums [B, K]."""
 
     seq: torch.Tensor
     segments: Optional[torch.Tensor] = None
 
 
-def _logps(logits: torch.Tensor, batch: dict, tp_group) -> Logps:
-    per_token = vocab_parallel_token_logps(logits, batch["labels"], tp_group)
+def _logps(per_token: torch.Tensor, batch: dict) -> Logps:
     seg = None
     if "chosen_segment_ids" in batch:
         b = batch["num_pairs"]
@@ -100,44 +91,51 @@ def _logps(logits: torch.Tensor, batch: dict, tp_group) -> Logps:
     return Logps(per_token.sum(-1), seg)
 
 
+def row_logps(
+    step: PreferenceStep, batch: dict, model, with_reference: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs [R, S] of the batch's rows under the policy (with grad unless under no_grad) and, if
+    asked, of its reference rows (``batch["ref_rows"]``, else the same rows) under the reference (no grad).
+
+    The images are encoded once per model (once in all when both towers are frozen copies), and every row takes
+    its images from that one encoding: one policy forward and one reference forward per micro-batch.
+    """
+    images = batch["images"]
+    if step.share_image_embeds:
+        # tower and projector are frozen copies of the same weights in policy and reference: encode once
+        with torch.no_grad():
+            embeds = encode(model, images)
+        ref_embeds = embeds
+    else:
+        embeds = encode(model, images)
+        ref_embeds = None
+    policy = row_token_logps(model, batch, embeds, images, step.groups.tp)
+    if not with_reference:
+        return policy, None
+    with torch.no_grad():
+        if ref_embeds is None:
+            ref_embeds = encode(step.reference, images)
+        # the reference sees the policy's very tensors (images, noise included): only P2-DPO's calibration rows
+        # may differ, in their response (calib_reference="rejected")
+        ref = row_token_logps(step.reference, batch.get("ref_rows", batch), ref_embeds, images, step.groups.tp)
+    return policy, ref
+
+
 def policy_and_reference_logps(
     step: PreferenceStep, batch: dict, model, with_reference: Optional[bool] = None
 ) -> tuple[Logps, Optional[Logps]]:
-    """Runs the policy (with grad unless under no_grad) and the reference (no grad) on one micro-batch.
+    """Runs the policy (with grad unless under no_grad) and the reference (no grad) on one micro-batch of pairs.
 
     Returns:
         (policy, reference or None): per-sequence sums of response-token log-probs (fp32, TP-reduced).
     """
-    policy = unwrap(model)
-    b = batch["num_pairs"]
-    tokens = batch["tokens"]
-    mask = causal_mask(tokens.shape[1], tokens.device)
-    image_index = torch.arange(b, device=tokens.device).repeat(2)
     needs_ref = step.needs_reference if with_reference is None else with_reference
     cached_ref = batch.get("_ref_logps")  # from the global-statistics pass of this step
-
-    if step.share_image_embeds:
-        # tower and projector are frozen copies of the same weights in policy and reference: encode once
-        with torch.no_grad():
-            image_embeds = policy.encode_images(batch["images"])
-        ref_image_embeds = image_embeds
-    else:
-        image_embeds = policy.encode_images(batch["images"])
-        ref_image_embeds = None
-    args = (tokens, batch["position_ids"], mask)
-    logits = model(*args, image_embeds, batch["image_token_mask"], image_index)
-    policy_logps = _logps(logits, batch, step.groups.tp)
-
-    ref_logps = None
-    if needs_ref and cached_ref is not None:
-        ref_logps = cached_ref
-    elif needs_ref:
-        with torch.no_grad():
-            if ref_image_embeds is None:
-                ref_image_embeds = step.reference.encode_images(batch["images"])
-            ref_logits = step.reference(*args, ref_image_embeds, batch["image_token_mask"], image_index)
-            ref_logps = _logps(ref_logits, batch, step.groups.tp)
-    return policy_logps, ref_logps
+    policy, ref = row_logps(step, batch, model, needs_ref and cached_ref is None)
+    ref_logps = cached_ref if needs_ref and cached_ref is not None else None
+    if ref is not None:
+        ref_logps = _logps(ref, batch)
+    return _logps(policy, batch), ref_logps
 
 
 def split_pairs(batch: dict, policy: Logps, ref: Optional[Logps]) -> PairLogps:
@@ -161,11 +159,13 @@ def split_pairs(batch: dict, policy: Logps, ref: Optional[Logps]) -> PairLogps:
     )
 
 
-def loss_func(step: PreferenceStep, batch: dict, ref: Optional[Logps], policy: Logps, output: torch.Tensor):
-    pairs = split_pairs(batch, policy, ref)
-    per_pair, samples = step.objective.loss_fn(pairs, step.objective_cfg, group=step.groups.dp, ctx=step.context(batch))
+def loss_func(step: PreferenceStep, batch: dict, inputs, output: torch.Tensor):
+    """The objective on this micro-batch's inputs (``PairLogps`` or ``P2Logps``): (Σ loss, sample count, metrics)."""
+    per_pair, samples = step.objective.loss_fn(inputs, step.objective_cfg, group=step.groups.dp,
+                                               ctx=step.context(batch))
     samples = {k: v.detach() for k, v in samples.items()}
-    # objectives that drop pairs (beta-DPO filtering) weight them 0: the step normalises by the kept count
+    # objectives that drop pairs (beta-DPO filtering) or samples (P2-DPO without a branch) weight them 0: the
+    # step normalises by the global weighted count
     weight = samples.get("pair_weight")
     count = batch["num_pairs"] if weight is None else int(weight.sum().round())
     samples["loss"] = per_pair.detach()
@@ -180,7 +180,7 @@ def run_schedule(step: PreferenceStep, model, batches: list[dict], forward_step_
         model=model,
         num_microbatches=len(batches),
         seq_length=max(b["tokens"].shape[1] for b in batches),
-        micro_batch_size=2 * batches[0]["num_pairs"],  # rows: chosen + rejected of each pair
+        micro_batch_size=batches[0]["tokens"].shape[0],  # rows (pairs: chosen + rejected of each)
         forward_only=forward_only,
         pg_collection=step.groups.pg_collection,
     )
@@ -188,6 +188,13 @@ def run_schedule(step: PreferenceStep, model, batches: list[dict], forward_step_
 
 def forward_step(step: PreferenceStep, data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
-    policy_logps, ref_logps = policy_and_reference_logps(step, batch, model)
+    if "p2_rows" in batch:  # P2-DPO: every row of every term in one policy and one reference forward
+        policy, ref = row_logps(step, batch, model, with_reference=True)
+        output = policy.sum(-1)
+        inputs = p2_logps(batch, output, ref.sum(-1))
+    else:
+        policy_logps, ref_logps = policy_and_reference_logps(step, batch, model)
+        inputs = split_pairs(batch, policy_logps, ref_logps)
+        output = policy_logps.seq
     # megatron's schedule hands `output` back to loss_func; the structured log-probs travel in the closure
-    return policy_logps.seq, partial(loss_func, step, batch, ref_logps, policy_logps)
+    return output, partial(loss_func, step, batch, inputs)

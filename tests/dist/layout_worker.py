@@ -2,7 +2,9 @@
 
 For each layout (TP=1 x DP=2, TP=2, TP=2+SP, and micro-batch splits) and each objective, one step of the real
 trainer (megatron DDP + schedule + our forward_step) is compared with a plain single-process torch computation
-of the whole global batch: full-vocabulary `log_softmax`, the objective's pure loss, autograd. Writes a JSON
+of the whole global batch: full-vocabulary `log_softmax`, the objective's pure loss, autograd. P2-DPO's plain
+side builds each of its six sequences per sample by hand, one unpadded forward each, so the trainer's row layout
+(term-major rows, several images per row, the reference's own calibration rows) is checked too. Writes a JSON
 report to argv[1]/layouts.json with the worst relative differences; the pytest side asserts on it.
 """
 
@@ -17,15 +19,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_po.config import Config, ParallelConfig, config_from_dict
+from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import build_vlm, padded_vocab_size
 from megatron_po.objectives import OBJECTIVES, build_objective_config
 from megatron_po.objectives.common import ObjectiveContext, PairLogps
+from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.parallel.reduce import all_gather_cat
-from megatron_po.train.data import build_dataset, build_sampler, micro_batches, prepare_data
+from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, micro_batches, prepare_data
 from megatron_po.train.loop import build_train_state, forward_backward, prepare_step
-from megatron_po.train.step import causal_mask
+from megatron_po.train.rows import causal_mask
 
 GLOBAL_BATCH = 4
 POLICY_SEED, REF_SEED = 11, 12
@@ -33,7 +37,8 @@ POLICY_SEED, REF_SEED = 11, 12
 # the per-pair rest on TP=1 x DP=2 with 2 micro-batches and on TP=2 + SP: the paths they share are covered above
 CORE = {"dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"}
 SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp"}
-NO_STEP0 = {"combo", "cw_sftc"}  # labels without a defined step-0 value: only compared with a drifted reference
+# labels without a defined step-0 value: only compared with a drifted reference
+NO_STEP0 = {"combo", "cw_sftc", "p2_dpo_rejected"}
 LAYOUTS = [  # (name, tp, sp, micro_batch_size) on 2 processes: dp = 2 / tp
     ("tp1_dp2", 1, False, 2),
     ("tp1_dp2_2mb", 1, False, 1),
@@ -57,7 +62,12 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     ("cw_dpo", "cw_dpo", {}, ("drifted",)),
     # sentence-level rewards from segment sums of the chosen responses
     ("aspo", "aspo", {}, ("drifted",)),
+    # six forwards per sample; "chosen": the reference scores the policy's rows (step 0 has a closed form);
+    # "rejected" (the default): the reference's calibration rows hold y_l^f (a second row view)
+    ("p2_dpo", "p2_dpo", {"calib_reference": "chosen"}, ("drifted",)),
+    ("p2_dpo_rejected", "p2_dpo", {}, ("drifted",)),
 ]
+P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
 def make_cfg(out: Path, tp: int, sp: bool, mbs: int, objective: str, params: dict) -> Config:
@@ -95,8 +105,10 @@ def build_pair(cfg: Config, vocab: int, groups, ref_mode: str):
     return policy, reference
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+def rel(a: torch.Tensor, b: torch.Tensor, scale=None) -> float:
+    """max |a - b| relative to max |b| (or to `scale`)."""
+    scale = b.double().abs().max() if scale is None else torch.as_tensor(scale).double()
+    return float((a.double() - b.double()).abs().max() / scale.clamp_min(1e-12))
 
 
 def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref_mode: str, groups):
@@ -106,12 +118,12 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
     batch = ds.collator([ds[i] for i in idx])
     b = batch["num_pairs"]
     mask = causal_mask(batch["tokens"].shape[1], "cpu")
-    image_index = torch.arange(b).repeat(2)
 
     def logps(model, grad: bool):
         with torch.set_grad_enabled(grad):
-            img = model.encode_images(batch["images"])
-            logits = model(batch["tokens"], batch["position_ids"], mask, img, batch["image_token_mask"], image_index)
+            img = model.encode_images(batch["images"])  # [b, p, h]
+            slots = torch.cat([img, img]).flatten(0, 1)  # chosen rows then rejected rows, pair i shows image i
+            logits = model(batch["tokens"], batch["position_ids"], mask, slots, batch["image_token_mask"])
             labels = batch["labels"]
             valid = labels != -100
             lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -140,6 +152,65 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
     if "acpo/alpha_hat" in samples:
         out["alpha_hat"] = samples["acpo/alpha_hat"].detach()
     return out
+
+
+def plain_p2(cfg: Config, ds, vocab: int, params_cfg, ref_mode: str, groups):
+    """P2-DPO over the whole global batch, one unpadded single-row forward per (sample, term, model)."""
+    policy, reference = build_pair(cfg, vocab, groups, ref_mode)
+    tok, p = ds.collator.tokenizer, cfg.model.vision.num_patches
+    idx = build_sampler(cfg, len(ds), 0, 1).global_batch(0)
+    nan = torch.tensor(math.nan)
+
+    def logp(model, prompt: str, images: list, response: str) -> torch.Tensor:
+        prefix = ([tok.bos_id, tok.user_id] + [tok.image_id] * (p * len(images)) + tok.encode(prompt)
+                  + [tok.assistant_id])
+        target = tok.encode(response) + [tok.end_id]
+        tokens = torch.tensor([prefix + target])
+        s = tokens.shape[1]
+        with torch.set_grad_enabled(model is policy):
+            img = model.encode_images(torch.stack(images))
+            logits = model(tokens, torch.arange(s)[None], causal_mask(s, "cpu"), img.flatten(0, 1),
+                           tokens == tok.image_id)
+            lp = torch.log_softmax(logits[0, len(prefix) - 1 : -1].float(), -1)
+            return lp.gather(-1, torch.tensor(target)[:, None]).sum()
+
+    cols = {f: [] for f in ("policy_focus_chosen_logps", "policy_focus_rejected_logps", "ref_focus_chosen_logps",
+                            "ref_focus_rejected_logps", "policy_calib_aug_logps", "policy_calib_deg_logps",
+                            "ref_calib_aug_logps", "ref_calib_deg_logps", "policy_robust_chosen_logps",
+                            "policy_robust_rejected_logps", "ref_robust_chosen_logps", "ref_robust_rejected_logps")}
+    for i in idx:
+        record, im = ds[i]
+        f, r = record.focus, record.robust
+        row = dict.fromkeys(cols, nan)  # absent branches: NaN, which the loss must ignore
+        if f is not None:
+            y_ref = f.rejected if params_cfg.calib_reference == "rejected" else f.chosen
+            for who, model in (("policy", policy), ("ref", reference)):
+                row[f"{who}_focus_chosen_logps"] = logp(model, record.prompt, [im["image"]], f.chosen)
+                row[f"{who}_focus_rejected_logps"] = logp(model, record.prompt, [im["image"]], f.rejected)
+                y = f.chosen if who == "policy" else y_ref
+                row[f"{who}_calib_aug_logps"] = logp(model, record.prompt, [im["image"], im["crop"]], y)
+                row[f"{who}_calib_deg_logps"] = logp(model, record.prompt, [im["deg"]], y)
+        if r is not None:
+            for who, model in (("policy", policy), ("ref", reference)):
+                row[f"{who}_robust_chosen_logps"] = logp(model, r.prompt, [im["noise"]], r.chosen)
+                row[f"{who}_robust_rejected_logps"] = logp(model, r.prompt, [im["noise"]], r.rejected)
+        for k, v in row.items():
+            cols[k].append(v)
+    records = [ds.records[i] for i in idx]
+    clip = {name: torch.tensor([math.nan if getattr(r, name) is None else getattr(r, name) for r in records])
+            for name in ("clip_crop_score", "clip_image_score")}
+    inputs = P2Logps(**{k: torch.stack(v) for k, v in cols.items()}, **clip,
+                     has_focus=torch.tensor([r.focus is not None for r in records]),
+                     has_robust=torch.tensor([r.robust is not None for r in records]))
+    per_sample, samples = OBJECTIVES["p2_dpo"].loss_fn(inputs, params_cfg)
+    (per_sample.sum() / samples["pair_weight"].sum()).backward()
+    batch = {"has_focus": inputs.has_focus.tolist(), "has_robust": inputs.has_robust.tolist(),
+             **{name: t.tolist() for name, t in clip.items()}}
+    present = torch.stack(cols["policy_focus_chosen_logps"] + cols["policy_robust_chosen_logps"]).detach()
+    return {"loss": per_sample.detach(), "logps": torch.cat([samples[k] for k in P2_LOGIT_KEYS]), "batch": batch,
+            # margins are differences of log-prob sums: their fp32 error scales with the sums, not with themselves
+            "logps_scale": present.nan_to_num().abs().max(),
+            "grads": {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}}
 
 
 def full_grad(p: torch.Tensor, tp_group) -> torch.Tensor:
@@ -172,10 +243,12 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         return all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
 
     weight = gathered("pair_weight") if "pair_weight" in outputs[0]["samples"] else None
+    # P2-DPO logs no pair log-probs: its β-margins and policy calibration gain stand for them
+    logp_keys = P2_LOGIT_KEYS if objective == "p2_dpo" else ("logps/chosen", "logps/rejected")
     res = {
         "loss": gathered("loss"),
         "loss_mean": float(gathered("loss").sum() / (weight.sum() if weight is not None else len(gathered("loss")))),
-        "logps": torch.cat([gathered("logps/chosen"), gathered("logps/rejected")]),
+        "logps": torch.cat([gathered(k) for k in logp_keys]),
         "grads": {n: full_grad(p, groups.tp) for n, p in policy.named_parameters() if p.requires_grad},
     }
     if "acpo/alpha_hat" in outputs[0]["samples"]:
@@ -199,16 +272,30 @@ def main(out_dir: str) -> None:
     cases = [(label, objective, params, mode) for label, objective, params, extra in OBJECTIVE_CASES
              if not only or label in only
              for mode in (() if label in NO_STEP0 else ("same",)) + tuple(extra)]
-    # every layout pads to a multiple of 2 so all of them share one dataset object
+    # every layout pads to a multiple of 2 so all of them share one dataset object (per record kind)
     ds = build_dataset(make_cfg(out, 2, True, 2, "dpo", {}), train_path, tokenizer, 2)
+    datasets = {}
+    for label, objective, params, _ in OBJECTIVE_CASES:
+        if objective == "p2_dpo" and (not only or label in only):
+            p2_cfg = make_cfg(out, 2, True, 2, objective, params)
+            p2_path, _ = prepare_data(p2_cfg)  # the P2 samples of the same task, with the pairs' tokenizer
+            records = read_p2_records(p2_path)
+            # the global batch is the whole set: two samples with both branches, one of each single branch
+            kinds = [(r.focus is not None, r.robust is not None) for r in records]
+            picked = [kinds.index((True, True)), len(kinds) - 1 - kinds[::-1].index((True, True)),
+                      kinds.index((True, False)), kinds.index((False, True))]
+            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, 2, [records[i] for i in picked])
     seed = base.train.seed
     # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
     plains = {}
     for label, objective, params, mode in cases:
         ref_cfg = make_cfg(out, 1, False, GLOBAL_BATCH, objective, params)
-        plains[label, mode] = plain_reference(ref_cfg, ds, vocab, build_objective_config(objective, params),
-                                              objective, mode, groups)
+        params_cfg = build_objective_config(objective, params)
+        if objective == "p2_dpo":
+            plains[label, mode] = plain_p2(ref_cfg, datasets[label], vocab, params_cfg, mode, groups)
+        else:
+            plains[label, mode] = plain_reference(ref_cfg, ds, vocab, params_cfg, objective, mode, groups)
     destroy_parallel()
 
     report = {}
@@ -218,11 +305,12 @@ def main(out_dir: str) -> None:
             if label not in CORE and name not in SHORT_LAYOUTS:
                 continue
             plain = plains[label, mode]
-            r = run_layout(make_cfg(out, tp, sp, mbs, objective, params), ds, vocab, objective, mode, groups)
+            r = run_layout(make_cfg(out, tp, sp, mbs, objective, params), datasets.get(label, ds), vocab, objective,
+                           mode, groups)
             entry = {
                 "mean_loss": r["loss_mean"],
                 "loss_rel": rel(r["loss"], plain["loss"]),
-                "logps_rel": rel(r["logps"], plain["logps"]),
+                "logps_rel": rel(r["logps"], plain["logps"], plain.get("logps_scale")),
                 "grad_rel": max(rel(r["grads"][n], g) for n, g in plain["grads"].items()),
                 "worst": sorted(((rel(r["grads"][n], g), n) for n, g in plain["grads"].items()))[-3:],
                 "grad_names_match": sorted(r["grads"]) == sorted(plain["grads"]),
@@ -231,6 +319,8 @@ def main(out_dir: str) -> None:
                 "vision_unchanged": r["vision_unchanged"],
                 "lm_changed": r["lm_changed"],
             }
+            if "batch" in plain:  # the global batch's branches and CLIP scores, for the step-0 closed form
+                entry["p2_batch"] = plain["batch"]
             if "alpha_hat" in plain:
                 entry["alpha_rel"] = rel(r["alpha_hat"], plain["alpha_hat"])
                 entry["alpha_hat"] = r["alpha_hat"].tolist()

@@ -1,0 +1,300 @@
+"""Hugging Face safetensors directory <-> megatron dist_checkpointing checkpoint, for any HF family.
+
+HF -> megatron: the family's module is built on the meta device at TP=1 (no weights are allocated), its
+`sharded_state_dict()` names every checkpoint tensor with its full shape, and each one is filled from the HF
+shards through the family's rules. Everything is validated (config, shards, names, shapes, unused tensors) on
+metadata before a single byte is written. Megatron checkpoints are TP/PP-agnostic, so the result loads at any
+layout (`train.checkpoint.load_model_weights`, or `checkpoint.init_from` in a run).
+
+Memory: HF tensors are read one at a time from memory-mapped shards (safetensors `safe_open`) and converted; the
+converted model is held once until megatron writes it, never the HF and megatron copies together beyond the
+tensor in flight. megatron -> HF writes HF shards as they fill and frees them.
+
+Output layout of a converted checkpoint directory:
+    <dist_checkpointing files>   keys "model.<sharded key>", the same as a training checkpoint's model part
+    hf/                          the HF config.json, tokenizer and processor files (what a run needs to tokenize)
+    conversion.json              family, source and dtype
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.convert.rules import Rule
+from megatron_po.models.families import Family, family_for_hf_config
+
+HF_SIDE_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|preprocessor_config\.json|processor_config\.json|chat_template\.(json|jinja)|"
+    r"tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model)$"
+)
+CONVERSION_FILE = "conversion.json"
+PREFIX = "model."  # same as train/checkpoint.py: a converted checkpoint is a valid `init_from`
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """Bad input to a converter; raised before anything is written."""
+
+
+class HFCheckpoint:
+    """Lazy view of a HF safetensors directory: names and shapes from headers, tensors on demand."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ConversionError(f"{self.path}: no config.json (not a Hugging Face model directory)")
+        self.config = json.loads((self.path / "config.json").read_text())
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise ConversionError(f"{self.path}: neither model.safetensors nor model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        missing = [f for f in files if not (self.path / f).is_file()]
+        if missing:
+            raise ConversionError(f"{self.path}: shard(s) listed in the index are missing: {missing}")
+        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
+        self.where: dict[str, str] = {}
+        for f, h in self._handles.items():
+            for name in h.keys():
+                self.where[name] = f
+        if weight_map:
+            absent = sorted(n for n, f in weight_map.items() if self.where.get(n) != f)
+            if absent:
+                raise ConversionError(f"{index}: {len(absent)} tensor(s) not found in their shard, e.g. {absent[:3]}")
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handles[self.where[name]].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self.where[name]].get_tensor(name)
+
+
+@contextlib.contextmanager
+def single_process_parallel() -> Iterator:
+    """A 1-rank gloo group with TP=PP=1 (the converters' own process), unless the caller already set one up."""
+    import torch.distributed as dist
+
+    from megatron_po.parallel.groups import init_parallel, teardown
+
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("torch.distributed is initialised but megatron's parallel state is not")
+        from megatron_po.parallel.groups import current_groups
+
+        yield current_groups(torch.device("cpu"))
+        return
+    groups = init_parallel(ParallelConfig(backend="gloo"), seed=0)
+    try:
+        yield groups
+    finally:
+        teardown()
+
+
+def _model_config(dtype: torch.dtype) -> ModelConfig:
+    # the family module reads its shapes from the HF config; this only picks dtype and the local spec
+    return ModelConfig(params_dtype="bf16" if dtype == torch.bfloat16 else "fp32", spec="local")
+
+
+def _meta_sharded_state_dict(family: Family, hf_config: dict, dtype: torch.dtype, groups) -> dict:
+    with torch.device("meta"):
+        module = family.load().build(hf_config, _model_config(dtype), ParallelConfig(backend="gloo"), groups)
+    return module.sharded_state_dict(prefix=PREFIX)
+
+
+def _tensor_entries(sd: dict) -> dict[str, ShardedTensor | ShardedTensorFactory]:
+    """state_dict name (without PREFIX) -> sharded entry, for every tensor entry; objects are checked apart."""
+    out = {}
+    for name, entry in sd.items():
+        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
+            out[name[len(PREFIX):]] = entry
+        elif not isinstance(entry, ShardedObject):
+            raise ConversionError(f"unexpected entry {name} of type {type(entry).__name__} in the sharded state")
+    return out
+
+
+def _shape_of(entry) -> tuple[int, ...]:
+    return tuple(entry.data.shape)
+
+
+def _check_rules(rules: list[Rule], entries: dict, hf: HFCheckpoint, ignored: tuple[str, ...]) -> None:
+    by_name = {r.megatron: r for r in rules}
+    no_rule = sorted(set(entries) - set(by_name))
+    if no_rule:
+        raise ConversionError(f"{len(no_rule)} megatron tensor(s) have no HF source, e.g. {no_rule[:3]}")
+    stray = sorted(set(by_name) - set(entries))
+    if stray:
+        raise ConversionError(f"rules name megatron tensors the model does not have, e.g. {stray[:3]}")
+    names = hf.names()
+    needed = {n for r in rules for n in r.hf}
+    missing = sorted(needed - names)
+    if missing:
+        raise ConversionError(f"{hf.path}: {len(missing)} tensor(s) the {hf.config.get('model_type')} model needs "
+                              f"are missing, e.g. {missing[:3]}")
+    unused = sorted(n for n in names - needed if not any(re.search(p, n) for p in ignored))
+    if unused:
+        raise ConversionError(f"{hf.path}: {len(unused)} tensor(s) would be dropped (unknown to the converter), "
+                              f"e.g. {unused[:3]}")
+    for r in rules:
+        # the rule itself computes the shape on meta tensors: no data is read
+        metas = [torch.empty(hf.shape(n), device="meta") for n in r.hf]
+        try:
+            got = tuple(r.to_megatron(*metas).shape)
+        except Exception as e:  # a reshape that cannot apply is a shape mismatch of the input
+            raise ConversionError(f"{hf.path}: shapes {[tuple(m.shape) for m in metas]} of {list(r.hf)} do not fit "
+                                  f"{r.megatron}: {e}") from None
+        want = _shape_of(entries[r.megatron])
+        if got != want:
+            raise ConversionError(f"{hf.path}: {list(r.hf)} give shape {got} for {r.megatron}, the config implies "
+                                  f"{want}")
+
+
+def _rules(module, hf_config: dict, hf_names: set[str] | None) -> list[Rule]:
+    # a family may accept several HF name layouts (hub vs transformers-module names) and pick one from the names
+    if hf_names is not None and "hf_names" in inspect.signature(module.hf_rules).parameters:
+        return module.hf_rules(hf_config, hf_names=hf_names)
+    return module.hf_rules(hf_config)
+
+
+def _empty_dir(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out} exists and is not empty; refusing to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None = None, dtype: str = "auto") -> Path:
+    """Converts a HF safetensors model directory into a megatron checkpoint directory (see module docstring).
+
+    Args:
+        family: expected family name (`model.family`); None accepts whatever the config's model_type says.
+        dtype: 'auto' keeps the stored dtype (the checkpoint's tensors); 'float32' / 'bfloat16' cast.
+    """
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    hf = HFCheckpoint(hf_dir)
+    try:
+        fam = family_for_hf_config(hf.config, family)
+    except ValueError as e:
+        raise ConversionError(f"{hf_dir}: {e}") from None
+    stored = {hf.dtype(n) for n in hf.names()}
+    if dtype == "auto":
+        target = {"F32": torch.float32, "BF16": torch.bfloat16}.get(stored.pop() if len(stored) == 1 else "")
+        if target is None:
+            raise ConversionError(f"{hf_dir}: stored dtypes {sorted(stored)}: pass dtype=float32 or bfloat16")
+    else:
+        target = DTYPES[dtype]
+    module = fam.load()
+    with single_process_parallel() as groups:
+        sd = _meta_sharded_state_dict(fam, hf.config, target, groups)
+        entries = _tensor_entries(sd)
+        rules = _rules(module, hf.config, hf.names())
+        _check_rules(rules, entries, hf, getattr(module, "HF_IGNORED", ()))
+        _empty_dir(out)
+        for r in rules:
+            t = r.to_megatron(*[hf.get(n) for n in r.hf]).to(target).contiguous()
+            entries[r.megatron].data = t
+            if isinstance(entries[r.megatron], ShardedTensor):
+                entries[r.megatron].dtype = t.dtype
+        dist_checkpointing.save(sd, str(out))
+    side = out / "hf"
+    side.mkdir()
+    for f in hf_dir.iterdir():
+        if HF_SIDE_FILES.match(f.name):
+            shutil.copy2(f, side / f.name)
+    (out / CONVERSION_FILE).write_text(json.dumps(
+        {"family": fam.name, "source": str(hf_dir.resolve()), "dtype": str(target).removeprefix("torch.")}, indent=1))
+    return out
+
+
+def read_conversion(ckpt_dir: Path) -> tuple[Family, dict, torch.dtype]:
+    ckpt_dir = Path(ckpt_dir)
+    meta_file, cfg_file = ckpt_dir / CONVERSION_FILE, ckpt_dir / "hf" / "config.json"
+    if not meta_file.is_file() or not cfg_file.is_file():
+        raise ConversionError(f"{ckpt_dir}: not a converted checkpoint (needs {CONVERSION_FILE} and hf/config.json)")
+    meta = json.loads(meta_file.read_text())
+    hf_config = json.loads(cfg_file.read_text())
+    return family_for_hf_config(hf_config, meta["family"]), hf_config, DTYPES[meta["dtype"]]
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+    """Writes a HF safetensors directory (sharded, with index) from a converted or trained checkpoint.
+
+    `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (iter_*) of a run that started
+    from one: then pass the converted directory's hf/ files by copying them next to it (hf/ + conversion.json).
+    """
+    from safetensors.torch import save_file
+
+    ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
+    fam, hf_config, dtype = read_conversion(ckpt_dir)
+    module = fam.load()
+    rules = _rules(module, hf_config, None)
+    with single_process_parallel() as groups:
+        sd = _meta_sharded_state_dict(fam, hf_config, dtype, groups)
+        entries = _tensor_entries(sd)
+        missing = sorted(set(entries) - {r.megatron for r in rules})
+        if missing:
+            raise ConversionError(f"{len(missing)} megatron tensor(s) have no HF rule, e.g. {missing[:3]}")
+        for e in entries.values():
+            e.data = torch.empty(_shape_of(e), dtype=dtype)
+        _empty_dir(out)
+        loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    size = 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for r in rules:
+        tensor = loaded.pop(PREFIX + r.megatron)
+        for name, t in zip(r.hf, r.to_hf(tensor), strict=True):
+            if name in weight_map or name in shard:
+                raise ConversionError(f"two rules write HF tensor {name}")
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > max_shard_bytes:
+                flush()
+            shard[name] = t.contiguous()
+            size += nbytes
+    flush()
+    # rename model-0000i.safetensors to the HF convention model-0000i-of-0000n.safetensors
+    n = len(files)
+    renamed = {}
+    for i, name in enumerate(files, 1):
+        final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        (out / name).rename(out / final)
+        renamed[name] = final
+    if n > 1:
+        index = {"metadata": {}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for f in (ckpt_dir / "hf").iterdir():
+        shutil.copy2(f, out / f.name)
+    return out

@@ -1,0 +1,206 @@
+"""Qwen2.5-VL inputs without transformers: image patches, M-RoPE position ids and the chat prompt.
+
+Each function reproduces what transformers 4.57.1 computes (checked for exact equality in
+tests/test_hf_qwen2_5_vl.py):
+- `preprocess_images` = `Qwen2VLImageProcessor` (the slow, PIL-based one, which `AutoImageProcessor` picks for
+  Qwen2.5-VL checkpoints): RGB conversion, `smart_resize` to multiples of patch_size * merge_size within
+  [min_pixels, max_pixels], PIL bicubic resize, rescale (float64 then float32), normalisation in float32, the
+  frame duplicated to `temporal_patch_size`, and the patch flatten order the vision tower's Conv3d expects;
+- `position_ids` = `Qwen2_5_VLModel.get_rope_index` for rows with images (no videos);
+- `format_prompt` = the Qwen2.5-VL chat template + processor for one user turn (images first, then the text)
+  followed by the generation prompt, with every `<|image_pad|>` already expanded to the image's token count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+RESPONSE_SUFFIX = "<|im_end|>\n"
+"""What the template writes after an assistant message; supervised with the response, as Qwen's own fine-tuning
+code and LLaMA-Factory's qwen2_vl template do (TRL supervises `<|im_end|>` plus an extra eos)."""
+
+# Qwen2VLImageProcessor's defaults (transformers 4.57.1), for keys a preprocessor_config.json may leave out
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROCESSOR_DEFAULTS = {
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 1280,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "rescale_factor": 1 / 255,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "resample": 3,  # PIL bicubic
+}
+
+
+def processor_settings(preprocessor_config: dict) -> dict:
+    """The image processor's effective settings from a preprocessor_config.json dict.
+
+    As in transformers 4.57.1, `min_pixels` / `max_pixels` decide the size bounds; a `size` dict alone is ignored
+    (Qwen2VLImageProcessor.__init__ drops it), so it is ignored here too.
+    """
+    s = dict(PROCESSOR_DEFAULTS)
+    s.update({k: v for k, v in preprocessor_config.items() if k in PROCESSOR_DEFAULTS and v is not None})
+    return s
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Height and width divisible by `factor`, with area within [min_pixels, max_pixels], aspect ratio kept."""
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _patchify(image, s: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One PIL image -> ([grid_t * grid_h * grid_w, C * T * P * P] float32, (grid_t, grid_h, grid_w))."""
+    from PIL import Image
+
+    if s["do_convert_rgb"] and image.mode != "RGB":
+        image = image.convert("RGB")
+    p, m, tp = s["patch_size"], s["merge_size"], s["temporal_patch_size"]
+    height, width = image.height, image.width
+    if s["do_resize"]:
+        height, width = smart_resize(height, width, p * m, s["min_pixels"], s["max_pixels"])
+        # PIL takes (width, height); HF hands PIL the uint8 image and reducing_gap=None
+        image = image.resize((width, height), resample=Image.Resampling(s["resample"]))
+    x = np.array(image)
+    if x.ndim == 2:
+        x = x[..., None]
+    if s["do_rescale"]:
+        x = (x.astype(np.float64) * s["rescale_factor"]).astype(np.float32)
+    if s["do_normalize"]:
+        x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
+        x = (x - np.array(s["image_mean"], dtype=x.dtype)) / np.array(s["image_std"], dtype=x.dtype)
+    x = x.transpose(2, 0, 1)[None]  # [1, C, H, W]
+    # a still image is its own second frame: the Conv3d patch spans temporal_patch_size frames
+    x = np.concatenate([x] + [x[-1:]] * (tp - 1), axis=0) if tp > 1 else x
+    c = x.shape[1]
+    gt, gh, gw = x.shape[0] // tp, height // p, width // p
+    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    # rows: merge windows (m x m patches) contiguous, row-major over the grid; columns: (C, T, P, P)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def preprocess_images(images: Sequence, preprocessor_config: dict) -> dict:
+    """PIL images -> the vision tower's inputs, exactly as Qwen2VLImageProcessor computes them.
+
+    Returns:
+        dict with `pixel_values` [sum of patches, C*T*P*P] float32 (images concatenated in order),
+        `image_grid_thw` [n, 3] long (patch grid per image) and `num_tokens` [n] long (LLM tokens per image:
+        t*h*w / merge_size^2).
+    """
+    s = processor_settings(preprocessor_config)
+    patches, grids = [], []
+    for image in images:
+        x, grid = _patchify(image, s)
+        patches.append(x)
+        grids.append(grid)
+    grid = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
+    return {
+        "pixel_values": torch.from_numpy(np.concatenate(patches)) if patches else torch.zeros(0, 0),
+        "image_grid_thw": grid,
+        "num_tokens": grid.prod(-1) // s["merge_size"] ** 2,
+    }
+
+
+def collate_images(parts: Sequence[dict]) -> dict:
+    """Concatenates `preprocess_images` outputs (image order = the order of `parts`, then within each)."""
+    return {
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts]),
+        "num_tokens": torch.cat([p["num_tokens"] for p in parts]),
+    }
+
+
+def rope_position_ids(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    row_images: Sequence[Sequence[int]],
+    image_token_id: int,
+    spatial_merge_size: int,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """M-RoPE positions [3, b, s] (temporal, height, width) of rows whose images are given per row.
+
+    Text tokens count up on all three axes; an image's tokens sit at (t, row, col) of its merged grid offset by
+    the position after the preceding text, and the text after it resumes at 1 + the largest position used
+    (HF `get_rope_index`, images only: an image's temporal index is 0).
+
+    Args:
+        input_ids: [b, s].
+        image_grid_thw: [n, 3] patch grids of all images of the batch.
+        row_images: row_images[r] = indices into image_grid_thw of the images whose token spans appear in row r,
+            in order (rows may share images, e.g. the chosen and rejected rows of a pair).
+        attention_mask: optional [b, s] (1 = token, 0 = padding): as in HF, padding is skipped and gets position 1.
+    """
+    b, s = input_ids.shape
+    if len(row_images) != b:
+        raise ValueError(f"row_images has {len(row_images)} rows, input_ids has {b}")
+    out = torch.ones(3, b, s, dtype=torch.long)
+    grids = image_grid_thw.tolist()
+    for r in range(b):
+        keep = attention_mask[r].bool().cpu() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
+        tokens = input_ids[r].cpu()[keep].tolist()
+        parts, st, nxt = [], 0, 0
+        for img in row_images[r]:
+            try:
+                ed = tokens.index(image_token_id, st)
+            except ValueError:
+                raise ValueError(f"row {r}: no image tokens left for image {img} after position {st}") from None
+            gt, gh, gw = grids[img]
+            gh, gw = gh // spatial_merge_size, gw // spatial_merge_size
+            n = gt * gh * gw
+            span_end = ed + n
+            if tokens[ed:span_end] != [image_token_id] * n or tokens[span_end:span_end + 1] == [image_token_id]:
+                raise ValueError(f"row {r}: image {img} needs exactly {n} consecutive image tokens at {ed}")
+            text = torch.arange(ed - st).expand(3, -1) + nxt
+            t_idx = torch.zeros(gt, gh * gw, dtype=torch.long).flatten()  # images: temporal index 0
+            h_idx = torch.arange(gh).view(1, -1, 1).expand(gt, -1, gw).flatten()
+            w_idx = torch.arange(gw).view(1, 1, -1).expand(gt, gh, -1).flatten()
+            grid = torch.stack([t_idx, h_idx, w_idx]) + (ed - st) + nxt
+            parts += [text, grid]
+            nxt = int(grid.max()) + 1
+            st = ed + n
+        if image_token_id in tokens[st:]:
+            raise ValueError(f"row {r}: more image tokens than its images {list(row_images[r])} account for")
+        parts.append(torch.arange(len(tokens) - st).expand(3, -1) + nxt)
+        out[:, r, keep] = torch.cat(parts, dim=1)
+    return out.to(input_ids.device)
+
+
+def format_prompt(question: str, images_num_tokens: Sequence[int], system: Optional[str] = None) -> str:
+    """One user turn (the images, then `question`) and the generation prompt, image pads expanded.
+
+    `system=None` gives the template's default system prompt, as when the conversation has no system message.
+    """
+    sys_text = DEFAULT_SYSTEM if system is None else system
+    images = "".join(f"{VISION_START}{IMAGE_PAD * int(n)}{VISION_END}" for n in images_num_tokens)
+    return (f"<|im_start|>system\n{sys_text}<|im_end|>\n<|im_start|>user\n{images}{question}<|im_end|>\n"
+            f"<|im_start|>assistant\n")

@@ -1,0 +1,48 @@
+"""Model families selectable by `model.family`, and what each one must provide.
+
+A Hugging Face family module (e.g. megatron_po.models.qwen2_5_vl) defines:
+    build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> MegatronModule
+        the VLM with the interface of models.vlm.VLMModel (encode_images / forward / set_input_tensor), built
+        from the HF config.json dict; weights come from a converted checkpoint (checkpoint.init_from).
+    hf_rules(hf_config: dict) -> list[convert.core.Rule]
+        how every tensor of the module's TP=1 state_dict() is made from HF safetensors tensors and back.
+    HF_IGNORED: tuple[str, ...] (optional) regexes of HF tensor names that carry no weight (e.g. rotary buffers).
+Modules are imported lazily: transformers is never needed, and only the selected family's code is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str
+    """Python module with build() and hf_rules()."""
+    hf_model_types: tuple[str, ...]
+    """`model_type` values of the HF config.json this family converts."""
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+HF_FAMILIES = {
+    "qwen2_5_vl": Family("qwen2_5_vl", "megatron_po.models.qwen2_5_vl", ("qwen2_5_vl",)),
+    "internvl3": Family("internvl3", "megatron_po.models.internvl3", ("internvl", "internvl_chat")),
+}
+FAMILY_NAMES = ("tiny_vlm", *HF_FAMILIES)
+
+
+def family_for_hf_config(hf_config: dict, expected: str | None = None) -> Family:
+    """The family that converts this HF config; `expected` (a family name) must agree with it."""
+    model_type = hf_config.get("model_type")
+    found = [f for f in HF_FAMILIES.values() if model_type in f.hf_model_types]
+    if not found:
+        known = sorted(t for f in HF_FAMILIES.values() for t in f.hf_model_types)
+        raise ValueError(f"HF model_type {model_type!r} is not a supported family (known: {known})")
+    if expected is not None and found[0].name != expected:
+        raise ValueError(f"HF model_type {model_type!r} is family {found[0].name!r}, not {expected!r}")
+    return found[0]

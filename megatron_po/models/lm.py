@@ -1,0 +1,62 @@
+"""The Qwen2/Qwen2.5 decoder shared by every family (tiny_vlm, InternVL3, Qwen2.5-VL), on megatron's GPTModel."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.models.specs import LMShape, build_decoder_spec, build_lm_config
+from megatron_po.parallel.groups import ParallelGroups
+
+
+def lm_shape_from_hf(text: dict, init_method_std: float = 0.02) -> LMShape:
+    """Decoder shape from a Hugging Face Qwen2 / Qwen2.5 text config (the `text_config` of a VLM)."""
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    if head_dim * heads != text["hidden_size"]:
+        raise ValueError(f"head_dim {head_dim} x {heads} heads != hidden_size {text['hidden_size']}: unsupported")
+    return LMShape(
+        num_layers=text["num_hidden_layers"],
+        hidden_size=text["hidden_size"],
+        ffn_hidden_size=text["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=text.get("num_key_value_heads") or heads,
+        norm_epsilon=text.get("rms_norm_eps", 1e-6),
+        rotary_base=text.get("rope_theta", 1_000_000.0),
+        vocab_size=text["vocab_size"],
+        tie_embeddings=bool(text.get("tie_word_embeddings", False)),
+        init_method_std=init_method_std,
+    )
+
+
+def build_language_model(
+    shape: LMShape,
+    model: ModelConfig,
+    par: ParallelConfig,
+    groups: ParallelGroups,
+    padded_vocab: int,
+    max_seq_length: int,
+    mrope_section: Optional[list[int]] = None,
+) -> GPTModel:
+    """GPTModel in the Qwen2.5 shape; `mrope_section` switches RoPE to Qwen2-VL's 3-axis M-RoPE.
+
+    The caller merges image features into the embeddings and scatters them to sequence-parallel shards itself,
+    so the embedding does not scatter (scatter_embedding_sequence_parallel=False) and takes `decoder_input`.
+    """
+    cfg = build_lm_config(model, par, shape)
+    if mrope_section is not None:
+        cfg.mrope_section = list(mrope_section)
+    return GPTModel(
+        config=cfg,
+        transformer_layer_spec=build_decoder_spec(model, cfg, pp_rank=0),
+        vocab_size=padded_vocab,
+        max_sequence_length=max_seq_length,
+        position_embedding_type="mrope" if mrope_section is not None else "rope",
+        rotary_base=int(shape.rotary_base),
+        share_embeddings_and_output_weights=shape.tie_embeddings,
+        parallel_output=True,
+        scatter_embedding_sequence_parallel=False,
+        pg_collection=groups.pg_collection,
+    )

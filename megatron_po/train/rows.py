@@ -1,0 +1,73 @@
+"""One model forward over a set of rows: image tokens laid out per row, then per-token log-probs.
+
+A batch (or a view of one) holds rows of text whose image slots are filled from a shared list of images:
+``tokens``, ``labels``, ``position_ids``, ``image_token_mask`` [R, S] and ``row_images`` (``row_images[r]`` = the
+indices into the batch's ``images`` of the images whose slots appear in row r, in order). A preference pair's
+two rows name the same image; P2-DPO's calibration row names two ([I, I_crop]). The model contract
+(models/vlm.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in row-major order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_po.logprobs import vocab_parallel_token_logps
+
+def unwrap(model):
+    """The VLM inside DDP / precision wrappers: the first module with the model contract's `encode_images`
+    (tiny_vlm's VLMModel or an HF family's module)."""
+    while not hasattr(model, "encode_images"):
+        model = model.module
+    return model
+
+
+def causal_mask(seq_len: int, device) -> torch.Tensor:
+    # explicit mask: megatron's default causal mask is allocated on "cuda"; True = masked
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def slot_embeds(
+    embeds: torch.Tensor, row_images: list[list[int]], num_tokens: Optional[list[int]] = None
+) -> torch.Tensor:
+    """The ``[T, h]`` embeddings of every image slot of the rows, in row-major order.
+
+    Args:
+        embeds: per-image embeddings from ``encode_images``: ``[N, p, h]`` (tiny_vlm: p tokens per image) or
+            ``[T_img, h]`` (images concatenated, ``num_tokens[i]`` tokens for image i).
+        row_images: per row, the indices of its images in slot order.
+        num_tokens: tokens per image; only for the ``[T_img, h]`` form.
+    """
+    order = [i for images in row_images for i in images]
+    if embeds.dim() == 3:
+        # one gather keeps the single-image layout (and its values) exactly as indexing a [b, p, h] tensor did
+        return embeds[torch.tensor(order, device=embeds.device)].flatten(0, 1)
+    if num_tokens is None:
+        raise ValueError("[T_img, h] image embeddings need the tokens per image (images['num_tokens'])")
+    per_image = embeds.split([int(n) for n in num_tokens])
+    return torch.cat([per_image[i] for i in order])
+
+
+def encode(model, images) -> torch.Tensor:
+    """Per-image embeddings of the batch's images (a tensor, or a family's preprocessed dict)."""
+    return unwrap(model).encode_images(images)
+
+
+def row_token_logps(model, rows: dict, embeds: torch.Tensor, images, tp_group) -> torch.Tensor:
+    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``rows`` under ``model``.
+
+    Args:
+        model: the policy (possibly DDP-wrapped) or the reference.
+        rows: a row view: ``tokens``, ``labels``, ``position_ids``, ``image_token_mask``, ``row_images`` (a pair
+            batch is its own view; a P2 batch may carry a second one, ``ref_rows``, for the reference).
+        embeds: ``encode(model, images)`` of the batch's images.
+        images: the batch's images (for per-image token counts of ``[T_img, h]`` embeddings).
+        tp_group: the group that shards the vocabulary.
+    """
+    tokens = rows["tokens"]
+    num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
+    flat = slot_embeds(embeds, rows["row_images"], num_tokens)
+    logits = model(tokens, rows["position_ids"], causal_mask(tokens.shape[1], tokens.device), flat,
+                   rows["image_token_mask"])
+    return vocab_parallel_token_logps(logits, rows["labels"], tp_group)
