@@ -234,6 +234,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        if self.model.family != "tiny_vlm":
+            if not self.checkpoint.init_from:
+                raise ConfigError(f"model.family={self.model.family} needs checkpoint.init_from: a checkpoint "
+                                  "converted with tools/convert_hf.py (HF families never train from random weights)")
+            if self.objective.name == "p2_dpo":
+                # TODO(megatron_po): P2 batches stack tiny_vlm image tensors; HF processor dicts not yet
+                raise ConfigError("objective.name=p2_dpo supports model.family=tiny_vlm only so far")
+
     def validate_world(self, world_size: int) -> int:
         """Checks the layout against the world size; returns the data-parallel size."""
         mp = self.parallel.tp * self.parallel.pp * self.parallel.cp

@@ -70,10 +70,9 @@ class CollateConfig:
 
 
 def prompt_prefix(tokenizer: Tokenizer, prompt: str, num_images: int, num_image_tokens: int) -> list[int]:
-    """``[bos] <|user|> <image> x (num_images * num_image_tokens) prompt_ids <|assistant|>``: images in slot order."""
-    tok = tokenizer
-    return ([tok.bos_id, tok.user_id] + [tok.image_id] * (num_images * num_image_tokens) + tok.encode(prompt)
-            + [tok.assistant_id])
+    """The chat-formatted user turn with `num_images` images of `num_image_tokens` slots each, in slot order
+    (tokenizer.prompt_ids: our own chat markers, or a HF family's template, see data/hf_chat.py)."""
+    return tokenizer.prompt_ids(prompt, [num_image_tokens] * num_images)
 
 
 def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]], pad_to_multiple_of: int) -> dict:
@@ -108,16 +107,17 @@ class PairCollator:
         cfg: lengths and padding.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig):
+    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, images=None):
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.images = images
+        """HF families' image handler (data/hf_chat.HFImages): per-image token counts, collation of the
+        processor outputs and M-RoPE positions. None: tiny_vlm's fixed-size image tensors."""
 
-    def _prefix(self, record: PreferenceRecord) -> list[int]:
-        return prompt_prefix(self.tokenizer, record.prompt, 1, self.cfg.num_image_tokens)
-
-    def _encode(self, record: PreferenceRecord) -> tuple[list[int], list[int], list[int]]:
-        """(prefix ids, chosen ids, rejected ids) of one pair."""
-        return (self._prefix(record), self.tokenizer.encode(record.chosen),
+    def _encode(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> tuple[list[int], ...]:
+        """(prefix ids, chosen ids, rejected ids) of one pair whose image takes `num_image_tokens` slots."""
+        n = self.cfg.num_image_tokens if num_image_tokens is None else num_image_tokens
+        return (prompt_prefix(self.tokenizer, record.prompt, 1, n), self.tokenizer.encode(record.chosen),
                 self.tokenizer.encode(record.rejected))
 
     def _chosen_segments(self, record: PreferenceRecord, chosen_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -134,18 +134,17 @@ class PairCollator:
             return "empty_response"
         if chosen == rejected:
             return "identical_pair"
-        # +1 for <|end|>
-        if len(prefix) + max(len(chosen), len(rejected)) + 1 > self.cfg.max_length:
+        if len(prefix) + max(len(chosen), len(rejected)) + len(self.tokenizer.response_end_ids) > self.cfg.max_length:
             return "too_long"
         return ""
 
-    def fits(self, record: PreferenceRecord) -> tuple[bool, str]:
-        """Whether a pair can be collated as is.
+    def fits(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> tuple[bool, str]:
+        """Whether a pair can be collated as is (its image taking `num_image_tokens` slots, default the config's).
 
         Returns:
             ``(True, "")``, or ``(False, reason)`` with reason one of :data:`SKIP_REASONS`.
         """
-        reason = self._reason(record, *self._encode(record))
+        reason = self._reason(record, *self._encode(record, num_image_tokens))
         return not reason, reason
 
     def __call__(self, records_with_images: Sequence[tuple[PreferenceRecord, torch.Tensor]]) -> dict:
@@ -181,36 +180,42 @@ class PairCollator:
         prefixes: list[list[int]] = []
         responses: list[list[int]] = [[] for _ in range(2 * b)]
         segments: list[tuple[list[int], list[int]]] = []
-        for i, (record, _) in enumerate(records_with_images):
-            prefix, chosen, rejected = self._encode(record)
+        end = list(tok.response_end_ids)
+        for i, (record, image) in enumerate(records_with_images):
+            prefix, chosen, rejected = self._encode(record, _num_tokens(image))
             reason = self._reason(record, prefix, chosen, rejected)
             if reason:
                 raise ValueError(f"pair {record.id!r} cannot be collated ({reason}); "
                                  f"filter it out beforehand with PairCollator.fits")
             prefixes.append(prefix)
             segments.append(self._chosen_segments(record, chosen))
-            responses[i] = chosen + [tok.end_id]
-            responses[b + i] = rejected + [tok.end_id]
+            responses[i] = chosen + end
+            responses[b + i] = rejected + end
 
         rows = layout_rows(tok, [(prefixes[r % b], responses[r]) for r in range(2 * b)], self.cfg.pad_to_multiple_of)
         seq_len = rows["tokens"].shape[1]
         lengths = rows["loss_mask"].sum(dim=1).long()
-        images = torch.stack([image for _, image in records_with_images]).float()
+        row_images = [[i % b] for i in range(2 * b)]  # each pair's two rows show its one image
+        if self.images is None:
+            images = torch.stack([image for _, image in records_with_images]).float()
+        else:
+            images = self.images.collate([image for _, image in records_with_images])
+            rows["position_ids"] = self.images.position_ids(rows["tokens"], images, row_images)
 
         segment_ids = torch.full((b, seq_len), -1, dtype=torch.long)
         num_segments = torch.tensor([len(kept) for _, kept in segments], dtype=torch.long)
         similarity = torch.full((b, int(num_segments.max())), math.nan, dtype=torch.float32)
         for i, ((record, _), (token_ids, kept)) in enumerate(zip(records_with_images, segments)):
-            # same positions as the chosen row's labels; <|end|> closes the last sentence
+            # same positions as the chosen row's labels; the end-of-turn tokens close the last sentence
             start = len(prefixes[i]) - 1
-            segment_ids[i, start : start + len(token_ids) + 1] = torch.tensor(token_ids + [len(kept) - 1])
+            seg = token_ids + [len(kept) - 1] * len(end)
+            segment_ids[i, start : start + len(seg)] = torch.tensor(seg)
             if record.chosen_sentence_similarity is not None:
                 similarity[i, : len(kept)] = torch.tensor([record.chosen_sentence_similarity[k] for k in kept])
         return {
             **rows,
             "images": images,
-            # each pair's two rows show its one image
-            "row_images": [[i % b] for i in range(2 * b)],
+            "row_images": row_images,
             "chosen_lengths": lengths[:b],
             "rejected_lengths": lengths[b:],
             "num_pairs": b,
@@ -218,6 +223,11 @@ class PairCollator:
             "num_segments": num_segments,
             "segment_similarity": similarity,
         }
+
+
+def _num_tokens(image) -> int | None:
+    # HF families' images are processor dicts that know their token count; tiny_vlm's are fixed-size tensors
+    return int(image["num_tokens"].sum()) if isinstance(image, dict) else None
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -233,6 +243,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         collate_cfg: the collator's lengths.
         image_size: side in pixels images are resized to.
         collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
+        images: HF families' image handler (:class:`megatron_po.data.hf_chat.HFImages`); None for tiny_vlm.
 
     Raises:
         FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
@@ -240,14 +251,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, collator=None):
+                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None):
         self.image_root = Path(image_root)
         self.image_size = image_size
-        self.collator = collator or PairCollator(tokenizer, collate_cfg)
+        self.images = images
+        self.collator = collator or PairCollator(tokenizer, collate_cfg, images)
         self.skipped: collections.Counter[str] = collections.Counter({reason: 0 for reason in SKIP_REASONS})
         self.records: list = []
         for record in records:
-            ok, reason = self.collator.fits(record)
+            ok, reason = self.collator.fits(record, **self._fit_args(record))
             if ok:
                 self.records.append(record)
             else:
@@ -262,6 +274,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"no preference pair fits max_length={collate_cfg.max_length} "
                              f"(skipped: {dict(self.skipped)})")
 
+    def _fit_args(self, record) -> dict:
+        if self.images is None:
+            return {}
+        # the token count follows from the image's size, read from the file header (pixels stay on disk)
+        path = resolve_image(record, self.image_root)
+        if not path.is_file():
+            raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
+        return {"num_image_tokens": self.images.num_tokens(path)}
+
     def image_files(self, record: PreferenceRecord) -> list[Path]:
         """The files a kept record reads, checked when the dataset is built."""
         return [resolve_image(record, self.image_root)]
@@ -271,4 +292,5 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[PreferenceRecord, torch.Tensor]:
         record = self.records[i]
-        return record, load_image(resolve_image(record, self.image_root), self.image_size)
+        path = resolve_image(record, self.image_root)
+        return record, load_image(path, self.image_size) if self.images is None else self.images.load(path)

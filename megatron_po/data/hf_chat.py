@@ -10,8 +10,12 @@ while a response that contains such a string verbatim would too: records are pla
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+
+import torch
+from PIL import Image
 
 from megatron_po.models.families import HF_FAMILIES
 
@@ -63,3 +67,30 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+class HFImages:
+    """A HF family's images for the collator: token counts from the file header, the family's processor, its
+    collation, and its positions (M-RoPE for Qwen2.5-VL, plain for InternVL3)."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self.family = tokenizer.family
+        self.hf_config = tokenizer.hf_config
+        self.preprocessor_config = tokenizer.preprocessor_config
+        params = inspect.signature(self.family.preprocess_images).parameters
+        self._extra = (self.hf_config,) if len(params) > 2 else ()
+
+    def num_tokens(self, path: Path) -> int:
+        with Image.open(path) as im:
+            width, height = im.size
+        return self.family.image_num_tokens(width, height, self.preprocessor_config, self.hf_config)
+
+    def load(self, path: Path) -> dict:
+        with Image.open(path) as im:
+            return self.family.preprocess_images([im.convert("RGB")], self.preprocessor_config, *self._extra)
+
+    def collate(self, parts: list[dict]) -> dict:
+        return self.family.collate_images(parts)
+
+    def position_ids(self, tokens: torch.Tensor, images: dict, row_images: list[list[int]]) -> torch.Tensor:
+        return self.family.position_ids(self.hf_config, tokens, images, row_images)

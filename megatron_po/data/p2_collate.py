@@ -59,8 +59,8 @@ class P2Collator:
         tok, p = self.tokenizer, self.cfg.num_image_tokens
         rows = {}
         if record.focus is not None:
-            y_w = tok.encode(record.focus.chosen) + [tok.end_id]
-            y_l = tok.encode(record.focus.rejected) + [tok.end_id]
+            y_w = tok.encode(record.focus.chosen) + tok.response_end_ids
+            y_l = tok.encode(record.focus.rejected) + tok.response_end_ids
             y_ref = y_l if self.calib_reference == "rejected" else y_w
             rows["focus_chosen"] = (prompt_prefix(tok, record.prompt, 1, p), ("image",), y_w, y_w)
             rows["focus_rejected"] = (prompt_prefix(tok, record.prompt, 1, p), ("image",), y_l, y_l)
@@ -69,8 +69,8 @@ class P2Collator:
             rows["calib_deg"] = (prompt_prefix(tok, record.prompt, 1, p), ("deg",), y_w, y_ref)
         if record.robust is not None:
             prefix = prompt_prefix(tok, record.robust.prompt, 1, p)
-            y_w = tok.encode(record.robust.chosen) + [tok.end_id]
-            y_l = tok.encode(record.robust.rejected) + [tok.end_id]
+            y_w = tok.encode(record.robust.chosen) + tok.response_end_ids
+            y_l = tok.encode(record.robust.rejected) + tok.response_end_ids
             rows["robust_chosen"] = (prefix, ("noise",), y_w, y_w)
             rows["robust_rejected"] = (prefix, ("noise",), y_l, y_l)
         return rows

@@ -132,6 +132,16 @@ class Tokenizer:
         out = self._sp.encode(text, out_type="offset_mapping", return_bytes=False)
         return [int(i) for i in out["ids"]], [(int(s), int(e)) for s, e in out["offsets"]]
 
+    def prompt_ids(self, prompt: str, image_tokens: Sequence[int]) -> list[int]:
+        """``[bos] <|user|> <image> x sum(image_tokens) prompt_ids <|assistant|>``: the images' slots in order."""
+        return [self.bos_id, self.user_id] + [self.image_id] * sum(image_tokens) + self.encode(prompt) + [
+            self.assistant_id]
+
+    @property
+    def response_end_ids(self) -> list[int]:
+        """What closes a supervised response: ``<|end|>``."""
+        return [self.end_id]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; control ids (pad, bos, eos, chat markers) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])

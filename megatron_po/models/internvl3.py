@@ -282,6 +282,12 @@ def preprocess_images(pils: Sequence, preprocessor_config: dict, hf_config: dict
     return processor.preprocess(pils, cfg, image_seq_length=per_tile)
 
 
+def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_config: dict) -> int:
+    """LLM tokens of an image of this size (tiles incl. thumbnail x tokens per tile), without its pixels."""
+    cfg = processor.TilingConfig.from_preprocessor_config(preprocessor_config)
+    return processor.num_tiles(height, width, cfg) * tokens_per_tile(hf_config, cfg.height, cfg.width)
+
+
 def collate_images(parts: Sequence[dict]) -> dict:
     """Concatenates `preprocess_images` outputs (in order) into one: the images of a batch."""
     return {k: torch.cat([p[k] for p in parts]) for k in ("pixel_values", "num_patches", "num_tokens")}

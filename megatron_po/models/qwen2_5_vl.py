@@ -91,6 +91,16 @@ def image_token_id(hf_config: dict) -> int:
     return int(hf_config.get("image_token_id", TOKEN_DEFAULTS["image_token_id"]))
 
 
+def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_config: dict) -> int:
+    """LLM tokens of an image of this size (smart_resize's grid / merge^2), without reading its pixels."""
+    from megatron_po.data.qwen2_5_vl_processor import processor_settings, smart_resize
+
+    st = processor_settings(preprocessor_config)
+    factor = st["patch_size"] * st["merge_size"]
+    h, w = smart_resize(height, width, factor, st["min_pixels"], st["max_pixels"])
+    return (h // factor) * (w // factor)
+
+
 def position_ids(hf_config: dict, input_ids: Tensor, images: dict, row_images: list[list[int]],
                  attention_mask: Optional[Tensor] = None) -> Tensor:
     """M-RoPE positions [3, b, s] of `input_ids` [b, s]; see data.qwen2_5_vl_processor.rope_position_ids."""

@@ -45,17 +45,35 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
             if not train_path.exists():
                 generate = generate_p2_dataset if p2 else generate_synthetic_dataset
                 generate(data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size)
-            if not tok_path.exists():
+            if not tok_path.exists() and cfg.model.family == "tiny_vlm":  # HF families bring their tokenizer
                 texts = list(iter_p2_texts(read_p2_records(train_path)) if p2 else iter_texts(read_records(train_path)))
                 train_tokenizer(texts, tok_path.with_suffix(""), vocab_size=d.tokenizer_vocab_size, seed=d.seed)
         dist.barrier()
     else:
         train_path = Path(d.train_path)
         tok_path = Path(d.tokenizer_path)
-        for name, p in (("data.train_path", train_path), ("data.tokenizer_path", tok_path)):
+        checks = (("data.train_path", train_path),)
+        if cfg.model.family == "tiny_vlm":
+            checks += (("data.tokenizer_path", tok_path),)
+        for name, p in checks:
             if not p.is_file():
                 raise FileNotFoundError(f"{name}: no such file {p}")
     return train_path, tok_path
+
+
+def build_tokenizer(cfg: Config, tok_path: Path):
+    """Our sentencepiece tokenizer (tiny_vlm), or a HF family's tokenizer + chat template from model.hf_path."""
+    if cfg.model.family == "tiny_vlm":
+        return Tokenizer(tok_path)
+    from megatron_po.data.hf_chat import HFTokenizer
+
+    return HFTokenizer(cfg.model.family, cfg.model.hf_path)
+
+
+def _images(tokenizer):
+    from megatron_po.data.hf_chat import HFImages, HFTokenizer
+
+    return HFImages(tokenizer) if isinstance(tokenizer, HFTokenizer) else None
 
 
 def _collate_cfg(cfg: Config, tp: int) -> CollateConfig:
@@ -75,7 +93,8 @@ def _log_kept(path: Path, ds: PreferenceDataset) -> None:
 def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
     """Preference pairs from `train_path` (or the given records of it)."""
     records = read_records(train_path) if records is None else records
-    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size)
+    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
+                           images=_images(tokenizer))
     _log_kept(train_path, ds)
     return ds
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,14 +17,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_po.config import Config
-from megatron_po.data.tokenizer import Tokenizer
+from megatron_po.models.families import HF_FAMILIES
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
 from megatron_po.objectives import build_objective_config, objective_needs_reference, uses_global_stats
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train import checkpoint as ckpt
 from megatron_po.train.batch_stats import gather_global_stats
 from megatron_po.train.evaluate import maybe_evaluate
-from megatron_po.train.data import build_eval_sets, build_sampler, build_train_dataset, micro_batches, prepare_data
+from megatron_po.train.data import build_tokenizer, build_eval_sets, build_sampler, build_train_dataset, micro_batches, prepare_data
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
 from megatron_po.train.step import PreferenceStep, forward_step, run_schedule, same_vision
 
@@ -40,14 +41,27 @@ class TrainState:
     groups: ParallelGroups
 
 
+def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
+    """One VLM of `model.family`: tiny_vlm from the config's shapes, a HF family from model.hf_path/config.json.
+
+    Weights depend only on train.seed (then on checkpoint.init_from), never on the layout.
+    """
+    if cfg.model.family == "tiny_vlm":
+        return build_vlm(cfg.model, cfg.parallel, padded_vocab_size(vocab_size, cfg.parallel.tp), groups,
+                         seed=cfg.train.seed)
+    hf_config = json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
+    torch.manual_seed(cfg.train.seed)
+    model = HF_FAMILIES[cfg.model.family].load().build(hf_config, cfg.model, cfg.parallel, groups)
+    return model.to(groups.device)
+
+
 def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[VLMModel, Optional[VLMModel]]:
     """Policy and (if the objective needs one) a frozen reference, from the same builder and weights."""
-    v = padded_vocab_size(vocab_size, cfg.parallel.tp)
-    policy = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
+    policy = build_model(cfg, groups, vocab_size)
     reference = None
     objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
     if objective_needs_reference(cfg.objective.name, objective_cfg):
-        reference = build_vlm(cfg.model, cfg.parallel, v, groups, seed=cfg.train.seed)
+        reference = build_model(cfg, groups, vocab_size)
         reference.requires_grad_(False)
         reference.eval()
     if cfg.checkpoint.init_from:
@@ -166,7 +180,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
     """Trains according to `cfg`; returns the last step's metrics."""
     out = Path(cfg.output_dir)
     train_path, tok_path = prepare_data(cfg)
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = build_tokenizer(cfg, tok_path)
     ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size)
     policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
     state = build_train_state(cfg, groups, policy, reference)

@@ -70,4 +70,6 @@ def row_token_logps(model, rows: dict, embeds: torch.Tensor, images, tp_group) -
     flat = slot_embeds(embeds, rows["row_images"], num_tokens)
     logits = model(tokens, rows["position_ids"], causal_mask(tokens.shape[1], tokens.device), flat,
                    rows["image_token_mask"])
-    return vocab_parallel_token_logps(logits, rows["labels"], tp_group)
+    # HF families pad the real vocabulary (lm_shape.vocab_size): padded entries must not enter the softmax
+    shape = getattr(unwrap(model), "lm_shape", None)
+    return vocab_parallel_token_logps(logits, rows["labels"], tp_group, None if shape is None else shape.vocab_size)
