@@ -71,3 +71,14 @@ def test_first_step_logps_match_transformers(run, tmp_path):
     print(family, "max_rel_err", got["max_rel_err"], "logps", got["ours"][:2])
     assert got["num_pairs"] >= 4 and got["image_tokens"] > 0
     assert got["max_rel_err"] < 1e-4, got
+
+
+def test_parity_tool_on_a_training_image(run):
+    """tools/hf_parity.py: the user-facing check, on one of the run's images with a prompt and a response."""
+    family, hf, ckpt, out = run
+    image = sorted((out / "data").rglob("*.png"))[0]
+    log = run_python([str(REPO / "tools" / "hf_parity.py"), str(hf), str(ckpt), "--image", str(image),
+                      "--image", str(image), "--prompt", "What colour is the circle?", "--response", "It is red."])
+    line = next(l for l in log.splitlines() if l.startswith("family"))
+    err = float(line.split("max rel logit err")[1].split()[0])
+    assert f"family {family}" in line and err < 1e-4, line
