@@ -1,6 +1,7 @@
 """Typed config: YAML + dotted overrides, unknown keys and bad values named, layout checks."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -74,3 +75,21 @@ def test_dry_run_cli_validates_without_processes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megatron_po.train", "--dry-run", "parallel.tq=2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "parallel.tq" in bad.stderr
+
+
+@pytest.mark.parametrize("model, extra, match", [
+    ({"family": "qwen2_5_vl"}, {}, "model.hf_path is required"),
+    ({"family": "tiny_vlm", "hf_path": "x"}, {}, "model.hf_path is required"),
+    ({"family": "internvl3", "hf_path": "x"}, {}, "needs checkpoint.init_from"),
+    ({"family": "internvl3", "hf_path": "x"}, {"checkpoint": {"init_from": "c"}, "objective": {"name": "p2_dpo"}},
+     "p2_dpo supports model.family=tiny_vlm only"),
+    ({"family": "llava"}, {}, "model.family 'llava' unknown"),
+])
+def test_hf_family_settings_are_checked(model, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": model, **extra})
+
+
+def test_example_internvl3_config_validates():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "launch/configs/acpo_internvl3_8b_example.yaml")
+    assert cfg.model.family == "internvl3" and cfg.checkpoint.init_from and cfg.model.hf_path
