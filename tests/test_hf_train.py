@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 

@@ -33,7 +33,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch.distributed as dist
-    from PIL import Image
 
     from megatron_po.config import ModelConfig, ParallelConfig
     from megatron_po.convert.core import read_conversion

@@ -19,7 +19,6 @@ Output layout of a converted checkpoint directory:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import re
 import shutil
@@ -172,13 +171,6 @@ def _check_rules(rules: list[Rule], entries: dict, hf: HFCheckpoint, ignored: tu
                                   f"{want}")
 
 
-def _rules(module, hf_config: dict, hf_names: set[str] | None) -> list[Rule]:
-    # a family may accept several HF name layouts (hub vs transformers-module names) and pick one from the names
-    if hf_names is not None and "hf_names" in inspect.signature(module.hf_rules).parameters:
-        return module.hf_rules(hf_config, hf_names=hf_names)
-    return module.hf_rules(hf_config)
-
-
 def _empty_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not empty; refusing to overwrite")
@@ -209,7 +201,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
     with single_process_parallel() as groups:
         sd = _meta_sharded_state_dict(fam, hf.config, target, groups)
         entries = _tensor_entries(sd)
-        rules = _rules(module, hf.config, hf.names())
+        # a family reads several HF name layouts (hub vs transformers-module names): the names pick one
+        rules = module.hf_rules(hf.config, hf_names=hf.names())
         _check_rules(rules, entries, hf, getattr(module, "HF_IGNORED", ()))
         _empty_dir(out)
         for r in rules:
@@ -249,7 +242,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
     ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
     fam, hf_config, dtype = read_conversion(ckpt_dir)
     module = fam.load()
-    rules = _rules(module, hf_config, None)
+    rules = module.hf_rules(hf_config)  # written back in the family's default layout
     with single_process_parallel() as groups:
         sd = _meta_sharded_state_dict(fam, hf_config, dtype, groups)
         entries = _tensor_entries(sd)

@@ -10,7 +10,6 @@ while a response that contains such a string verbatim would too: records are pla
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -77,8 +76,6 @@ class HFImages:
         self.family = tokenizer.family
         self.hf_config = tokenizer.hf_config
         self.preprocessor_config = tokenizer.preprocessor_config
-        params = inspect.signature(self.family.preprocess_images).parameters
-        self._extra = (self.hf_config,) if len(params) > 2 else ()
 
     def num_tokens(self, path: Path) -> int:
         with Image.open(path) as im:
@@ -87,7 +84,7 @@ class HFImages:
 
     def load(self, path: Path) -> dict:
         with Image.open(path) as im:
-            return self.family.preprocess_images([im.convert("RGB")], self.preprocessor_config, *self._extra)
+            return self.family.preprocess_images([im.convert("RGB")], self.preprocessor_config, self.hf_config)
 
     def collate(self, parts: list[dict]) -> dict:
         return self.family.collate_images(parts)

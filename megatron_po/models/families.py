@@ -4,8 +4,13 @@ A Hugging Face family module (e.g. megatron_po.models.qwen2_5_vl) defines:
     build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> MegatronModule
         the VLM with the interface of models.vlm.VLMModel (encode_images / forward / set_input_tensor), built
         from the HF config.json dict; weights come from a converted checkpoint (checkpoint.init_from).
-    hf_rules(hf_config: dict) -> list[convert.core.Rule]
-        how every tensor of the module's TP=1 state_dict() is made from HF safetensors tensors and back.
+    hf_rules(hf_config: dict, hf_names: Iterable[str] | None = None) -> list[convert.rules.Rule]
+        how every tensor of the module's TP=1 state_dict() is made from HF safetensors tensors and back;
+        `hf_names` (a checkpoint's tensor names) picks among the HF name layouts the family reads.
+    preprocess_images(pils, preprocessor_config: dict, hf_config: dict) -> dict, image_num_tokens(width, height,
+        preprocessor_config, hf_config) -> int, collate_images(parts) -> dict, position_ids(hf_config, tokens,
+        images, row_images), image_token_id(hf_config), format_prompt(...) and RESPONSE_SUFFIX: the data side
+        (data/hf_chat.py).
     HF_IGNORED: tuple[str, ...] (optional) regexes of HF tensor names that carry no weight (e.g. rotary buffers).
 Modules are imported lazily: transformers is never needed, and only the selected family's code is loaded.
 """

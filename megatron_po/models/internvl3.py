@@ -32,7 +32,6 @@ import copy
 from typing import Iterable, Sequence
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -46,6 +45,7 @@ from megatron_po.data import internvl3_processor as processor
 # the family contract (models/families.py) asks these of the family module
 from megatron_po.data.internvl3_processor import CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt  # noqa: F401
 from megatron_po.models.internvl3_vision import InternViT, InternViTShape, activation, image_features
+from megatron_po.models.base import VLMBase, to_device
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf
 from megatron_po.models.specs import LMShape
 from megatron_po.models.vlm import padded_vocab_size
@@ -171,7 +171,7 @@ class InternVLProjector(MegatronModule):
         return out + bias if bias is not None else out
 
 
-class InternVL3Model(MegatronModule):
+class InternVL3Model(VLMBase):
     """InternVL3 with the interface of models.vlm.VLMModel; `forward` returns logits [b, s, v_padded/tp]."""
 
     def __init__(self, hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups):
@@ -195,19 +195,7 @@ class InternVL3Model(MegatronModule):
         merged = self.vision_shape.hidden_size * int(1 / self.downsample_ratio) ** 2
         self.projector = InternVLProjector(lm.config, merged, hf_config.get("projector_hidden_act", "gelu"), groups.tp)
         self.language_model = lm
-        if model.vision.frozen:
-            self.vision.requires_grad_(False)
-        if model.projector_frozen:
-            self.projector.requires_grad_(False)
-
-    @property
-    def vision_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
-            p.requires_grad for p in self.projector.parameters()
-        )
-
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
+        self.freeze_as_configured(model)
 
     def encode_images(self, images: dict) -> torch.Tensor:
         """images['pixel_values'] [tiles, 3, H, W] (every image's tiles, in image order) -> [tiles * t, h].
@@ -224,45 +212,14 @@ class InternVL3Model(MegatronModule):
         out = self.projector(feats)
         return out.reshape(-1, out.shape[-1])
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor | None,
-        image_token_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Runs the decoder on text with image embeddings spliced in.
-
-        Args:
-            tokens, position_ids: [b, s].
-            attention_mask: [1, 1, s, s] bool, True = masked (causal).
-            image_embeds: [T, h] from `encode_images` (T = image_token_mask.sum()), or None for text only.
-            image_token_mask: [b, s] bool, the `<IMG_CONTEXT>` positions, filled in row-major order.
-        Returns:
-            logits [b, s, v_padded/tp] (vocab-sharded over TP).
-        """
-        emb = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
-        if image_embeds is not None and image_embeds.numel():
-            slots = int(image_token_mask.sum())
-            if slots != image_embeds.shape[0]:
-                raise ValueError(f"{slots} image token positions for {image_embeds.shape[0]} image embeddings")
-            emb = emb.transpose(0, 1)
-            emb = emb.masked_scatter(image_token_mask.unsqueeze(-1).expand_as(emb), image_embeds.to(emb.dtype))
-            emb = emb.transpose(0, 1).contiguous()
-        if self.sequence_parallel:
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
-        return self.language_model(
-            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
-        )
+    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask) -> torch.Tensor:
+        """Logits [b, s, v_padded/tp] with the `<IMG_CONTEXT>` slots filled: see VLMBase.decode."""
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> InternVL3Model:
     """The model from an HF config.json dict (weights: a converted checkpoint, see convert.core)."""
-    m = InternVL3Model(hf_config, model, par, groups)
-    if not any(p.is_meta for p in m.parameters()):  # the converters build on the meta device
-        m = m.to(groups.device)
-    return m
+    return to_device(InternVL3Model(hf_config, model, par, groups), groups.device)
 
 
 # ---------------------------------------------------------------------------------------------- data side

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_po.config import ModelConfig, ParallelConfig
@@ -27,9 +25,10 @@ from megatron_po.data.qwen2_5_vl_processor import (  # noqa: F401  (re-exported:
     RESPONSE_SUFFIX,
     collate_images,
     format_prompt,
-    preprocess_images,
     rope_position_ids,
 )
+from megatron_po.data import qwen2_5_vl_processor as processor
+from megatron_po.models.base import VLMBase, to_device
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf
 from megatron_po.models.qwen2_5_vl_vision import PatchMerger, VisionShape, VisionTower
 from megatron_po.models.specs import LMShape, build_lm_config
@@ -91,6 +90,12 @@ def image_token_id(hf_config: dict) -> int:
     return int(hf_config.get("image_token_id", TOKEN_DEFAULTS["image_token_id"]))
 
 
+def preprocess_images(pils, preprocessor_config: dict, hf_config: dict | None = None) -> dict:
+    """The family contract's signature over data.qwen2_5_vl_processor.preprocess_images (the processor alone
+    decides the patches; `hf_config` is not needed)."""
+    return processor.preprocess_images(pils, preprocessor_config)
+
+
 def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_config: dict) -> int:
     """LLM tokens of an image of this size (smart_resize's grid / merge^2), without reading its pixels."""
     from megatron_po.data.qwen2_5_vl_processor import processor_settings, smart_resize
@@ -111,7 +116,7 @@ def position_ids(hf_config: dict, input_ids: Tensor, images: dict, row_images: l
 # ---------------------------------------------------------------------------------------------- model
 
 
-class Qwen25VLModel(MegatronModule):
+class Qwen25VLModel(VLMBase):
     """Vision tower + merger (replicated) + GPTModel with M-RoPE. `forward` returns logits [b, s, v_padded/tp]."""
 
     def __init__(self, hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups):
@@ -136,19 +141,7 @@ class Qwen25VLModel(MegatronModule):
             shape, model, par, groups, padded_vocab_size(shape.vocab_size, par.tp), model.max_seq_length,
             mrope_section=section,
         )
-        if model.vision.frozen:
-            self.vision.requires_grad_(False)
-        if model.projector_frozen:
-            self.projector.requires_grad_(False)
-
-    @property
-    def vision_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
-            p.requires_grad for p in self.projector.parameters()
-        )
-
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
+        self.freeze_as_configured(model)
 
     def encode_images(self, images: dict) -> Tensor:
         """`preprocess_images` output (collated) -> image token embeddings [T_img, h], images in order."""
@@ -171,27 +164,12 @@ class Qwen25VLModel(MegatronModule):
         """
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
-        n_slots = int(image_token_mask.sum())
-        if n_slots != image_embeds.shape[0]:
-            raise ValueError(f"{n_slots} image-token slots but {image_embeds.shape[0]} image embeddings")
-        if n_slots:
-            emb = emb.transpose(0, 1)
-            emb = emb.masked_scatter(image_token_mask.unsqueeze(-1).expand_as(emb), image_embeds.to(emb.dtype))
-            emb = emb.transpose(0, 1).contiguous()
-        if self.sequence_parallel:
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
-        return self.language_model(
-            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
-        )
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> Qwen25VLModel:
     """The model for `hf_config` (a config.json dict); weights come from a converted checkpoint."""
-    m = Qwen25VLModel(hf_config, model, par, groups)
-    if not any(p.is_meta for p in m.parameters()):  # the converter builds on the meta device: nothing to move
-        m = m.to(groups.device)
-    return m
+    return to_device(Qwen25VLModel(hf_config, model, par, groups), groups.device)
 
 
 # ---------------------------------------------------------------------------------------------- HF rules

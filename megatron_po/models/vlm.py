@@ -7,7 +7,6 @@ megatron-core (TransformerBlock, MultimodalProjector's MLP, GPTModel); the assem
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -18,6 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.models.base import VLMBase
 from megatron_po.models.specs import build_decoder_spec, build_lm_config, build_vision_config, build_vision_spec
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -48,7 +48,7 @@ class VisionTower(MegatronModule):
         return self.blocks(x.transpose(0, 1).contiguous(), attention_mask=None)
 
 
-class VLMModel(MegatronModule):
+class VLMModel(VLMBase):
     """Vision tower + projector + GPTModel. `forward` returns vocab-sharded logits [b, s, v/tp]."""
 
     def __init__(self, model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups):
@@ -79,20 +79,7 @@ class VLMModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             pg_collection=groups.pg_collection,
         )
-        if model.vision.frozen:
-            self.vision.requires_grad_(False)
-        if model.projector_frozen:
-            self.projector.requires_grad_(False)
-
-    @property
-    def vision_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
-            p.requires_grad for p in self.projector.parameters()
-        )
-
-    def set_input_tensor(self, input_tensor) -> None:
-        # megatron's schedules hand pipeline activations in here; with pp=1 this is a no-op pass-through
-        self.language_model.set_input_tensor(input_tensor)
+        self.freeze_as_configured(model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images [n, 3, H, W] -> image embeddings [n, p, h] in the decoder's hidden size (p tokens per image)."""
@@ -101,41 +88,9 @@ class VLMModel(MegatronModule):
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(0, 1)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_embeds: torch.Tensor,
-        image_token_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Runs the decoder on text with image features spliced in.
-
-        Args:
-            tokens, position_ids: [b, s].
-            attention_mask: [1, 1, s, s] bool, True = masked.
-            image_embeds: [T, h] the embeddings of every image slot of the batch, in row-major order of
-                `image_token_mask` (a row may hold several images, and rows may share one: the caller lays them
-                out, see train/rows.py).
-            image_token_mask: [b, s] bool, T True positions in all.
-        Returns:
-            logits [b, s, v/tp] (vocab-sharded over TP).
-        Raises:
-            ValueError: T differs from the number of image slots (masked_scatter would silently use a prefix).
-        """
-        slots = int(image_token_mask.sum())
-        if image_embeds.shape[0] != slots:
-            raise ValueError(f"image_embeds has {image_embeds.shape[0]} embeddings for {slots} image slots")
-        emb = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
-        emb = emb.transpose(0, 1)
-        mask = image_token_mask.unsqueeze(-1).expand_as(emb)
-        emb = emb.masked_scatter(mask, image_embeds.to(emb.dtype).reshape(-1))
-        emb = emb.transpose(0, 1).contiguous()
-        if self.sequence_parallel:
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
-        return self.language_model(
-            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
-        )
+    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask) -> torch.Tensor:
+        """Logits [b, s, v/tp] of text with image features spliced in: see VLMBase.decode."""
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
 
 
 def build_vlm(model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups, seed: int) -> VLMModel:

@@ -1,0 +1,78 @@
+"""What every VLM family shares around its decoder: freezing, the pipeline hook, and the image splice.
+
+A family (tiny_vlm, InternVL3, Qwen2.5-VL) sets `vision`, `projector`, `language_model` (megatron GPTModel built
+with scatter_embedding_sequence_parallel=False), `sequence_parallel` and `tp_group`, and implements
+`encode_images`; the decoder pass with image embeddings spliced into the image-token slots is this one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_po.config import ModelConfig
+
+
+class VLMBase(MegatronModule):
+    def freeze_as_configured(self, model: ModelConfig) -> None:
+        if model.vision.frozen:
+            self.vision.requires_grad_(False)
+        if model.projector_frozen:
+            self.projector.requires_grad_(False)
+
+    @property
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
+            p.requires_grad for p in self.projector.parameters()
+        )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        # megatron's schedules hand pipeline activations in here; with pp=1 this is a no-op pass-through
+        self.language_model.set_input_tensor(input_tensor)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: Optional[torch.Tensor],
+        image_token_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Runs the decoder on text with image embeddings spliced in.
+
+        Args:
+            tokens: [b, s].
+            position_ids: [b, s], or [3, b, s] for M-RoPE (positions reach the decoder's RoPE only: every family
+                uses rotary embeddings, so the embedding layer takes none).
+            attention_mask: [1, 1, s, s] bool, True = masked.
+            image_embeds: [T, h] the embeddings of every image slot of the batch, in row-major order of
+                `image_token_mask` (a row may hold several images, and rows may share one: the caller lays them
+                out, see train/rows.py); None or empty for text only.
+            image_token_mask: [b, s] bool, T True positions in all.
+        Returns:
+            logits [b, s, v/tp] (vocab-sharded over TP).
+        Raises:
+            ValueError: T differs from the number of image slots (masked_scatter would silently use a prefix).
+        """
+        emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        slots = 0 if image_token_mask is None else int(image_token_mask.sum())
+        given = 0 if image_embeds is None else image_embeds.shape[0]
+        if given != slots:
+            raise ValueError(f"image_embeds has {given} embeddings for {slots} image slots")
+        if slots:
+            emb = emb.transpose(0, 1)
+            emb = emb.masked_scatter(image_token_mask.unsqueeze(-1).expand_as(emb), image_embeds.to(emb.dtype))
+            emb = emb.transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
+        return self.language_model(
+            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
+        )
+
+
+def to_device(model: VLMBase, device: torch.device) -> VLMBase:
+    """Moves a built model to its device; the converters build on the meta device, where nothing moves."""
+    return model if any(p.is_meta for p in model.parameters()) else model.to(device)
