@@ -23,9 +23,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def dry_run(cfg: Config, world_size: int | None) -> None:
-    from megatron_po.objectives import build_objective_config
+    from megatron_po.objectives import build_objective
 
-    build_objective_config(cfg.objective.name, cfg.objective.params)
+    build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     if world_size is not None:
         dp = cfg.validate_world(world_size)
         print(f"layout ok: world={world_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={dp}")
@@ -46,11 +46,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_po.objectives import build_objective_config
+    from megatron_po.objectives import build_objective
     from megatron_po.parallel.groups import init_parallel, init_process_group, teardown
     from megatron_po.train.loop import run_training
 
-    build_objective_config(cfg.objective.name, cfg.objective.params)  # fail before starting processes' work
+    # fail before starting processes' work
+    build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     init_process_group(cfg.parallel)
     try:
         cfg.validate_world(dist.get_world_size())

@@ -27,7 +27,14 @@ class ParallelConfig:
     tp: int = 1
     """Ranks that split each layer's weights (Megatron tensor parallel)."""
     pp: int = 1
-    """Pipeline stages. Only 1 is supported by the preference step so far."""
+    """Pipeline stages (megatron's 1F1B schedule). The first stage also holds the vision tower and projector, the
+    last one the output layer, the log-probs and the objective; policy and reference are split the same way."""
+    pp_layers_first: int = 0
+    """Decoder layers on the first pipeline stage (0: an even split). Give it fewer than the others to make room
+    for the vision tower (megatron's num_layers_in_first_pipeline_stage)."""
+    pp_layers_last: int = 0
+    """Decoder layers on the last pipeline stage (0: an even split); it also holds the output layer and the
+    log-prob stage (megatron's num_layers_in_last_pipeline_stage)."""
     sp: bool = False
     """Sequence parallel: shard LayerNorm/dropout activations over the TP group (needs tp > 1)."""
     cp: int = 1
@@ -43,12 +50,31 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.sp and self.tp == 1:
             raise ConfigError("parallel.sp=true needs parallel.tp > 1")
-        if self.pp != 1:
-            # TODO(megatron_po): run policy+reference stages through the 1F1B schedule (hidden states of both
-            # models concatenated along the batch on the p2p wire).
-            raise ConfigError("parallel.pp > 1 is not supported by the preference step yet")
+        for name in ("pp_layers_first", "pp_layers_last"):
+            if getattr(self, name) < 0 or (getattr(self, name) and self.pp == 1):
+                raise ConfigError(f"parallel.{name} must be >= 0, and is meaningful only with parallel.pp > 1")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers of each pipeline stage, as megatron splits them (get_num_layers_to_build).
+
+        Raises:
+            ConfigError: the split leaves a stage without a layer or the middle stages an uneven share.
+        """
+        first, last = self.pp_layers_first or None, self.pp_layers_last or None
+        if self.pp == 1:
+            return [num_layers]
+        fixed = [n for n in (first, last) if n is not None]
+        rest, stages = num_layers - sum(fixed), self.pp - len(fixed)
+        if rest < stages or (stages and rest % stages):
+            raise ConfigError(f"{num_layers} decoder layers do not split over parallel.pp={self.pp} stages with "
+                              f"pp_layers_first={self.pp_layers_first}, pp_layers_last={self.pp_layers_last}: "
+                              "every stage needs a layer and the stages without a fixed count an equal share")
+        if not stages and rest:
+            raise ConfigError(f"parallel.pp_layers_first + pp_layers_last = {sum(fixed)} != {num_layers} layers")
+        even = rest // stages if stages else 0
+        return [first or even] + [even] * (self.pp - 2) + [last or even]
 
 
 @dataclass
@@ -152,6 +178,22 @@ class ObjectiveSection:
 
 
 @dataclass
+class ReferenceConfig:
+    source: str = "model"
+    """Where the reference log-probs come from: 'model' (a frozen copy of the initial policy runs a forward-only
+    pass every step) or 'cache' (read from `cache_path`, written by `megatron-po precompute-ref`: no reference
+    model is built, which frees its weights and a quarter of the step's FLOPs)."""
+    cache_path: str = ""
+    """Directory of the reference log-prob cache (precompute-ref writes it; source=cache reads and checks it)."""
+
+    def __post_init__(self):
+        if self.source not in ("model", "cache"):
+            raise ConfigError(f"reference.source must be model|cache, got {self.source!r}")
+        if self.source == "cache" and not self.cache_path:
+            raise ConfigError("reference.source=cache needs reference.cache_path")
+
+
+@dataclass
 class EvalConfig:
     interval: int = 0
     """Evaluate held-out pairs at step 0, every `interval` steps and at the end (0: never)."""
@@ -233,8 +275,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
+        if self.model.family == "tiny_vlm":  # HF families: checked when the model reads its config.json
+            self.parallel.stage_layers(self.model.num_layers)
         if self.model.family != "tiny_vlm":
             if not self.checkpoint.init_from:
                 raise ConfigError(f"model.family={self.model.family} needs checkpoint.init_from: a checkpoint "

@@ -60,16 +60,19 @@ def test_first_step_is_ln2_and_training_moves(run):
 
 
 def test_first_step_logps_match_transformers(run, tmp_path):
-    """The step-1 policy log-probs (the converted weights, before any update) equal transformers' on the same
-    pairs, laid out by our collator (chat template, image processor, image slots, M-RoPE)."""
+    """The converted weights' log-probs through the trainer's forward-only pass equal transformers' on the same
+    pairs, laid out by our collator (chat template, image processor, image slots, M-RoPE), at TP=1, at TP=2 (the
+    padded vocabulary's mask on the rank holding its tail) and at PP=2 (a TP=1 conversion loaded by two stages)."""
     family, hf, ckpt, out = run
     res = tmp_path / "logps.json"
-    run_python([str(REPO / "tests" / "dist" / "hf_train_logps.py"), family, str(hf), str(ckpt / "hf"),
-                str(out / "data" / "train.jsonl"), str(res)])
+    run_torchrun([str(REPO / "tests" / "dist" / "hf_train_logps.py"), family, str(hf), str(ckpt / "hf"),
+                  str(out / "data" / "train.jsonl"), str(res)])
     got = json.loads(res.read_text())
-    print(family, "max_rel_err", got["max_rel_err"], "logps", got["ours"][:2])
+    print(family, {name: r["max_rel_err"] for name, r in got["layouts"].items()})
     assert got["num_pairs"] >= 4 and got["image_tokens"] > 0
-    assert got["max_rel_err"] < 1e-4, got
+    assert sorted(got["layouts"]) == ["pp2", "tp1", "tp2"]
+    for name, r in got["layouts"].items():
+        assert r["max_rel_err"] < 1e-5, (name, r, got["theirs"])
 
 
 def test_parity_tool_on_a_training_image(run):

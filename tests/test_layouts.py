@@ -1,4 +1,4 @@
-"""Layout invariance (the core correctness property), in one 2-process gloo launch.
+"""Layout invariance (the core correctness property), in one 2-process and one 4-process gloo launch.
 
 The worker (tests/dist/layout_worker.py) runs one real trainer step per layout and objective and compares it
 with a plain single-process torch computation of the whole global batch.
@@ -14,26 +14,38 @@ from conftest import REPO, run_torchrun
 TOL = 1e-5
 
 
+# (world size, layouts): process start-up dominates on two cores, so each world size is one launch
+LAUNCHES = {2: ["tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb", "pp2", "pp2_4mb"],
+            4: ["tp2_sp_pp2", "dp2_pp2"]}
+CORE = ("dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
+ALL = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
+       "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected"}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layouts")
-    run_torchrun([str(REPO / "tests" / "dist" / "layout_worker.py"), str(out)])
-    return json.loads((out / "layouts.json").read_text())
+    out = {}
+    for nproc, layouts in LAUNCHES.items():
+        d = tmp_path_factory.mktemp(f"layouts{nproc}")
+        run_torchrun([str(REPO / "tests" / "dist" / "layout_worker.py"), str(d), ",".join(layouts)], nproc=nproc)
+        out.update(json.loads((d / "layouts.json").read_text()))
+    return out
 
 
 def test_all_layouts_and_objectives_ran(report):
     layouts = {k.split("/")[-1] for k in report}
-    assert layouts == {"tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb"}
-    objectives = {k.split("/")[0] for k in report}
-    assert objectives == {"dpo", "acpo", "acpo_batch", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
-                          "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected"}
-    for core in ("dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"):
+    assert layouts == {name for names in LAUNCHES.values() for name in names}
+    assert {k.split("/")[0] for k in report} == ALL
+    for core in CORE:
         assert {k.split("/")[-1] for k in report if k.startswith(core + "/")} == layouts, core
+    # every registered objective (P2-DPO's six rows, SimPO without a reference, ...) runs pipeline-parallel
+    for label in ALL:
+        assert {"pp2", "tp2_sp_pp2"} <= {k.split("/")[-1] for k in report if k.startswith(label + "/")}, label
 
 
 def test_logps_loss_alpha_grads_match_plain_torch(report):
     for key, r in report.items():
-        assert r["grad_names_match"], key
+        assert r["grad_names_match"] and r["grad_names_disjoint"], key
         assert r["logps_rel"] <= TOL, (key, r["logps_rel"])
         assert r["loss_rel"] <= TOL, (key, r["loss_rel"])
         assert r["grad_rel"] <= TOL, (key, r["grad_rel"], r["worst"])
@@ -42,14 +54,16 @@ def test_logps_loss_alpha_grads_match_plain_torch(report):
 
 
 # objectives whose step-0 loss (reference == policy) is fixed by definition: DPO-like ln 2; IPO (1/(2 tau))^2
-STEP0 = {"dpo": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "dpo_shift": math.log(2),
-         "beta_dpo": math.log(2), "cw_dpo": math.log(2), "aspo": math.log(2), "ipo": 25.0}
-CORE = {"dpo", "acpo", "acpo_batch", "beta_dpo"}
+STEP0 = {"dpo": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "acpo_hybrid": math.log(2),
+         "dpo_shift": math.log(2), "beta_dpo": math.log(2), "cw_dpo": math.log(2), "aspo": math.log(2), "ipo": 25.0}
 
 
 def test_step0_loss_when_reference_equals_policy(report):
     same = {k: r for k, r in report.items() if "/ref=same/" in k and k.split("/")[0] in STEP0}
-    assert len(same) == 5 * len(CORE) + 2 * (len(STEP0) - len(CORE))
+    core = [label for label in STEP0 if label in CORE]
+    num_layouts = sum(len(names) for names in LAUNCHES.values())
+    assert len(same) == num_layouts * len(core) + 4 * (len(STEP0) - len(core))  # 4 short layouts
+    assert {k.split("/")[-1] for k in same} >= {"pp2", "pp2_4mb", "tp2_sp_pp2", "dp2_pp2"}  # ln 2 at PP=2 too
     for key, r in same.items():
         expected = STEP0[key.split("/")[0]]
         assert abs(r["mean_loss"] - expected) < 1e-6 * max(1.0, expected), (key, r["mean_loss"])
@@ -80,7 +94,7 @@ def p2_step0(batch: dict, lambda_calib: float = 0.3) -> float:
 
 def test_p2_dpo_step0_closed_form(report):
     same = {k: r for k, r in report.items() if k.startswith("p2_dpo/ref=same/")}
-    assert sorted(k.split("/")[-1] for k in same) == ["tp1_dp2_2mb", "tp2_sp"]
+    assert sorted(k.split("/")[-1] for k in same) == ["pp2", "tp1_dp2_2mb", "tp2_sp", "tp2_sp_pp2"]
     for key, r in same.items():
         batch = r["p2_batch"]
         # the global batch mixes both-branch, focus-only and robust-only samples, so every weight case is checked

@@ -16,7 +16,7 @@ from megatron_po.parallel.reduce import all_gather_cat, all_reduce_sum
 from objective_helpers import CANONICAL, F64, LN2, PAIR_OBJECTIVES, TRL_KEYS, make_logps, random_rows, run
 
 # objectives that compare policy with reference: the ones for which "policy == reference" means step 0
-PREFERENCE = [name for name in PAIR_OBJECTIVES if OBJECTIVES[name].needs_reference]
+PREFERENCE = [name for name in PAIR_OBJECTIVES if OBJECTIVES[name].needs_reference(OBJECTIVES[name].config_cls())]
 # DPO-like ones: ln 2 at step 0 and rewards β·Δ over sequence sums. IPO is neither ((1/(2τ))² at step 0; rewards
 # τ·Δ/len in its default per-token reading): tests/test_objectives_baselines.py covers it
 DPO_LIKE = [name for name in PREFERENCE if name != "ipo"]
@@ -215,7 +215,7 @@ def test_loss_fn_contract(name):
     """[B] loss with grad, [B] detached metric samples, defaults constructible, needs_reference honest."""
     rows = random_rows(5, seed=3)
     logps = make_logps(rows)
-    if not OBJECTIVES[name].needs_reference:
+    if not OBJECTIVES[name].needs_reference(OBJECTIVES[name].config_cls()):
         logps.ref_chosen_logps = logps.ref_rejected_logps = None
     loss, metrics = OBJECTIVES[name].loss_fn(logps, OBJECTIVES[name].config_cls())
     assert loss.shape == (5,) and loss.requires_grad and torch.isfinite(loss).all()
@@ -309,7 +309,7 @@ def test_build_objective_config():
         build_objective_config("acpo", {"betta": 0.1})
     with pytest.raises(ValueError, match="unknown objective 'dpp'"):
         build_objective_config("dpp", {})
-    assert OBJECTIVES["sft"].needs_reference is False
+    assert OBJECTIVES["sft"].needs_reference(None) is False
 
 
 def test_summarize_metrics():

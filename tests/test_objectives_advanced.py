@@ -514,10 +514,10 @@ def test_aspo_contract():
 
 # ------------------------------------------------------------------------------------- registry and configs
 def test_registry_entries():
-    assert OBJECTIVES["beta_dpo"].needs_reference and OBJECTIVES["beta_dpo"].next_state is beta_dpo.next_state
+    assert OBJECTIVES["beta_dpo"].needs_reference(None) and OBJECTIVES["beta_dpo"].next_state is beta_dpo.next_state
     assert OBJECTIVES["beta_dpo"].global_stats is beta_dpo.global_stats
-    assert not OBJECTIVES["cw_sftc"].needs_reference and OBJECTIVES["cw_sftc"].global_stats is not None
-    assert OBJECTIVES["cw_dpo"].needs_reference and OBJECTIVES["aspo"].needs_reference
+    assert not OBJECTIVES["cw_sftc"].needs_reference(None) and OBJECTIVES["cw_sftc"].global_stats is not None
+    assert OBJECTIVES["cw_dpo"].needs_reference(None) and OBJECTIVES["aspo"].needs_reference(None)
     assert all(OBJECTIVES[name].next_state is None for name in OBJECTIVES if name != "beta_dpo")
     cfg = build_objective_config("beta_dpo", {})
     assert (cfg.beta0, cfg.a, cfg.ema_momentum, cfg.rho, cfg.selection_seed) == (0.1, 0.6, 0.9, 0.2, 0)

@@ -320,7 +320,7 @@ def test_input_shape_error():
 
 def test_registered_as_p2_inputs():
     entry = OBJECTIVES["p2_dpo"]
-    assert entry.inputs == "p2" and entry.needs_reference and entry.loss_fn is p2_dpo.loss_fn
+    assert entry.inputs == "p2" and entry.needs_reference(None) and entry.loss_fn is p2_dpo.loss_fn
     assert entry.global_stats is None and entry.next_state is None  # no batch statistics (§11)
     assert "TODO" not in p2_dpo.__doc__
     one = torch.zeros(1, dtype=F64)

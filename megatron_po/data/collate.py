@@ -160,7 +160,7 @@ class PairCollator:
             ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [B, 3, H, W] float
             (shared by a pair's two rows), ``row_images`` (list of 2B lists: the images of each row, here
             ``[i]`` for both rows of pair i), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
-            tokens per row, ``<|end|>`` included), ``num_pairs`` int B.
+            tokens per row, ``<|end|>`` included), ``num_pairs`` int B, ``ids`` the B record ids.
 
             Sentences of the chosen responses (:mod:`megatron_po.data.sentences`), with K_max the largest
             ``num_segments`` in the batch: ``chosen_segment_ids`` [B, S] long, aligned with ``labels[:B]``: the
@@ -219,6 +219,7 @@ class PairCollator:
             "chosen_lengths": lengths[:b],
             "rejected_lengths": lengths[b:],
             "num_pairs": b,
+            "ids": [record.id for record, _ in records_with_images],
             "chosen_segment_ids": segment_ids,
             "num_segments": num_segments,
             "segment_similarity": similarity,

@@ -109,6 +109,7 @@ class P2Collator:
             [R, S], ``row_images``), ``images`` [N, 3, H, W] (each condition once per sample), ``p2_rows`` [6, B]
             long (row of each term, order ``P2_TERMS``, -1 = branch absent), ``has_focus`` / ``has_robust`` [B]
             bool, ``clip_crop_score`` / ``clip_image_score`` [B] float32 (NaN where not given), ``num_pairs`` B,
+            ``ids`` (the B record ids),
             and ``ref_rows`` (the reference's view: same keys and rows) when its calibration responses differ.
 
         Raises:
@@ -152,6 +153,7 @@ class P2Collator:
             "has_focus": torch.tensor([r.focus is not None for r in records]),
             "has_robust": torch.tensor([r.robust is not None for r in records]),
             "num_pairs": b,
+            "ids": [r.id for r in records],
         }
         for name in ("clip_crop_score", "clip_image_score"):
             values = [getattr(r, name) for r in records]

@@ -3,6 +3,9 @@
 A family (tiny_vlm, InternVL3, Qwen2.5-VL) sets `vision`, `projector`, `language_model` (megatron GPTModel built
 with scatter_embedding_sequence_parallel=False), `sequence_parallel` and `tp_group`, and implements
 `encode_images`; the decoder pass with image embeddings spliced into the image-token slots is this one.
+
+Under pipeline parallelism each rank builds one stage: the first holds the vision tower, the projector and the
+embedding (``vision``/``projector`` are None elsewhere), the last the output layer; `decode` runs this stage's part.
 """
 
 from __future__ import annotations
@@ -18,16 +21,35 @@ from megatron_po.config import ModelConfig
 
 class VLMBase(MegatronModule):
     def freeze_as_configured(self, model: ModelConfig) -> None:
-        if model.vision.frozen:
+        if model.vision.frozen and self.vision is not None:
             self.vision.requires_grad_(False)
-        if model.projector_frozen:
+        if model.projector_frozen and self.projector is not None:
             self.projector.requires_grad_(False)
 
     @property
+    def pre_process(self) -> bool:
+        """This pipeline stage embeds the tokens and encodes the images (the first stage)."""
+        return self.language_model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        """This pipeline stage returns logits (the last stage)."""
+        return self.language_model.post_process
+
+    # megatron's finalize_model_grads looks for the module with `pre_process` and asks it about tied embeddings
+    # (the first and last stages all-reduce the tied weight's gradient): the decoder's answers are the VLM's
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    @property
     def vision_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision.parameters()) and not any(
-            p.requires_grad for p in self.projector.parameters()
-        )
+        """No trainable vision parameter on this stage (true on stages without the tower)."""
+        towers = [m for m in (self.vision, self.projector) if m is not None]
+        return not any(p.requires_grad for m in towers for p in m.parameters())
 
     def set_input_tensor(self, input_tensor) -> None:
         # megatron's schedules hand pipeline activations in here; with pp=1 this is a no-op pass-through
@@ -41,7 +63,7 @@ class VLMBase(MegatronModule):
         image_embeds: Optional[torch.Tensor],
         image_token_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """Runs the decoder on text with image embeddings spliced in.
+        """Runs this pipeline stage's part of the decoder on text with image embeddings spliced in.
 
         Args:
             tokens: [b, s].
@@ -53,10 +75,15 @@ class VLMBase(MegatronModule):
                 out, see train/rows.py); None or empty for text only.
             image_token_mask: [b, s] bool, T True positions in all.
         Returns:
-            logits [b, s, v/tp] (vocab-sharded over TP).
+            logits [b, s, v/tp] (vocab-sharded over TP) on the last stage; elsewhere the stage's hidden states
+            [s(/tp under SP), b, h] for the next one. Stages after the first read their input from
+            `set_input_tensor` and ignore `tokens`, `image_embeds` and `image_token_mask`.
         Raises:
             ValueError: T differs from the number of image slots (masked_scatter would silently use a prefix).
         """
+        if not self.pre_process:
+            return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                                       decoder_input=None)
         emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         slots = 0 if image_token_mask is None else int(image_token_mask.sum())
         given = 0 if image_embeds is None else image_embeds.shape[0]

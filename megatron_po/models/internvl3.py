@@ -191,9 +191,12 @@ class InternVL3Model(VLMBase):
         self.tp_group = groups.tp
         self.vision_shape = InternViTShape.from_hf(hf_config.get("vision_config") or {})
         self.downsample_ratio = downsample_ratio(hf_config)
-        self.vision = InternViT(self.vision_shape, dtype=lm.config.params_dtype)
-        merged = self.vision_shape.hidden_size * int(1 / self.downsample_ratio) ** 2
-        self.projector = InternVLProjector(lm.config, merged, hf_config.get("projector_hidden_act", "gelu"), groups.tp)
+        self.vision = self.projector = None
+        if groups.is_first_stage:  # the tower feeds the embedding: both live on the first pipeline stage
+            self.vision = InternViT(self.vision_shape, dtype=lm.config.params_dtype)
+            merged = self.vision_shape.hidden_size * int(1 / self.downsample_ratio) ** 2
+            self.projector = InternVLProjector(lm.config, merged, hf_config.get("projector_hidden_act", "gelu"),
+                                               groups.tp)
         self.language_model = lm
         self.freeze_as_configured(model)
 

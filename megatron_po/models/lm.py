@@ -40,7 +40,8 @@ def build_language_model(
     max_seq_length: int,
     mrope_section: Optional[list[int]] = None,
 ) -> GPTModel:
-    """GPTModel in the Qwen2.5 shape; `mrope_section` switches RoPE to Qwen2-VL's 3-axis M-RoPE.
+    """GPTModel in the Qwen2.5 shape (this rank's pipeline stage of it); `mrope_section` switches RoPE to
+    Qwen2-VL's 3-axis M-RoPE.
 
     The caller merges image features into the embeddings and scatters them to sequence-parallel shards itself,
     so the embedding does not scatter (scatter_embedding_sequence_parallel=False) and takes `decoder_input`.
@@ -50,7 +51,7 @@ def build_language_model(
         cfg.mrope_section = list(mrope_section)
     return GPTModel(
         config=cfg,
-        transformer_layer_spec=build_decoder_spec(model, cfg, pp_rank=0),
+        transformer_layer_spec=build_decoder_spec(model, cfg, pp_rank=groups.pp_rank),
         vocab_size=padded_vocab,
         max_sequence_length=max_seq_length,
         position_embedding_type="mrope" if mrope_section is not None else "rope",
@@ -58,5 +59,7 @@ def build_language_model(
         share_embeddings_and_output_weights=shape.tie_embeddings,
         parallel_output=True,
         scatter_embedding_sequence_parallel=False,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
         pg_collection=groups.pg_collection,
     )

@@ -135,8 +135,9 @@ class Qwen25VLModel(VLMBase):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.image_token_id = image_token_id(hf_config)
         dtype = lm_cfg.params_dtype
-        self.vision = VisionTower(vis, dtype=dtype)
-        self.projector = PatchMerger(vis, dtype=dtype)
+        first = groups.is_first_stage  # the tower feeds the embedding: both live on the first pipeline stage
+        self.vision = VisionTower(vis, dtype=dtype) if first else None
+        self.projector = PatchMerger(vis, dtype=dtype) if first else None
         self.language_model = build_language_model(
             shape, model, par, groups, padded_vocab_size(shape.vocab_size, par.tp), model.max_seq_length,
             mrope_section=section,

@@ -21,6 +21,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 
 from megatron_po.config import ModelConfig, ParallelConfig
 
@@ -100,7 +102,8 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
     """
     dtype = _dtype(model)
     shape = shape or lm_shape_of(model, vocab_size=0)
-    return TransformerConfig(
+    par.stage_layers(shape.num_layers)  # a split megatron would assert on is named here
+    cfg = TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.ffn_hidden_size,
@@ -118,6 +121,8 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
         init_method_std=shape.init_method_std,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
+        num_layers_in_first_pipeline_stage=par.pp_layers_first or None,
+        num_layers_in_last_pipeline_stage=par.pp_layers_last or None,
         context_parallel_size=par.cp,
         sequence_parallel=par.sp,
         params_dtype=dtype,
@@ -132,6 +137,11 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    # the micro-batches of a step differ in rows (P2-DPO's branches) and length (each is padded to its own longest
+    # row): pipeline stages exchange each activation's shape first (megatron's variable_seq_lengths). Set after
+    # construction: TransformerConfig rejects the flag with its default MoE dispatcher even in a dense model.
+    cfg.variable_seq_lengths = par.pp > 1
+    return cfg
 
 
 def build_vision_config(model: ModelConfig, lm: TransformerConfig) -> TransformerConfig:
@@ -153,6 +163,7 @@ def build_vision_config(model: ModelConfig, lm: TransformerConfig) -> Transforme
     # the vision sequence is short: SP would only add collectives; the tower also sits outside the PP split
     cfg.sequence_parallel = False
     cfg.pipeline_model_parallel_size = 1
+    cfg.num_layers_in_first_pipeline_stage = cfg.num_layers_in_last_pipeline_stage = None
     return cfg
 
 
@@ -164,10 +175,40 @@ def _with_norms(spec: ModuleSpec, attn_mask_type: AttnMaskType) -> ModuleSpec:
     return spec
 
 
-def build_decoder_spec(model: ModelConfig, lm: TransformerConfig, pp_rank: int) -> TransformerBlockSubmodules | ModuleSpec:
+class SeededLayer(TransformerLayer):
+    """A decoder layer whose initial weights depend only on (seed, its global layer number).
+
+    Weights are drawn at full size on the CPU in construction order (use_cpu_initialization). A pipeline stage
+    builds only its own layers, so without a reseed the draws of stage k would depend on what the stages before
+    it hold; reseeding per global layer makes every (TP, PP) layout start from the same weights. The modules built
+    after the last layer (final norm, output layer) continue its stream, the same in every layout too.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, *, init_seed: int,
+                 pg_collection=None, vp_stage=None, **kwargs):
+        pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
+        global_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        torch.default_generator.manual_seed(init_seed * 1_000_003 + global_number)
+        super().__init__(config, submodules, layer_number, pg_collection=pg_collection, vp_stage=vp_stage, **kwargs)
+
+
+def _seeded(layer: ModuleSpec, init_seed: int | None) -> ModuleSpec:
+    if init_seed is None:
+        return layer
+    return ModuleSpec(module=SeededLayer, params={**layer.params, "init_seed": init_seed},
+                      submodules=layer.submodules)
+
+
+def build_decoder_spec(model: ModelConfig, lm: TransformerConfig, pp_rank: int,
+                       init_seed: int | None = None) -> TransformerBlockSubmodules | ModuleSpec:
+    """The decoder layers of pipeline stage `pp_rank` (TE: a layer spec megatron repeats per stage itself).
+
+    `init_seed`: draw each layer's initial weights from (seed, global layer number), layout-independent (models
+    trained from random weights: tiny_vlm); None for models whose weights come from a checkpoint.
+    """
     if use_te_spec(model):
-        return get_gpt_layer_with_transformer_engine_spec()
-    layer = _with_norms(get_gpt_layer_local_spec(normalization="RMSNorm"), AttnMaskType.causal)
+        return _seeded(get_gpt_layer_with_transformer_engine_spec(), init_seed)
+    layer = _seeded(_with_norms(get_gpt_layer_local_spec(normalization="RMSNorm"), AttnMaskType.causal), init_seed)
     n = get_num_layers_to_build(lm, vp_stage=None, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SPNorm)
 

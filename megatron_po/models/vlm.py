@@ -51,24 +51,27 @@ class VisionTower(MegatronModule):
 class VLMModel(VLMBase):
     """Vision tower + projector + GPTModel. `forward` returns vocab-sharded logits [b, s, v/tp]."""
 
-    def __init__(self, model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups):
+    def __init__(self, model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups,
+                 seed: int | None = None):
         lm_cfg = build_lm_config(model, par)
         super().__init__(config=lm_cfg)
         vis_cfg = build_vision_config(model, lm_cfg)
         self.sequence_parallel = par.sp
         self.tp_group = groups.tp
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-        self.vision = VisionTower(model, vis_cfg, groups)
-        self.projector = MultimodalProjector(
-            lm_cfg,
-            MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            projector_type="mlp",
-            input_size=model.vision.hidden_size,
-            tp_group=groups.tp,
-        )
+        self.vision = self.projector = None
+        if groups.is_first_stage:  # the tower feeds the embedding: both live on the first pipeline stage
+            self.vision = VisionTower(model, vis_cfg, groups)
+            self.projector = MultimodalProjector(
+                lm_cfg,
+                MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                projector_type="mlp",
+                input_size=model.vision.hidden_size,
+                tp_group=groups.tp,
+            )
         self.language_model = GPTModel(
             config=lm_cfg,
-            transformer_layer_spec=build_decoder_spec(model, lm_cfg, pp_rank=0),
+            transformer_layer_spec=build_decoder_spec(model, lm_cfg, pp_rank=groups.pp_rank, init_seed=seed),
             vocab_size=vocab_size,
             max_sequence_length=model.max_seq_length,
             position_embedding_type="rope",
@@ -77,6 +80,8 @@ class VLMModel(VLMBase):
             parallel_output=True,
             # image features are merged first; we scatter to sequence-parallel shards ourselves afterwards
             scatter_embedding_sequence_parallel=False,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
             pg_collection=groups.pg_collection,
         )
         self.freeze_as_configured(model)
@@ -99,7 +104,7 @@ def build_vlm(model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: 
     The policy and the reference both come from here (same seed, then the same checkpoint if one is given).
     """
     torch.manual_seed(seed)
-    m = VLMModel(model, par, vocab_size, groups)
+    m = VLMModel(model, par, vocab_size, groups, seed=seed)
     return m.to(groups.device)
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from megatron_po.objectives.common import (
+    MetricReductions,
     ObjectiveContext,
     PairLogps,
     check_pair_logps,
@@ -24,6 +25,15 @@ from megatron_po.parallel.reduce import all_reduce_sum
 ALPHA_SCOPES = ("pair", "batch", "hybrid")
 DELTA_UNITS = ("reward", "logratio")
 TAU_MODES = ("adaptive", "static")
+
+
+METRICS = MetricReductions(
+    means={"acpo/at_lo": "acpo/frac_at_lo", "acpo/at_hi": "acpo/frac_at_hi", "acpo/rl_pos": "acpo/frac_rl_pos",
+           "acpo/rl_below_eps": "acpo/frac_rl_below_eps", "acpo/tau": "acpo/tau_mean"},
+    spread=("acpo/alpha_hat",),
+    # raw α* reaches ±τ/ε ≈ ±1e5 near r_l = 0, which swamps any mean
+    medians=("acpo/alpha_raw",),
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,11 @@ class ACPOConfig:
         if self.alpha_scope == "hybrid" and self.tau == "static":
             # hybrid only changes how τ is formed, which the static ablation replaces: the pair is a contradiction
             raise ValueError("acpo.alpha_scope='hybrid' has no effect with acpo.tau='static'; use alpha_scope='pair'")
+
+
+def takes_global_stats(cfg: ACPOConfig) -> bool:
+    """The batch and hybrid α scopes average over pairs; the per-pair default takes no batch statistic."""
+    return cfg.alpha_scope != "pair"
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from megatron_po.objectives.common import (
+    MetricReductions,
     ObjectiveContext,
     PairLogps,
     check_pair_logps,
@@ -40,6 +41,10 @@ from megatron_po.objectives.common import (
 NORMALIZATIONS = ("count", "token", "none")
 # exp(−ℓ̄) overflows fp64 past 709 nats/token; such a sentence has the highest PPL of its row either way
 _MAX_NLL = 700.0
+
+
+METRICS = MetricReductions(means={"aspo/K": "aspo/K_mean", "aspo/single_sentence": "aspo/frac_single_sentence",
+                                  "aspo/norm_factor": "aspo/norm_factor_mean"})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from megatron_po.objectives.common import (
+    MetricReductions,
     ObjectiveContext,
     PairLogps,
     check_pair_logps,
@@ -47,6 +48,9 @@ from megatron_po.parallel.reduce import all_gather_cat
 STATE_KEYS = ("gap_mean", "gap_std")
 # odd 64-bit multiplier (golden ratio): distinct (seed, step) pairs map to distinct generator seeds
 _SEED_MIX = 0x9E3779B97F4A7C15
+
+
+METRICS = MetricReductions(means={"beta_dpo/kept": "beta_dpo/frac_kept"})
 
 
 @dataclass(frozen=True)

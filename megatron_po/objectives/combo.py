@@ -14,7 +14,7 @@ from typing import Optional
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives.common import ObjectiveContext, PairLogps
+from megatron_po.objectives.common import MetricReductions, ObjectiveContext, PairLogps
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,17 @@ def needs_reference(cfg: ComboConfig) -> bool:
     """True when any term compares the policy with a reference (a SimPO + SFT combo does not)."""
     from megatron_po.objectives import OBJECTIVES
 
-    return any(OBJECTIVES[term].needs_reference for term in cfg.weights)
+    return any(OBJECTIVES[term].needs_reference(cfg.term_configs[term]) for term in cfg.weights)
+
+
+def metrics(cfg: ComboConfig) -> MetricReductions:
+    """The union of the terms' metric reductions."""
+    from megatron_po.objectives import OBJECTIVES
+
+    out = MetricReductions()
+    for term in cfg.weights:
+        out = out | OBJECTIVES[term].metrics(cfg.term_configs[term])
+    return out
 
 
 def loss_fn(

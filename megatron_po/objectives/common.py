@@ -207,79 +207,65 @@ def preference_metrics(logps: PairLogps, r_w: Tensor, r_l: Tensor) -> dict[str, 
     }
 
 
-# per-pair sample name -> logged name, for samples whose mean reads better under another name
-_MEAN_NAMES = {
-    "rewards/chosen_negative": "rewards/frac_chosen_negative",
-    "acpo/at_lo": "acpo/frac_at_lo",
-    "acpo/at_hi": "acpo/frac_at_hi",
-    "acpo/rl_pos": "acpo/frac_rl_pos",
-    "acpo/rl_below_eps": "acpo/frac_rl_below_eps",
-    "acpo/tau": "acpo/tau_mean",
-    "beta_dpo/kept": "beta_dpo/frac_kept",
-    "sftc/nll_neg": "sftc/nll_neg_mean",
-    "cw/lbar_l": "cw/lbar_l_mean",
-    "cw/lbar_w": "cw/lbar_w_mean",
-    "cw/wc_below_0.1": "cw/frac_wc_below_0.1",
-    "cw/wc_above_0.9": "cw/frac_wc_above_0.9",
-    "aspo/K": "aspo/K_mean",
-    "aspo/single_sentence": "aspo/frac_single_sentence",
-    "aspo/norm_factor": "aspo/norm_factor_mean",
-    "p2/focus_logit": "p2/focus_logit_mean",
-    "p2/calib_logit": "p2/calib_logit_mean",
-    "p2/robust_logit": "p2/robust_logit_mean",
-    "p2/single_branch": "p2/frac_single_branch",
-    "p2/has_focus": "p2/frac_focus",
-    "p2/has_robust": "p2/frac_robust",
-    "p2/w_robust": "p2/w_robust_mean",
-}
-# per-pair weights whose spread matters as much as their mean: logged as {mean, std, min, max}
-_SPREAD_NAMES = ("acpo/alpha_hat", "cw/w_c", "p2/w_focus")
-_FOCUS, _ROBUST = ("p2/has_focus",), ("p2/has_robust",)
-# samples defined only where the product of these 0/1 mask samples is 1 (P2-DPO's branches, OBJECTIVES.md §9.6):
-# their statistics cover those samples only, and are left out (never NaN) when there is none
-_MASKS = {
-    "p2/focus_loss": _FOCUS, "p2/calib_loss": _FOCUS, "p2/focus_logit": _FOCUS, "p2/calib_logit": _FOCUS,
-    "p2/focus_accuracy": _FOCUS, "p2/calib_gain_policy": _FOCUS,
-    "p2/robust_loss": _ROBUST, "p2/robust_logit": _ROBUST, "p2/robust_accuracy": _ROBUST,
-    "p2/single_branch": ("pair_weight",),
-    # DDW acts on samples with both branches; single-branch samples weigh their branch 1
-    "p2/w_focus": _FOCUS + _ROBUST, "p2/w_robust": _FOCUS + _ROBUST,
-}
+@dataclass(frozen=True)
+class MetricReductions:
+    """How an objective's per-pair metric samples become logged scalars; each objective module declares its own
+    (``METRICS``) and the registry merges them, so this module never lists objectives."""
+
+    means: dict = field(default_factory=dict)
+    """sample name -> logged name of its mean, for samples whose mean reads better under another name."""
+    spread: tuple = ()
+    """per-pair weights whose spread matters as much as their mean: logged as {mean, std, min, max}."""
+    medians: tuple = ()
+    """samples with outliers (ACPO's raw α*): logged as their lower median only, an observed value, never a mean."""
+    masks: dict = field(default_factory=dict)
+    """sample name -> 0/1 mask samples: defined only where their product is 1 (P2-DPO's branches); statistics
+    cover those samples only and are left out (never NaN) when there is none."""
+
+    def __or__(self, other: "MetricReductions") -> "MetricReductions":
+        return MetricReductions({**self.means, **other.means}, tuple(dict.fromkeys(self.spread + other.spread)),
+                                tuple(dict.fromkeys(self.medians + other.medians)), {**self.masks, **other.masks})
 
 
-def _stats(key: str, x: Tensor, mask: Optional[Tensor]) -> dict[str, Tensor]:
+COMMON_METRICS = MetricReductions(means={"rewards/chosen_negative": "rewards/frac_chosen_negative"})
+"""Reductions of the samples every preference objective logs (``preference_metrics``)."""
+
+
+def _stats(key: str, x: Tensor, mask: Optional[Tensor], red: MetricReductions) -> dict[str, Tensor]:
     """Logged name -> 0-dim statistic of one sample ``x`` over the ``mask``ed entries (all when None)."""
-    if key == "acpo/alpha_raw":
+    if key in red.medians:
         return {f"{key}_median": x.median()}
     if mask is None:
-        if key in _SPREAD_NAMES:
+        if key in red.spread:
             return {f"{key}_mean": x.mean(), f"{key}_std": x.std(correction=0), f"{key}_min": x.min(),
                     f"{key}_max": x.max()}
-        return {_MEAN_NAMES.get(key, key): x.mean()}
+        return {red.means.get(key, key): x.mean()}
     n = mask.sum().clamp_min(1)
     mean = (x * mask).sum() / n
-    if key not in _SPREAD_NAMES:
-        return {_MEAN_NAMES.get(key, key): mean}
+    if key not in red.spread:
+        return {red.means.get(key, key): mean}
     inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
     chosen = mask > 0
     return {f"{key}_mean": mean, f"{key}_std": ((x - mean).square() * mask).sum().div(n).sqrt(),
             f"{key}_min": torch.where(chosen, x, inf).min(), f"{key}_max": torch.where(chosen, x, -inf).max()}
 
 
-def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
+def summarize_metrics(samples: dict[str, Tensor], reductions: MetricReductions = COMMON_METRICS) -> dict[str, float]:
     """Reduces per-pair metric samples to the logged scalars.
 
-    Every key becomes its mean (renamed per ``_MEAN_NAMES``), except
+    Every key becomes its mean (renamed per ``reductions.means``), except
     ``acpo/alpha_hat`` -> ``acpo/alpha_hat_{mean,std,min,max}`` (population std, so one pair gives 0; likewise
     ``cw/w_c`` and ``p2/w_focus``) and
     ``acpo/alpha_raw`` -> ``acpo/alpha_raw_median`` only: raw α* reaches ±τ/ε ≈ ±1e5 near r_l = 0, which swamps
     any mean; the median is torch's lower median, i.e. an observed value, never an average of two outliers.
-    Samples listed in ``_MASKS`` (P2-DPO's per-branch values) are reduced over the samples that have their branch
+    Samples listed in ``reductions.masks`` (P2-DPO's per-branch values) are reduced over the samples that have their branch
     only, and left out when none has it.
 
     Args:
         samples: name -> per-pair values; pass them concatenated over the whole global batch (all DP ranks and
             micro-batches) to get global-batch statistics (OBJECTIVES.md §0.2 "Metrics").
+        reductions: the objective's declared reductions (``Objective.metrics``); the default knows only the
+            samples every objective shares.
 
     Returns:
         name -> Python float, computed in fp64 with one host sync for the whole dict.
@@ -288,9 +274,9 @@ def summarize_metrics(samples: dict[str, Tensor]) -> dict[str, float]:
     stats, counts = {}, {}
     for key, x in s.items():
         mask = None
-        if key in _MASKS and all(m in s for m in _MASKS[key]):
-            mask = torch.stack([s[m] for m in _MASKS[key]]).prod(0)
-        for name, value in _stats(key, x, mask).items():
+        if key in reductions.masks and all(m in s for m in reductions.masks[key]):
+            mask = torch.stack([s[m] for m in reductions.masks[key]]).prod(0)
+        for name, value in _stats(key, x, mask, reductions).items():
             stats[name] = value
             counts[name] = mask.sum() if mask is not None else torch.ones((), dtype=x.dtype, device=x.device)
     if not stats:

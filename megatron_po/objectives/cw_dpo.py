@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from megatron_po.objectives.common import (
+    MetricReductions,
     ObjectiveContext,
     PairLogps,
     check_pair_logps,
@@ -63,8 +64,20 @@ class SFTCConfig:
             raise ValueError(f"cw_sftc.reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
 
 
+METRICS = MetricReductions(
+    means={"sftc/nll_neg": "sftc/nll_neg_mean", "cw/lbar_l": "cw/lbar_l_mean", "cw/lbar_w": "cw/lbar_w_mean",
+           "cw/wc_below_0.1": "cw/frac_wc_below_0.1", "cw/wc_above_0.9": "cw/frac_wc_above_0.9"},
+    spread=("cw/w_c",),
+)
+
+
 def _nll(logps: Tensor, lengths: Tensor, reduction: str) -> Tensor:
     return -(per_token_mean(logps, lengths) if reduction == "mean" else logps)
+
+
+def sftc_takes_global_stats(cfg: SFTCConfig) -> bool:
+    """S1's batch-mean gate is a statistic of the batch; S2's per-sample hinge is not."""
+    return cfg.gate == "batch"
 
 
 @torch.no_grad()

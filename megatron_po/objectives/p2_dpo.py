@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from megatron_po.objectives.common import ObjectiveContext
+from megatron_po.objectives.common import MetricReductions, ObjectiveContext
 
 CALIB_REFERENCES = ("rejected", "chosen")
 
@@ -51,6 +51,24 @@ CALIB_FIELDS = ("policy_calib_aug_logps", "policy_calib_deg_logps", "ref_calib_a
 ROBUST_FIELDS = ("policy_robust_chosen_logps", "policy_robust_rejected_logps",
                  "ref_robust_chosen_logps", "ref_robust_rejected_logps")
 CLIP_FIELDS = ("clip_crop_score", "clip_image_score")
+
+
+_FOCUS, _ROBUST = ("p2/has_focus",), ("p2/has_robust",)
+METRICS = MetricReductions(
+    means={"p2/focus_logit": "p2/focus_logit_mean", "p2/calib_logit": "p2/calib_logit_mean",
+           "p2/robust_logit": "p2/robust_logit_mean", "p2/single_branch": "p2/frac_single_branch",
+           "p2/has_focus": "p2/frac_focus", "p2/has_robust": "p2/frac_robust", "p2/w_robust": "p2/w_robust_mean"},
+    spread=("p2/w_focus",),
+    # per-branch values are defined only for the samples that have the branch (OBJECTIVES.md §9.6)
+    masks={
+        "p2/focus_loss": _FOCUS, "p2/calib_loss": _FOCUS, "p2/focus_logit": _FOCUS, "p2/calib_logit": _FOCUS,
+        "p2/focus_accuracy": _FOCUS, "p2/calib_gain_policy": _FOCUS,
+        "p2/robust_loss": _ROBUST, "p2/robust_logit": _ROBUST, "p2/robust_accuracy": _ROBUST,
+        "p2/single_branch": ("pair_weight",),
+        # DDW acts on samples with both branches; single-branch samples weigh their branch 1
+        "p2/w_focus": _FOCUS + _ROBUST, "p2/w_robust": _FOCUS + _ROBUST,
+    },
+)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,24 @@ class ParallelGroups:
         return dist.get_rank(self.dp)
 
     @property
+    def pp_size(self) -> int:
+        return dist.get_world_size(self.pp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        """Holds the embedding and the vision tower (every rank without pipeline parallelism)."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """Holds the output layer: logits, log-probs, the objective and its metrics exist only here."""
+        return self.pp_rank == self.pp_size - 1
+
+    @property
     def is_logging_rank(self) -> bool:
         return dist.get_rank() == 0
 

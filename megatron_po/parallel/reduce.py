@@ -71,3 +71,17 @@ def all_gather_cat(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t, group=group)
     return torch.cat(parts, dim=0)
+
+
+def broadcast_from_last_stage(obj, pp_group: Optional[dist.ProcessGroup]):
+    """``obj`` of the last pipeline stage on every stage of ``pp_group`` (picklable Python values: metrics, the
+    objective's state), for what only the last stage computes but every stage needs (rank 0 logs and saves).
+
+    Returns ``obj`` itself without pipeline parallelism; the value given on the other stages is ignored.
+    """
+    world = _world(pp_group)
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(pp_group, world - 1), group=pp_group)
+    return box[0]

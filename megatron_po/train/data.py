@@ -18,17 +18,18 @@ from megatron_po.data.sampler import PairBatchSampler
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
-from megatron_po.objectives import OBJECTIVES, build_objective_config
+from megatron_po.objectives import Objective
+from megatron_po.train.batch import MicroBatch
 
 logger = logging.getLogger(__name__)
 
 
-def takes_p2_records(cfg: Config) -> bool:
+def takes_p2_records(objective: Objective) -> bool:
     """Whether the objective trains on P2-DPO records (data/p2_records.py) rather than preference pairs."""
-    return OBJECTIVES[cfg.objective.name].inputs == "p2"
+    return objective.inputs == "p2"
 
 
-def prepare_data(cfg: Config) -> tuple[Path, Path]:
+def prepare_data(cfg: Config, objective: Objective) -> tuple[Path, Path]:
     """Returns (train jsonl, tokenizer model). Rank 0 generates what is missing; the others wait for it.
 
     For the embedded default the data and tokenizer live under `output_dir/data`: preference pairs, or P2-DPO
@@ -37,7 +38,7 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
     """
     d = cfg.data
     if d.source == "synthetic":
-        p2 = takes_p2_records(cfg)
+        p2 = takes_p2_records(objective)
         data_dir = Path(cfg.output_dir) / "data"
         train_path = data_dir / ("p2_train.jsonl" if p2 else "train.jsonl")
         tok_path = Path(d.tokenizer_path) if d.tokenizer_path else data_dir / "tokenizer.model"
@@ -99,29 +100,31 @@ def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, 
     return ds
 
 
-def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> P2Dataset:
+def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, objective: Objective,
+                     records=None) -> P2Dataset:
     """P2-DPO samples from `train_path` (or the given records of it); the reference's calibration rows follow the
     objective's calib_reference."""
-    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
     records = read_p2_records(train_path) if records is None else records
     ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
-                   calib_reference=objective_cfg.calib_reference)
+                   calib_reference=objective.cfg.calib_reference)
     _log_kept(train_path, ds)
     return ds
 
 
-def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int) -> PreferenceDataset:
+def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int,
+                        objective: Objective) -> PreferenceDataset:
     """The training set in the form the objective takes (pairs or P2-DPO samples)."""
-    return (build_p2_dataset if takes_p2_records(cfg) else build_dataset)(cfg, train_path, tokenizer, tp)
+    if takes_p2_records(objective):
+        return build_p2_dataset(cfg, train_path, tokenizer, tp, objective)
+    return build_dataset(cfg, train_path, tokenizer, tp)
 
 
-def build_eval_sets(cfg: Config, tokenizer: Tokenizer, groups) -> tuple[list, list]:
-    """Held-out preference pairs and yes/no probe records for `eval.interval > 0` (else none)."""
+def build_eval_datasets(cfg: Config, tokenizer: Tokenizer, tp: int) -> dict[str, PreferenceDataset]:
+    """Held-out preference pairs ("eval") and yes/no probe records ("probe") for `eval.interval > 0` (else none)."""
     from megatron_po.data.synthetic import generate_probe_set
-    from megatron_po.train.evaluate import build_eval_set
 
     if cfg.eval.interval == 0:
-        return [], []
+        return {}
     data_dir = Path(cfg.output_dir) / "data"
     eval_path = Path(cfg.eval.path) if cfg.eval.path else data_dir / "eval.jsonl"
     probe_path = Path(cfg.eval.probe_path) if cfg.eval.probe_path else None
@@ -131,17 +134,24 @@ def build_eval_sets(cfg: Config, tokenizer: Tokenizer, groups) -> tuple[list, li
             generate_probe_set(probe_path.parent, cfg.eval.probe_images, seed=cfg.data.seed + 7919,
                                image_size=cfg.model.vision.image_size)
         dist.barrier()
-    mbs = cfg.train.micro_batch_size
-    sets, probes = [], []
-    for name, path, out in (("eval", eval_path, sets), ("probe", probe_path, probes)):
+    out = {}
+    for name, path in (("eval", eval_path), ("probe", probe_path)):
         if path is None:
             continue
         if not path.is_file():
             raise FileNotFoundError(f"eval: no such file {path}")
         records = read_records(path)[: cfg.eval.max_pairs if name == "eval" else None]
-        ds = build_dataset(cfg, path, tokenizer, groups.tp_size, records=records)
-        out.append(build_eval_set(name, ds, mbs, groups.dp_rank, groups.dp_size))
-    return sets, probes
+        out[name] = build_dataset(cfg, path, tokenizer, tp, records=records)
+    return out
+
+
+def build_eval_sets(cfg: Config, datasets: dict[str, PreferenceDataset], groups) -> tuple[list, list]:
+    """The held-out sets split over DP ranks: (pairs scored with the objective, yes/no probes)."""
+    from megatron_po.train.evaluate import build_eval_set
+
+    mbs = cfg.train.micro_batch_size
+    sets = [build_eval_set(name, ds, mbs, groups.dp_rank, groups.dp_size) for name, ds in datasets.items()]
+    return [e for e in sets if e.name == "eval"], [e for e in sets if e.name == "probe"]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -150,10 +160,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
             else v for k, v in batch.items()}
 
 
-def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[dict]:
+def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[MicroBatch]:
     """The micro-batches of one optimizer step on this rank, collated lazily (images load on demand)."""
     for idx in indices:
-        yield to_device(ds.collator([ds[i] for i in idx]), device)
+        yield MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in idx]), device))
 
 
 def build_sampler(cfg: Config, num_samples: int, dp_rank: int, dp_size: int) -> PairBatchSampler:

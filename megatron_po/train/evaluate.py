@@ -6,20 +6,24 @@ Every `eval.interval` steps (and at step 0 and at the end) the trainer scores he
   and its change since step 0 (CW-DPO's Δlog p probe: negative = likelihood displacement);
 - `probe/*` on yes/no questions about held-out images: the policy "answers yes" when it gives the yes-answer the
   higher log-prob; hallucination rate = share of absent-object questions answered yes.
+
+Log-probs exist on the last pipeline stage only: the numbers are computed there and broadcast to every stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from typing import Optional
+
 import torch
 
 from megatron_po.data.collate import PreferenceDataset
 from megatron_po.objectives import summarize_metrics
 from megatron_po.objectives.common import ObjectiveContext
-from megatron_po.parallel.reduce import all_gather_cat
+from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import micro_batches
-from megatron_po.train.step import PreferenceStep, policy_and_reference_logps, run_schedule, split_pairs
+from megatron_po.train.inputs import pair_inputs
+from megatron_po.train.step import PreferenceStep, run_logps_pass
 
 
 @dataclass
@@ -42,70 +46,66 @@ def build_eval_set(name: str, ds: PreferenceDataset, micro_batch_size: int, dp_r
     return EvalSet(name, ds, [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
 
 
-def _eval_forward_step(step: PreferenceStep, with_reference: bool, data_iterator, model):
-    batch = next(data_iterator)
-    with torch.no_grad():
-        policy_logps, ref_logps = policy_and_reference_logps(step, batch, model, with_reference=with_reference)
-
-    def loss_func(output):
-        pairs = split_pairs(batch, policy_logps, ref_logps)
-        samples = {
-            "logps/chosen": pairs.policy_chosen_logps,
-            "logps/rejected": pairs.policy_rejected_logps,
-            "lengths/chosen": pairs.chosen_lengths,
-        }
-        if with_reference:
-            # per-pair view of the objective on held-out pairs (batch statistics, if any, over this micro-batch)
-            _, objective_samples = step.objective.loss_fn(pairs, step.objective_cfg, group=None,
-                                                          ctx=ObjectiveContext(step.iteration, step.total_steps,
-                                                                               state=step.objective_state))
-            samples.update(objective_samples)
-        zero = output.sum() * 0.0
-        return zero, torch.tensor(batch["num_pairs"], dtype=torch.int), {"samples": {k: v.detach() for k, v in samples.items()}}
-
-    return policy_logps.seq, loss_func
-
-
-def score_pairs(step: PreferenceStep, model, ev: EvalSet, with_reference: bool) -> dict[str, torch.Tensor]:
-    """Per-pair samples over the whole eval set (all DP ranks), in eval order."""
+def score_pairs(step: PreferenceStep, model, ev: EvalSet, reference=None) -> Optional[dict[str, torch.Tensor]]:
+    """Per-pair samples over the whole eval set (all DP ranks), in eval order, on the last pipeline stage (None
+    elsewhere). With a reference source, the objective's own per-pair view is included."""
     batches = list(micro_batches(ev.dataset, ev.indices, step.groups.device))
+    if reference is not None:
+        reference.fill(batches, split=ev.name)
     was_training = model.training
     model.eval()
     try:
-        outputs = run_schedule(step, model, batches, partial(_eval_forward_step, step, with_reference),
-                               forward_only=True)
+        policy = run_logps_pass(step.groups, model, batches, step.policy_tower)
     finally:
         model.train(was_training)
-    keys = outputs[0]["samples"].keys()
-    return {k: all_gather_cat(torch.cat([o["samples"][k] for o in outputs]).double(), step.groups.dp) for k in keys}
+    if policy is None:
+        return None
+    per_mb = []
+    for mb, logps in zip(batches, policy):
+        pairs = pair_inputs(mb, logps, mb.ref_logps)
+        samples = {"logps/chosen": pairs.policy_chosen_logps, "logps/rejected": pairs.policy_rejected_logps,
+                   "lengths/chosen": pairs.chosen_lengths}
+        if reference is not None:
+            # per-pair view of the objective on held-out pairs (batch statistics, if any, over this micro-batch)
+            ctx = ObjectiveContext(step.iteration, step.total_steps, state=step.objective_state)
+            samples.update(step.objective.loss(pairs, group=None, ctx=ctx)[1])
+        per_mb.append({k: v.detach() for k, v in samples.items()})
+    return {k: all_gather_cat(torch.cat([m[k] for m in per_mb]).double(), step.groups.dp) for k in per_mb[0]}
 
 
-def evaluate(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
+def evaluate(step: PreferenceStep, model, ev: EvalSet, reference=None) -> dict[str, float]:
     # the objective's own view of held-out pairs; P2-DPO takes other inputs than pairs, so it gets log-probs only
-    with_ref = step.reference is not None and step.objective.inputs == "pairs"
-    samples = score_pairs(step, model, ev, with_ref)
-    out = {f"{ev.name}/{k}": v for k, v in summarize_metrics(samples).items()}
-    per_token = float(samples["logps/chosen"].sum() / samples["lengths/chosen"].sum().clamp_min(1))
+    reference = reference if step.objective.inputs == "pairs" else None
+    samples = score_pairs(step, model, ev, reference)
+    out = None
+    if samples is not None:
+        out = {f"{ev.name}/{k}": v for k, v in summarize_metrics(samples).items()}
+        out[f"{ev.name}/chosen_logp_per_token"] = float(samples["logps/chosen"].sum()
+                                                         / samples["lengths/chosen"].sum().clamp_min(1))
+    out = broadcast_from_last_stage(out, step.groups.pp)
+    per_token = out[f"{ev.name}/chosen_logp_per_token"]
     ev.baseline.setdefault("chosen_logp_per_token", per_token)
-    out[f"{ev.name}/chosen_logp_per_token"] = per_token
     out[f"{ev.name}/delta_logp"] = per_token - ev.baseline["chosen_logp_per_token"]
     return out
 
 
 def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
     """Yes/no probe: each record's chosen is the correct answer, rejected the opposite one."""
-    samples = score_pairs(step, model, ev, with_reference=False)
-    chosen, rejected = samples["logps/chosen"], samples["logps/rejected"]
-    present = torch.tensor([bool(r.meta.get("present")) for r in _ordered_records(ev, step)], dtype=torch.bool)
-    # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
-    says_yes = torch.where(present, chosen > rejected, rejected > chosen)
-    correct = says_yes == present
-    absent = ~present
-    return {
-        f"{ev.name}/accuracy": float(correct.double().mean()),
-        f"{ev.name}/hallucination_rate": float(says_yes[absent].double().mean()) if absent.any() else float("nan"),
-        f"{ev.name}/yes_rate_present": float(says_yes[present].double().mean()) if present.any() else float("nan"),
-    }
+    samples = score_pairs(step, model, ev)
+    out = None
+    if samples is not None:
+        chosen, rejected = samples["logps/chosen"], samples["logps/rejected"]
+        present = torch.tensor([bool(r.meta.get("present")) for r in _ordered_records(ev, step)], dtype=torch.bool)
+        # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
+        says_yes = torch.where(present, chosen > rejected, rejected > chosen)
+        correct = says_yes == present
+        absent = ~present
+        out = {
+            f"{ev.name}/accuracy": float(correct.double().mean()),
+            f"{ev.name}/hallucination_rate": float(says_yes[absent].double().mean()) if absent.any() else float("nan"),
+            f"{ev.name}/yes_rate_present": float(says_yes[present].double().mean()) if present.any() else float("nan"),
+        }
+    return broadcast_from_last_stage(out, step.groups.pp)
 
 
 def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
@@ -114,12 +114,11 @@ def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
     return [ev.dataset.records[i] for i in range(n)]
 
 
-def maybe_evaluate(step: PreferenceStep, model, sets: list[EvalSet], probes: list[EvalSet]) -> dict[str, float]:
+def maybe_evaluate(step: PreferenceStep, model, sets: list[EvalSet], probes: list[EvalSet],
+                   reference=None) -> dict[str, float]:
     out: dict[str, float] = {}
     for ev in sets:
-        out.update(evaluate(step, model, ev))
+        out.update(evaluate(step, model, ev, reference))
     for ev in probes:
         out.update(probe(step, model, ev))
     return out
-
-

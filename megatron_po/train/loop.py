@@ -19,14 +19,18 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_po.config import Config
 from megatron_po.models.families import HF_FAMILIES
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
-from megatron_po.objectives import build_objective_config, objective_needs_reference, uses_global_stats
+from megatron_po.objectives import Objective, build_objective
 from megatron_po.parallel.groups import ParallelGroups
+from megatron_po.parallel.reduce import broadcast_from_last_stage
 from megatron_po.train import checkpoint as ckpt
+from megatron_po.train.batch import MicroBatch, index_samples
 from megatron_po.train.batch_stats import gather_global_stats
+from megatron_po.train.data import (build_eval_datasets, build_eval_sets, build_sampler, build_tokenizer,
+                                    build_train_dataset, micro_batches, prepare_data)
 from megatron_po.train.evaluate import maybe_evaluate
-from megatron_po.train.data import build_tokenizer, build_eval_sets, build_sampler, build_train_dataset, micro_batches, prepare_data
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
-from megatron_po.train.step import PreferenceStep, forward_step, run_schedule, same_vision
+from megatron_po.train.reference import LiveReference, ReferenceSource
+from megatron_po.train.step import PreferenceStep, Tower, run_schedule, same_vision, train_forward_step
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainState:
     policy: DistributedDataParallel
-    reference: Optional[VLMModel]
+    reference: Optional[ReferenceSource]
+    """Where each step's reference log-probs come from (None: the objective reads none)."""
     optimizer: object
     scheduler: OptimizerParamScheduler
     step: PreferenceStep
@@ -42,7 +47,8 @@ class TrainState:
 
 
 def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
-    """One VLM of `model.family`: tiny_vlm from the config's shapes, a HF family from model.hf_path/config.json.
+    """One VLM of `model.family` (this rank's pipeline stage of it): tiny_vlm from the config's shapes, a HF
+    family from model.hf_path/config.json.
 
     Weights depend only on train.seed (then on checkpoint.init_from), never on the layout.
     """
@@ -55,12 +61,13 @@ def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
     return model.to(groups.device)
 
 
-def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[VLMModel, Optional[VLMModel]]:
-    """Policy and (if the objective needs one) a frozen reference, from the same builder and weights."""
+def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int,
+                 objective: Objective) -> tuple[VLMModel, Optional[VLMModel]]:
+    """Policy and, when the objective reads a reference and no cache provides it, a frozen reference model from
+    the same builder and weights."""
     policy = build_model(cfg, groups, vocab_size)
     reference = None
-    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
-    if objective_needs_reference(cfg.objective.name, objective_cfg):
+    if objective.needs_reference and cfg.reference.source == "model":
         reference = build_model(cfg, groups, vocab_size)
         reference.requires_grad_(False)
         reference.eval()
@@ -71,7 +78,23 @@ def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int) -> tuple[
     return policy, reference
 
 
-def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, reference) -> TrainState:
+def policy_tower(policy) -> Tower:
+    return Tower("policy", frozen=policy.vision_frozen)
+
+
+def live_reference(policy, reference, groups: ParallelGroups) -> LiveReference:
+    """The reference model as a reference source; it shares the policy's image encoding when both towers are
+    frozen copies (one encoding per pair and step)."""
+    return LiveReference(reference, groups, Tower("policy" if same_vision(policy, reference, groups) else "reference",
+                                                  frozen=True))
+
+
+def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective, policy: VLMModel,
+                      reference: Optional[ReferenceSource]) -> TrainState:
+    """DDP, optimizer and LR schedule around the policy, and the preference step; `reference` provides the
+    reference log-probs (`live_reference`, or a `CachedReference`) when the objective reads any."""
+    if objective.needs_reference and reference is None:
+        raise ValueError(f"objective {objective.name!r} needs reference log-probs: a reference model or cache")
     if cfg.parallel.use_distributed_optimizer and groups.device.type == "cpu" and cfg.checkpoint.save:
         # measured: every sharding type fails or silently resumes with a wrong Adam step (MEGATRON_ON_CPU.md §8)
         raise ValueError("parallel.use_distributed_optimizer: its checkpoints do not work on the CPU backend; "
@@ -125,42 +148,33 @@ def build_train_state(cfg: Config, groups: ParallelGroups, policy: VLMModel, ref
     lm_cfg.finalize_model_grads_func = finalize_model_grads
     lm_cfg.no_sync_func = ddp.no_sync
     lm_cfg.grad_scale_func = optimizer.scale_loss
-    objective_cfg = build_objective_config(cfg.objective.name, cfg.objective.params)
-    step = PreferenceStep(
-        cfg.objective.name,
-        objective_cfg,
-        groups,
-        reference,
-        share_image_embeds=same_vision(policy, reference),
-        use_global_stats=cfg.objective.batch_stat_scope == "global_batch"
-        and uses_global_stats(cfg.objective.name, objective_cfg),
-        total_steps=cfg.train.train_steps,
-    )
-    if step.objective.next_state is not None and cfg.objective.batch_stat_scope != "global_batch":
-        raise ValueError(f"objective {cfg.objective.name!r} keeps state across steps (an EMA of batch statistics): "
-                         "it needs objective.batch_stat_scope=global_batch")
+    step = PreferenceStep(objective, groups, policy_tower(policy), total_steps=cfg.train.train_steps)
     return TrainState(ddp, reference, optimizer, scheduler, step, groups)
 
 
-def forward_backward(state: TrainState, batches: list[dict]) -> list[dict]:
+def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int) -> None:
+    """What the policy step takes as inputs: the step counter, the samples' global positions, the reference
+    log-probs of every micro-batch, and (if the objective takes them) the step's global-batch statistics."""
+    state.step.iteration = iteration
+    index_samples(batches, state.groups.dp_rank)
+    if state.reference is not None:
+        state.reference.fill(batches)
+    state.step.global_stats = gather_global_stats(state.step, state.policy, batches)
+
+
+def forward_backward(state: TrainState, batches: list[MicroBatch]) -> list[dict]:
     """Forward + backward of this rank's micro-batches through megatron's schedule.
 
     On return the DDP grad buffers hold the gradient of the global-batch mean loss (reduced over DP, divided by
-    the global pair count). Returns the per-micro-batch outputs of `loss_func`.
+    the global pair count). Returns the per-micro-batch outputs of `loss_func` (last pipeline stage only).
     """
     ddp = state.policy
     ddp.zero_grad_buffer()
     state.optimizer.zero_grad()
-    return run_schedule(state.step, ddp, batches, partial(forward_step, state.step), forward_only=False)
+    return run_schedule(state.groups, ddp, batches, partial(train_forward_step, state.step), forward_only=False)
 
 
-def prepare_step(state: TrainState, batches: list[dict], iteration: int) -> None:
-    """Sets the step counter and, if the objective needs them, gathers this step's global batch statistics."""
-    state.step.iteration = iteration
-    state.step.global_stats = gather_global_stats(state.step, batches, state.policy)
-
-
-def train_step(state: TrainState, batches: list[dict], iteration: int = 0) -> dict:
+def train_step(state: TrainState, batches: list[MicroBatch], iteration: int = 0) -> dict:
     """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank)."""
     prepare_step(state, batches, iteration)
     outputs = forward_backward(state, batches)
@@ -169,21 +183,41 @@ def train_step(state: TrainState, batches: list[dict], iteration: int = 0) -> di
     if not ok:
         raise FloatingPointError("optimizer step skipped (non-finite gradients)")
     state.scheduler.step(increment=1)
-    state.step.commit_state()
-    metrics = global_batch_metrics(outputs, state.groups.dp)
+    step, groups = state.step, state.groups
+    result = None
+    if groups.is_last_stage:  # the loss, its samples and the objective's statistics exist only there
+        step.commit_state()
+        result = (global_batch_metrics(outputs, groups.dp, step.objective.summarize), step.objective_state)
+    metrics, step.objective_state = broadcast_from_last_stage(result, groups.pp)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = lr
     return metrics
 
 
+def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, policy, reference_model,
+                    datasets: dict) -> Optional[ReferenceSource]:
+    """The step's reference source: None (the objective reads no reference), the reference model, or the cache
+    of `reference.cache_path`, checked against this run's data, tokenizer, reference weights and settings."""
+    if not objective.needs_reference:
+        return None
+    if cfg.reference.source == "cache":
+        from megatron_po.train.ref_cache import CachedReference, open_cache
+
+        return CachedReference(open_cache(cfg, objective, datasets, groups), groups.device)
+    return live_reference(policy, reference_model, groups)
+
+
 def run_training(cfg: Config, groups: ParallelGroups) -> dict:
     """Trains according to `cfg`; returns the last step's metrics."""
     out = Path(cfg.output_dir)
-    train_path, tok_path = prepare_data(cfg)
+    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+    train_path, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
-    ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size)
-    policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
-    state = build_train_state(cfg, groups, policy, reference)
+    ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size, objective)
+    eval_datasets = build_eval_datasets(cfg, tokenizer, groups.tp_size)
+    policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds, **eval_datasets})
+    state = build_train_state(cfg, groups, objective, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
     ckpt_root = out / "checkpoints"
@@ -201,7 +235,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
             logger.warning("resumed from %s at step %d", latest, start)
 
     writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar)
-    eval_sets, probe_sets = build_eval_sets(cfg, tokenizer, groups)
+    eval_sets, probe_sets = build_eval_sets(cfg, eval_datasets, groups)
     for ev in eval_sets:  # Δlog p is measured against step 0 even across a resume
         ev.baseline.update(eval_baselines.get(ev.name, {}))
 
@@ -210,7 +244,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
             return {}
         if step_no not in (0, cfg.train.train_steps) and step_no % cfg.eval.interval:
             return {}
-        return maybe_evaluate(state.step, state.policy, eval_sets, probe_sets)
+        return maybe_evaluate(state.step, state.policy, eval_sets, probe_sets, state.reference)
 
     last: dict = {}
     try:
@@ -221,7 +255,7 @@ def run_training(cfg: Config, groups: ParallelGroups) -> dict:
             batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
             metrics = train_step(state, batches, it)
             dt = time.perf_counter() - t0
-            tokens = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
+            tokens = sum(int((b.rows.tokens != tokenizer.pad_id).sum()) for b in batches)
             tokens_t = torch.tensor(tokens, dtype=torch.float64, device=groups.device)
             dist.all_reduce(tokens_t, group=groups.dp)
             last = {"step": it + 1, **metrics, "tokens_per_s": tokens_t.item() / dt, "step_time_s": dt}

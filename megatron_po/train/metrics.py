@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -13,18 +14,20 @@ from megatron_po.objectives import summarize_metrics
 from megatron_po.parallel.reduce import all_gather_cat
 
 
-def global_batch_metrics(micro_outputs: list[dict], dp_group) -> dict[str, float]:
-    """Per-pair samples of all micro-batches of all DP ranks -> global means (never per rank).
+def global_batch_metrics(micro_outputs: list[dict], dp_group,
+                         summarize: Callable[[dict], dict[str, float]] = summarize_metrics) -> dict[str, float]:
+    """Per-pair samples of all micro-batches of all DP ranks -> global means (never per rank); on the last
+    pipeline stage, where the loss and its samples are.
 
     Every DP rank holds the same number of pairs per step (the sampler guarantees it), so an all-gather of the
-    concatenated samples is exact.
+    concatenated samples is exact. `summarize` is the objective's own (``Objective.summarize``).
     """
     keys = sorted(micro_outputs[0]["samples"])
     out = {}
     for k in keys:
         local = torch.cat([m["samples"][k].float().reshape(-1) for m in micro_outputs])
         out[k] = all_gather_cat(local, dp_group)
-    summary = summarize_metrics(out)
+    summary = summarize(out)
     if "pair_weight" in out:
         # objectives that drop pairs (beta-DPO): the loss is the mean over the kept ones, as in the gradient
         summary["loss"] = float(out["loss"].sum() / out["pair_weight"].sum().clamp_min(1))

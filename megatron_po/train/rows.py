@@ -1,10 +1,10 @@
-"""One model forward over a set of rows: image tokens laid out per row, then per-token log-probs.
+"""One model forward over a set of rows (one pipeline stage's part of it), and per-token log-probs of the output.
 
-A batch (or a view of one) holds rows of text whose image slots are filled from a shared list of images:
-``tokens``, ``labels``, ``position_ids``, ``image_token_mask`` [R, S] and ``row_images`` (``row_images[r]`` = the
-indices into the batch's ``images`` of the images whose slots appear in row r, in order). A preference pair's
-two rows name the same image; P2-DPO's calibration row names two ([I, I_crop]). The model contract
-(models/vlm.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in row-major order.
+A micro-batch (train/batch.py) holds rows of text whose image slots are filled from a shared list of images
+(``Rows.row_images[r]`` = the indices into the batch's images of the images whose slots appear in row r, in
+order). A preference pair's two rows name the same image; P2-DPO's calibration row names two ([I, I_crop]). The
+model contract (models/vlm.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in
+row-major order, on the first pipeline stage.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 from megatron_po.logprobs import vocab_parallel_token_logps
+from megatron_po.train.batch import Rows
+
 
 def unwrap(model):
     """The VLM inside DDP / precision wrappers: the first module with the model contract's `encode_images`
@@ -54,22 +56,27 @@ def encode(model, images) -> torch.Tensor:
     return unwrap(model).encode_images(images)
 
 
-def row_token_logps(model, rows: dict, embeds: torch.Tensor, images, tp_group) -> torch.Tensor:
-    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``rows`` under ``model``.
+def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> torch.Tensor:
+    """This pipeline stage's forward of ``rows``: logits [R, S, V/tp] on the last stage, hidden states elsewhere.
 
     Args:
         model: the policy (possibly DDP-wrapped) or the reference.
-        rows: a row view: ``tokens``, ``labels``, ``position_ids``, ``image_token_mask``, ``row_images`` (a pair
-            batch is its own view; a P2 batch may carry a second one, ``ref_rows``, for the reference).
-        embeds: ``encode(model, images)`` of the batch's images.
-        images: the batch's images (for per-image token counts of ``[T_img, h]`` embeddings).
-        tp_group: the group that shards the vocabulary.
+        rows: the rows to run (a micro-batch's policy or reference view).
+        embeds: ``encode(model, images)`` of the micro-batch's images on the first stage; None on the others,
+            which take their input from the previous stage (``set_input_tensor``).
+        images: the micro-batch's images (for per-image token counts of ``[T_img, h]`` embeddings).
     """
-    tokens = rows["tokens"]
-    num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
-    flat = slot_embeds(embeds, rows["row_images"], num_tokens)
-    logits = model(tokens, rows["position_ids"], causal_mask(tokens.shape[1], tokens.device), flat,
-                   rows["image_token_mask"])
+    flat = None
+    if unwrap(model).pre_process:
+        num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
+        flat = slot_embeds(embeds, rows.row_images, num_tokens)
+    tokens = rows.tokens
+    return model(tokens, rows.position_ids, causal_mask(tokens.shape[1], tokens.device), flat,
+                 rows.image_token_mask)
+
+
+def token_logps(model, logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``labels`` under last-stage ``logits``."""
     # HF families pad the real vocabulary (lm_shape.vocab_size): padded entries must not enter the softmax
     shape = getattr(unwrap(model), "lm_shape", None)
-    return vocab_parallel_token_logps(logits, rows["labels"], tp_group, None if shape is None else shape.vocab_size)
+    return vocab_parallel_token_logps(logits, labels, tp_group, None if shape is None else shape.vocab_size)

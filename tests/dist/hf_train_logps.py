@@ -1,7 +1,12 @@
-"""Sequence log-probs of the trainer's own batches: megatron (our collator + family model + row log-probs) vs
-transformers' forward on the same token ids and images (the pytest side is tests/test_hf_train.py).
+"""Sequence log-probs of the trainer's own batches: megatron (our collator + family model + the step's forward-only
+pass through megatron's schedule) vs transformers' forward on the same token ids and images, in several layouts of
+one 2-process launch (the pytest side is tests/test_hf_train.py):
 
-    python hf_train_logps.py FAMILY HF_DIR CONVERTED_HF_DIR TRAIN_JSONL OUT_JSON
+- tp1: TP=1 (DP=2);
+- tp2: TP=2, the padded vocabulary split over two ranks (rank 1 holds the padded tail: its mask offset matters);
+- pp2: two pipeline stages loaded from the same converted (TP=1, PP=1) checkpoint, tied embeddings included.
+
+    torchrun --nproc_per_node 2 hf_train_logps.py FAMILY HF_DIR CONVERTED_HF_DIR TRAIN_JSONL OUT_JSON
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+LAYOUTS = {"tp1": dict(tp=1), "tp2": dict(tp=2), "pp2": dict(pp=2)}
 
 
 def hf_forward(family: str, hf_dir: Path, batch: dict, row_parts: list[dict]) -> torch.Tensor:
@@ -33,36 +41,42 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     from megatron_po.data.hf_chat import HFImages, HFTokenizer
     from megatron_po.data.records import read_records
     from megatron_po.models.families import HF_FAMILIES
-    from megatron_po.parallel.groups import init_parallel, teardown
+    from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
+    from megatron_po.parallel.reduce import broadcast_from_last_stage
+    from megatron_po.train.batch import MicroBatch
     from megatron_po.train.checkpoint import load_model_weights
-    from megatron_po.train.rows import encode, row_token_logps
+    from megatron_po.train.step import Tower, run_logps_pass
 
-    groups = init_parallel(ParallelConfig(backend="gloo"), seed=0)
-    try:
-        tok = HFTokenizer(family, conv_hf)
-        images = HFImages(tok)
-        ds = PreferenceDataset(read_records(Path(train_jsonl))[:8], Path(train_jsonl).parent, tok,
-                               CollateConfig(max_length=320, num_image_tokens=0), image_size=0, images=images)
-        items = [ds[i] for i in range(min(4, len(ds)))]
-        batch = ds.collator(items)
-        model = HF_FAMILIES[family].load().build(tok.hf_config, ModelConfig(spec="local"), ParallelConfig(), groups)
+    init_process_group(ParallelConfig(backend="gloo"))
+    tok = HFTokenizer(family, conv_hf)
+    images = HFImages(tok)
+    ds = PreferenceDataset(read_records(Path(train_jsonl))[:8], Path(train_jsonl).parent, tok,
+                           CollateConfig(max_length=320, num_image_tokens=0), image_size=0, images=images)
+    items = [ds[i] for i in range(min(4, len(ds)))]
+    batch = ds.collator(items)
+    row_parts = [items[r[0]][1] for r in batch["row_images"]]
+    logits = hf_forward(family, Path(hf_dir), batch, row_parts)
+    labels = batch["labels"]
+    theirs = (torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+              * (labels != -100)).sum(-1)
+    res = {"num_pairs": batch["num_pairs"], "image_tokens": int(batch["image_token_mask"].sum()),
+           "theirs": theirs.tolist(), "layouts": {}}
+    for name, layout in LAYOUTS.items():
+        par = ParallelConfig(backend="gloo", **layout)
+        groups = init_parallel(par, seed=0)
+        model = HF_FAMILIES[family].load().build(tok.hf_config, ModelConfig(spec="local"), par, groups)
         load_model_weights(Path(conv_hf).parent, model)
         model.eval()
-        with torch.no_grad():
-            ours = row_token_logps(model, batch, encode(model, batch["images"]), batch["images"], groups.tp)
-        row_parts = [items[r[0]][1] for r in batch["row_images"]]
-        logits = hf_forward(family, Path(hf_dir), batch, row_parts)
-        labels = batch["labels"]
-        mask = labels != -100
-        theirs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * mask
-        a, b = ours.sum(-1), theirs.sum(-1)
-        res = {"num_pairs": batch["num_pairs"], "image_tokens": int(batch["image_token_mask"].sum()),
-               "ours": a.tolist(), "theirs": b.tolist(),
-               "max_rel_err": float(((a - b).abs() / b.abs()).max())}
+        # the trainer's own reference/statistics pass: megatron's schedule, log-probs on the last stage
+        logps = run_logps_pass(groups, model, [MicroBatch.from_collated(batch)], Tower("policy", frozen=True))
+        ours = broadcast_from_last_stage(None if logps is None else logps[0].seq.tolist(), groups.pp)
+        a = torch.tensor(ours)
+        res["layouts"][name] = {"ours": ours, "max_rel_err": float(((a - theirs).abs() / theirs.abs()).max())}
+        destroy_parallel()
+    if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(res))
         print(res)
-    finally:
-        teardown()
+    teardown()
 
 
 if __name__ == "__main__":

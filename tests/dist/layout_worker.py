@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -22,35 +24,43 @@ from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import build_vlm, padded_vocab_size
-from megatron_po.objectives import OBJECTIVES, build_objective_config
+from megatron_po.objectives import OBJECTIVES, build_objective, build_objective_config
 from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
-from megatron_po.parallel.reduce import all_gather_cat
+from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, micro_batches, prepare_data
-from megatron_po.train.loop import build_train_state, forward_backward, prepare_step
+from megatron_po.train.loop import build_train_state, forward_backward, live_reference, prepare_step
 from megatron_po.train.rows import causal_mask
 
 GLOBAL_BATCH = 4
 POLICY_SEED, REF_SEED = 11, 12
 # every layout for the core objectives and those with batch statistics (where rank-local statistics would break);
-# the per-pair rest on TP=1 x DP=2 with 2 micro-batches and on TP=2 + SP: the paths they share are covered above
-CORE = {"dpo", "acpo", "acpo_batch", "beta_dpo", "cw_sftc"}
-SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp"}
+# the per-pair rest on TP=1 x DP=2 with 2 micro-batches, TP=2 + SP and the pipeline layouts
+CORE = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc"}
+SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2"}
 # labels without a defined step-0 value: only compared with a drifted reference
 NO_STEP0 = {"combo", "cw_sftc", "p2_dpo_rejected"}
-LAYOUTS = [  # (name, tp, sp, micro_batch_size) on 2 processes: dp = 2 / tp
-    ("tp1_dp2", 1, False, 2),
-    ("tp1_dp2_2mb", 1, False, 1),
-    ("tp2", 2, False, 4),
-    ("tp2_sp", 2, True, 4),
-    ("tp2_sp_2mb", 2, True, 2),
-]
+NUM_LAYERS = 3  # uneven over two pipeline stages: pp_layers_first / pp_layers_last decide the split
+LAYOUTS = {  # name: (world size, tp, sp, pp, pp_layers_first, pp_layers_last, micro_batch_size); dp = world/(tp*pp)
+    "tp1_dp2": (2, 1, False, 1, 0, 0, 2),
+    "tp1_dp2_2mb": (2, 1, False, 1, 0, 0, 1),
+    "tp2": (2, 2, False, 1, 0, 0, 4),
+    "tp2_sp": (2, 2, True, 1, 0, 0, 4),
+    "tp2_sp_2mb": (2, 2, True, 1, 0, 0, 2),
+    # pipeline: the first stage holds the vision tower and one decoder layer, the last two layers and the loss
+    "pp2": (2, 1, False, 2, 1, 0, 2),
+    "pp2_4mb": (2, 1, False, 2, 1, 0, 1),
+    "tp2_sp_pp2": (4, 2, True, 2, 0, 1, 2),
+    "dp2_pp2": (4, 1, False, 2, 1, 0, 1),
+}
 OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     ("dpo", "dpo", {"beta": 0.1}, ("drifted", "other")),
     ("acpo", "acpo", {}, ("drifted",)),
     # batch statistics over the optimizer step's global batch (batch_stat_scope=global_batch, the default)
     ("acpo_batch", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
+    # per-pair α with the batch's length statistics (global lengths under batch_stat_scope=global_batch)
+    ("acpo_hybrid", "acpo", {"alpha_scope": "hybrid"}, ("drifted",)),
     ("ipo", "ipo", {}, ("drifted",)),
     ("simpo", "simpo", {}, ()),
     ("dpo_shift", "dpo_shift", {"schedule": "increase_linear"}, ("drifted",)),
@@ -70,10 +80,12 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
 P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
-def make_cfg(out: Path, tp: int, sp: bool, mbs: int, objective: str, params: dict) -> Config:
+def make_cfg(out: Path, layout: str, objective: str, params: dict) -> Config:
+    _, tp, sp, pp, first, last, mbs = LAYOUTS[layout]
     return config_from_dict({
         "output_dir": str(out),
-        "parallel": {"tp": tp, "sp": sp},
+        "parallel": {"tp": tp, "sp": sp, "pp": pp, "pp_layers_first": first, "pp_layers_last": last},
+        "model": {"num_layers": NUM_LAYERS},
         "data": {"num_train": 32, "num_eval": 4},
         "objective": {"name": objective, "params": params},
         # eps >= 1e-3 keeps Adam from amplifying 1e-7 noise on near-zero grads (MEGATRON_ON_CPU.md)
@@ -82,17 +94,34 @@ def make_cfg(out: Path, tp: int, sp: bool, mbs: int, objective: str, params: dic
     })
 
 
+PLAIN = "plain"  # the single-process reference layout: TP=1, PP=1, the whole global batch in one micro-batch
+LAYOUTS[PLAIN] = (1, 1, False, 1, 0, 0, GLOBAL_BATCH)
+
+
+def layer_offset(model) -> int:
+    """Global index of this pipeline stage's first decoder layer (megatron numbers layers from 1, globally)."""
+    return model.language_model.decoder.layers[0].layer_number - 1
+
+
+def global_name(name: str, offset: int) -> str:
+    """A parameter's name in the unsplit model: the stage's local layer index shifted by its offset."""
+    m = re.match(r"(language_model\.decoder\.layers\.)(\d+)(\..*)", name)
+    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}" if m else name
+
+
 def build_pair(cfg: Config, vocab: int, groups, ref_mode: str):
     """Policy and reference. ref_mode: 'same' (step 0), 'drifted' (same vision, perturbed LM: the shared-image
     path) or 'other' (another seed: separate image encodings)."""
     policy = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=POLICY_SEED)
     reference = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=REF_SEED if ref_mode == "other" else POLICY_SEED)
     if ref_mode == "drifted":
-        # layout-independent noise: drawn at full size then sliced like the parameter (TP shards along dim 0)
-        gen = torch.Generator().manual_seed(99)
+        # layout-independent noise: drawn at full size per parameter (seeded by its name in the unsplit model,
+        # so pipeline stages draw the same) then sliced like the parameter (TP shards along dim 0)
         tp, rank = dist.get_world_size(groups.tp), dist.get_rank(groups.tp)
+        offset = layer_offset(reference)
         with torch.no_grad():
-            for _, p in sorted(reference.language_model.named_parameters()):
+            for name, p in reference.language_model.named_parameters():
+                gen = torch.Generator().manual_seed(zlib.crc32(global_name(f"language_model.{name}", offset).encode()))
                 sharded = getattr(p, "tensor_model_parallel", False) and tp > 1
                 full = list(p.shape)
                 if sharded:
@@ -101,7 +130,12 @@ def build_pair(cfg: Config, vocab: int, groups, ref_mode: str):
                 if sharded:  # strided shards take interleaved chunks, as megatron's CPU init does
                     chunks = noise.chunk(tp * p.partition_stride, dim=p.partition_dim)
                     noise = torch.cat(chunks[rank::tp], dim=p.partition_dim)
-                p.add_(noise * p.detach().abs().mean().clamp_min(1e-3))
+                # scaled by the mean |w| of the whole parameter: a shard's own mean would make the reference, and
+                # every loss compared with it, depend on the TP layout
+                abs_sum = p.detach().abs().sum()
+                if sharded:
+                    dist.all_reduce(abs_sum, group=groups.tp)
+                p.add_(noise * (abs_sum / noise.numel() / (tp if sharded else 1)).clamp_min(1e-3))
     return policy, reference
 
 
@@ -227,70 +261,99 @@ def full_grad(p: torch.Tensor, tp_group) -> torch.Tensor:
     return g
 
 
-def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups) -> dict:
+def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups, plain: dict) -> dict:
+    """One trainer step in this layout, compared with `plain`; the same report entry on every rank."""
     policy, reference = build_pair(cfg, vocab, groups, ref_mode)
     reference.requires_grad_(False).eval()
     ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    vision_before = {n: p.detach().clone() for n, p in policy.vision.named_parameters()}
+    vision = list(policy.vision.parameters()) if policy.vision is not None else []
+    vision_before = [p.detach().clone() for p in vision]
     lm_before = {n: p.detach().clone() for n, p in policy.language_model.named_parameters()}
-    state = build_train_state(cfg, groups, policy, reference)
+    obj = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+    source = live_reference(policy, reference, groups) if obj.needs_reference else None
+    state = build_train_state(cfg, groups, obj, policy, source)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
     prepare_step(state, batches, iteration=0)
     outputs = forward_backward(state, batches)
 
-    def gathered(key):
-        return all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
+    entry = None
+    if groups.is_last_stage:  # the loss and its samples live on the last pipeline stage
+        def gathered(key):
+            return all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
 
-    weight = gathered("pair_weight") if "pair_weight" in outputs[0]["samples"] else None
-    # P2-DPO logs no pair log-probs: its β-margins and policy calibration gain stand for them
-    logp_keys = P2_LOGIT_KEYS if objective == "p2_dpo" else ("logps/chosen", "logps/rejected")
-    res = {
-        "loss": gathered("loss"),
-        "loss_mean": float(gathered("loss").sum() / (weight.sum() if weight is not None else len(gathered("loss")))),
-        "logps": torch.cat([gathered(k) for k in logp_keys]),
-        "grads": {n: full_grad(p, groups.tp) for n, p in policy.named_parameters() if p.requires_grad},
-    }
-    if "acpo/alpha_hat" in outputs[0]["samples"]:
-        res["alpha_hat"] = gathered("acpo/alpha_hat")
+        weight = gathered("pair_weight") if "pair_weight" in outputs[0]["samples"] else None
+        # P2-DPO logs no pair log-probs: its β-margins and policy calibration gain stand for them
+        logp_keys = P2_LOGIT_KEYS if objective == "p2_dpo" else ("logps/chosen", "logps/rejected")
+        loss = gathered("loss")
+        entry = {
+            "mean_loss": float(loss.sum() / (weight.sum() if weight is not None else len(loss))),
+            "loss_rel": rel(loss, plain["loss"]),
+            "logps_rel": rel(torch.cat([gathered(k) for k in logp_keys]), plain["logps"], plain.get("logps_scale")),
+        }
+        if "alpha_hat" in plain:
+            alpha = gathered("acpo/alpha_hat")
+            entry.update(alpha_rel=rel(alpha, plain["alpha_hat"]), alpha_hat=alpha.tolist())
+    entry = broadcast_from_last_stage(entry, groups.pp)
+    # every stage compares its own parameters, named as in the unsplit model
+    offset = layer_offset(policy)
+    grads = {global_name(n, offset): full_grad(p, groups.tp) for n, p in policy.named_parameters() if p.requires_grad}
+    errors = [(rel(g, plain["grads"][n]), n) for n, g in grads.items() if n in plain["grads"]]
     state.optimizer.step()
-    res["ref_grads_none"] = all(p.grad is None for p in reference.parameters())
-    res["ref_unchanged"] = all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters())
-    res["vision_unchanged"] = all(torch.equal(p, vision_before[n]) for n, p in policy.vision.named_parameters())
-    res["lm_changed"] = any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters())
-    return res
+    mine = {
+        "names": sorted(grads), "errors": errors,
+        "ref_grads_none": all(p.grad is None for p in reference.parameters()),
+        "ref_unchanged": all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters()),
+        "vision_unchanged": all(torch.equal(p, b) for p, b in zip(vision, vision_before)),
+        "lm_changed": any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters()),
+    }
+    world = dist.get_world_size()
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    errors = sorted(e for r in ranks for e in r["errors"])
+    entry.update(
+        grad_rel=errors[-1][0], worst=errors[-3:],
+        grad_names_match=sorted({n for r in ranks for n in r["names"]}) == sorted(plain["grads"]),
+        # each stage holds a disjoint share: a name on two stages would be a wrong split
+        # each stage holds a disjoint share (a parameter sits on its stage's tp x dp ranks): no layer twice
+        grad_names_disjoint=sum(len(r["names"]) for r in ranks) == len(plain["grads"]) * world // groups.pp_size,
+        **{k: all(r[k] for r in ranks) for k in ("ref_grads_none", "ref_unchanged", "vision_unchanged")},
+        lm_changed=any(r["lm_changed"] for r in ranks),
+    )
+    return entry
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, layouts: list[str], only: set | None) -> None:
     out = Path(out_dir)
     init_process_group(ParallelConfig())
-    base = make_cfg(out, 1, False, 2, "dpo", {})
-    train_path, tok_path = prepare_data(base)
+    world = dist.get_world_size()
+    base = make_cfg(out, PLAIN, "dpo", {})
+    train_path, tok_path = prepare_data(base, build_objective("dpo", {}))
     tokenizer = Tokenizer(tok_path)
     vocab = padded_vocab_size(tokenizer.vocab_size, 2)
-    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
     cases = [(label, objective, params, mode) for label, objective, params, extra in OBJECTIVE_CASES
              if not only or label in only
              for mode in (() if label in NO_STEP0 else ("same",)) + tuple(extra)]
     # every layout pads to a multiple of 2 so all of them share one dataset object (per record kind)
-    ds = build_dataset(make_cfg(out, 2, True, 2, "dpo", {}), train_path, tokenizer, 2)
+    ds = build_dataset(make_cfg(out, "tp2_sp", "dpo", {}), train_path, tokenizer, 2)
     datasets = {}
     for label, objective, params, _ in OBJECTIVE_CASES:
         if objective == "p2_dpo" and (not only or label in only):
-            p2_cfg = make_cfg(out, 2, True, 2, objective, params)
-            p2_path, _ = prepare_data(p2_cfg)  # the P2 samples of the same task, with the pairs' tokenizer
+            p2_cfg = make_cfg(out, "tp2_sp", objective, params)
+            p2_obj = build_objective(objective, params)
+            p2_path, _ = prepare_data(p2_cfg, p2_obj)  # the P2 samples of the same task, with the pairs' tokenizer
             records = read_p2_records(p2_path)
             # the global batch is the whole set: two samples with both branches, one of each single branch
             kinds = [(r.focus is not None, r.robust is not None) for r in records]
             picked = [kinds.index((True, True)), len(kinds) - 1 - kinds[::-1].index((True, True)),
                       kinds.index((True, False)), kinds.index((False, True))]
-            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, 2, [records[i] for i in picked])
+            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, 2, p2_obj, [records[i] for i in picked])
     seed = base.train.seed
     # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
     plains = {}
     for label, objective, params, mode in cases:
-        ref_cfg = make_cfg(out, 1, False, GLOBAL_BATCH, objective, params)
+        ref_cfg = make_cfg(out, PLAIN, objective, params)
         params_cfg = build_objective_config(objective, params)
         if objective == "p2_dpo":
             plains[label, mode] = plain_p2(ref_cfg, datasets[label], vocab, params_cfg, mode, groups)
@@ -299,31 +362,18 @@ def main(out_dir: str) -> None:
     destroy_parallel()
 
     report = {}
-    for name, tp, sp, mbs in LAYOUTS:
-        groups = init_parallel(ParallelConfig(tp=tp, sp=sp), seed=seed)
+    for name in layouts:
+        cfg0 = make_cfg(out, name, "dpo", {})
+        assert LAYOUTS[name][0] == world, (name, world)
+        groups = init_parallel(cfg0.parallel, seed=seed)
         for label, objective, params, mode in cases:
             if label not in CORE and name not in SHORT_LAYOUTS:
                 continue
             plain = plains[label, mode]
-            r = run_layout(make_cfg(out, tp, sp, mbs, objective, params), datasets.get(label, ds), vocab, objective,
-                           mode, groups)
-            entry = {
-                "mean_loss": r["loss_mean"],
-                "loss_rel": rel(r["loss"], plain["loss"]),
-                "logps_rel": rel(r["logps"], plain["logps"], plain.get("logps_scale")),
-                "grad_rel": max(rel(r["grads"][n], g) for n, g in plain["grads"].items()),
-                "worst": sorted(((rel(r["grads"][n], g), n) for n, g in plain["grads"].items()))[-3:],
-                "grad_names_match": sorted(r["grads"]) == sorted(plain["grads"]),
-                "ref_grads_none": r["ref_grads_none"],
-                "ref_unchanged": r["ref_unchanged"],
-                "vision_unchanged": r["vision_unchanged"],
-                "lm_changed": r["lm_changed"],
-            }
+            entry = run_layout(make_cfg(out, name, objective, params), datasets.get(label, ds), vocab, objective,
+                               mode, groups, plain)
             if "batch" in plain:  # the global batch's branches and CLIP scores, for the step-0 closed form
                 entry["p2_batch"] = plain["batch"]
-            if "alpha_hat" in plain:
-                entry["alpha_rel"] = rel(r["alpha_hat"], plain["alpha_hat"])
-                entry["alpha_hat"] = r["alpha_hat"].tolist()
             report[f"{label}/ref={mode}/{name}"] = entry
         destroy_parallel()
     if dist.get_rank() == 0:
@@ -335,4 +385,5 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # layout_worker.py OUT_DIR LAYOUT[,LAYOUT...] [LABEL,...]: the layouts must all have this launch's world size
+    main(sys.argv[1], sys.argv[2].split(","), set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None)
