@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "safetensors==0.8.0",  # the reference log-prob cache (no pickle)
 ]
 
 setup(
@@ -27,7 +28,7 @@ setup(
     extras_require={
         # GPU image only (docker/): never install these on a CPU machine, they break megatron imports there
         "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
-        "hf": ["transformers==4.57.1", "safetensors>=0.4"],
+        "hf": ["transformers==4.57.1"],
         "dev": ["pytest==9.2.0"],
     },
     entry_points={"console_scripts": ["megatron-po=megatron_po.cli:main"]},

@@ -1,4 +1,5 @@
-"""The driver: `torchrun ... -m megatron_po.train --config FILE [key=value ...]` or `megatron-po train ...`."""
+"""The driver: `torchrun ... -m megatron_po.train --config FILE [key=value ...]` or `megatron-po train ...`, and
+`torchrun ... -m megatron_po.cli precompute-ref --config FILE [key=value ...]` for the reference log-prob cache."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from megatron_po.config import Config, ConfigError, config_to_dict, load_config
 logger = logging.getLogger("megatron_po")
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megatron-po train", description=__doc__)
+def _parse(argv: list[str], prog: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--config", default=None, help="YAML config (defaults: the embedded demo task)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and layout, given --world-size)")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to check")
@@ -32,51 +33,83 @@ def dry_run(cfg: Config, world_size: int | None) -> None:
     print(json.dumps(config_to_dict(cfg), indent=1))
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+def _distributed(argv: list[str] | None, prog: str, work) -> int:
+    """Parses `--config FILE [overrides]`, starts the process groups (under torchrun or alone), runs
+    `work(cfg, groups)` and tears the groups down; config problems are one `config error:` line and exit code 2."""
+    args = _parse(sys.argv[1:] if argv is None else argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             dry_run(cfg, args.world_size)
             return 0
+        from megatron_po.objectives import build_objective
+
+        # fail before starting processes' work
+        build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
     import torch.distributed as dist
 
-    from megatron_po.objectives import build_objective
     from megatron_po.parallel.groups import init_parallel, init_process_group, teardown
-    from megatron_po.train.loop import run_training
 
-    # fail before starting processes' work
-    build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     init_process_group(cfg.parallel)
     try:
         cfg.validate_world(dist.get_world_size())
-        groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
-        if dist.get_rank() == 0:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-        last = run_training(cfg, groups)
-        if dist.get_rank() == 0 and last:
-            keys = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-            print("final: " + " ".join(f"{k}={last[k]:.4g}" for k in keys if k in last), flush=True)
+        work(cfg, init_parallel(cfg.parallel, seed=cfg.train.seed))
     finally:
         teardown()
     return 0
 
 
+def _train(cfg: Config, groups) -> None:
+    import torch.distributed as dist
+
+    from megatron_po.train.loop import run_training
+
+    if dist.get_rank() == 0:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    last = run_training(cfg, groups)
+    if dist.get_rank() == 0 and last:
+        keys = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+        print("final: " + " ".join(f"{k}={last[k]:.4g}" for k in keys if k in last), flush=True)
+
+
+def _precompute(cfg: Config, groups) -> None:
+    import torch.distributed as dist
+
+    from megatron_po.train.precompute import precompute_reference
+
+    path = precompute_reference(cfg, groups)
+    if dist.get_rank() == 0:
+        print(f"reference cache written: {path} (train with reference.source=cache reference.cache_path={path})",
+              flush=True)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _distributed(argv, "megatron-po train", _train)
+
+
+def precompute_main(argv: list[str] | None = None) -> int:
+    return _distributed(argv, "megatron-po precompute-ref", _precompute)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: megatron-po {train,demo} ...\n  train  run one training stage (under torchrun)\n"
-              "  demo   the embedded SFT -> ACPO demo on this machine")
+        print("usage: megatron-po {train,precompute-ref,demo} ...\n"
+              "  train           run one training stage (under torchrun)\n"
+              "  precompute-ref  write the reference log-prob cache of a config (under torchrun, any layout)\n"
+              "  demo            the embedded SFT -> ACPO demo on this machine")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_main(rest)
+    if cmd == "precompute-ref":
+        return precompute_main(rest)
     if cmd == "demo":
         from megatron_po.demo import main as demo_main
 

@@ -41,6 +41,7 @@ def test_all_layouts_and_objectives_ran(report):
     # every registered objective (P2-DPO's six rows, SimPO without a reference, ...) runs pipeline-parallel
     for label in ALL:
         assert {"pp2", "tp2_sp_pp2"} <= {k.split("/")[-1] for k in report if k.startswith(label + "/")}, label
+    assert {k.split("/")[1] for k in report} == {"ref=same", "ref=drifted", "ref=other", "ref=cache"}
 
 
 def test_logps_loss_alpha_grads_match_plain_torch(report):
@@ -111,3 +112,15 @@ def test_reference_and_frozen_vision_never_change(report):
         assert r["ref_unchanged"], key
         assert r["vision_unchanged"], key
         assert r["lm_changed"], key  # the optimizer did step: the two checks above are not vacuous
+
+
+def test_cached_reference_equals_live(report):
+    """The reference log-prob cache, computed at TP=2 by precompute_reference from a saved reference checkpoint
+    and consumed at TP=1 x DP=2 and at PP=2, gives the live reference's losses and gradients."""
+    cached = {k: r for k, r in report.items() if "/ref=cache/" in k}
+    assert sorted(cached) == ["acpo_batch/ref=cache/pp2", "acpo_batch/ref=cache/tp1_dp2", "aspo/ref=cache/pp2",
+                              "dpo/ref=cache/pp2", "dpo/ref=cache/tp1_dp2", "p2_dpo_rejected/ref=cache/pp2"]
+    for key, r in cached.items():
+        assert r["live_loss_rel"] <= 1e-6 and r["live_grad_rel"] <= 1e-6, (key, r["live_loss_rel"], r["live_grad_rel"])
+        live = report[key.replace("ref=cache", "ref=drifted")]
+        assert abs(r["mean_loss"] - live["mean_loss"]) <= 1e-6 * live["mean_loss"], key

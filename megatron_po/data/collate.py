@@ -245,6 +245,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         image_size: side in pixels images are resized to.
         collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
         images: HF families' image handler (:class:`megatron_po.data.hf_chat.HFImages`); None for tiny_vlm.
+        source: the JSONL file the records come from (the reference cache hashes it).
 
     Raises:
         FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
@@ -252,7 +253,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None):
+                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None, source: Path | None = None):
+        self.source = source
+        """The file the records were read from (None for records built in memory)."""
         self.image_root = Path(image_root)
         self.image_size = image_size
         self.images = images

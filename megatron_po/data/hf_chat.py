@@ -49,6 +49,13 @@ class HFTokenizer:
             self.pad_id = 0  # padded positions are never attended to from real ones nor supervised
         self.response_end_ids = self.encode(self.family.RESPONSE_SUFFIX)
 
+    @property
+    def files(self) -> list[Path]:
+        """The files that decide the token ids, the chat layout and the image processing: every file of hf_path
+        but weights (the reference cache hashes them)."""
+        weights = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.endswith(weights))
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -172,6 +172,7 @@ class P2Dataset(PreferenceDataset):
         image_root: base of relative image paths, normally the JSONL file's directory.
         tokenizer, collate_cfg, image_size: as :class:`PreferenceDataset`.
         calib_reference: as :class:`P2Collator`.
+        source: the JSONL file the records come from.
 
     Raises:
         FileNotFoundError: an image of a kept sample is missing.
@@ -180,9 +181,10 @@ class P2Dataset(PreferenceDataset):
     """
 
     def __init__(self, records: Sequence[P2Record], image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, calib_reference: str = "rejected"):
+                 collate_cfg: CollateConfig, image_size: int, calib_reference: str = "rejected",
+                 source: Path | None = None):
         super().__init__(records, image_root, tokenizer, collate_cfg, image_size,
-                         collator=P2Collator(tokenizer, collate_cfg, calib_reference))
+                         collator=P2Collator(tokenizer, collate_cfg, calib_reference), source=source)
         for record in self.records:
             check_bbox(record, self.image_root)
 

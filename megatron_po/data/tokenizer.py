@@ -115,6 +115,11 @@ class Tokenizer:
             if i < 0:
                 raise ValueError(f"{self.model_file}: the model defines no {name} id")
 
+    @property
+    def files(self) -> list[Path]:
+        """The files that decide the token ids (the reference cache hashes them)."""
+        return [self.model_file]
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no bos/eos, and never a control id."""
         return self._sp.encode(text, out_type=int)

@@ -95,7 +95,7 @@ def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, 
     """Preference pairs from `train_path` (or the given records of it)."""
     records = read_records(train_path) if records is None else records
     ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
-                           images=_images(tokenizer))
+                           images=_images(tokenizer), source=train_path)
     _log_kept(train_path, ds)
     return ds
 
@@ -106,7 +106,7 @@ def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: in
     objective's calib_reference."""
     records = read_p2_records(train_path) if records is None else records
     ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
-                   calib_reference=objective.cfg.calib_reference)
+                   calib_reference=objective.cfg.calib_reference, source=train_path)
     _log_kept(train_path, ds)
     return ds
 

@@ -29,7 +29,8 @@ from megatron_po.train.data import (build_eval_datasets, build_eval_sets, build_
                                     build_train_dataset, micro_batches, prepare_data)
 from megatron_po.train.evaluate import maybe_evaluate
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
-from megatron_po.train.reference import LiveReference, ReferenceSource
+from megatron_po.train.ref_cache import open_cache
+from megatron_po.train.reference import CachedReference, LiveReference, ReferenceSource
 from megatron_po.train.step import PreferenceStep, Tower, run_schedule, same_vision, train_forward_step
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,11 @@ def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, p
     if not objective.needs_reference:
         return None
     if cfg.reference.source == "cache":
-        from megatron_po.train.ref_cache import CachedReference, open_cache
-
-        return CachedReference(open_cache(cfg, objective, datasets, groups), groups.device)
+        cache = open_cache(cfg, objective, datasets)
+        if groups.is_logging_rank:
+            logger.warning("reference log-probs: cache %s (%s; no reference model built)", cache.path,
+                           ", ".join(f"{k} {len(v['ids'])} samples" for k, v in cache.manifest["splits"].items()))
+        return CachedReference(cache, groups.device)
     return live_reference(policy, reference_model, groups)
 
 

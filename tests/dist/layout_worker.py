@@ -10,6 +10,7 @@ report to argv[1]/layouts.json with the worst relative differences; the pytest s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.p2_records import read_p2_records
@@ -31,6 +33,9 @@ from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_pr
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, micro_batches, prepare_data
 from megatron_po.train.loop import build_train_state, forward_backward, live_reference, prepare_step
+from megatron_po.train.precompute import precompute_reference
+from megatron_po.train.ref_cache import open_cache
+from megatron_po.train.reference import CachedReference
 from megatron_po.train.rows import causal_mask
 
 GLOBAL_BATCH = 4
@@ -261,8 +266,11 @@ def full_grad(p: torch.Tensor, tp_group) -> torch.Tensor:
     return g
 
 
-def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups, plain: dict) -> dict:
-    """One trainer step in this layout, compared with `plain`; the same report entry on every rank."""
+def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups, plain: dict,
+               cache=None, live: dict | None = None) -> tuple[dict, dict]:
+    """One trainer step in this layout, compared with `plain`: (the same report entry on every rank, this rank's
+    raw loss and gradients). With `cache` the reference log-probs come from it (no reference forward), and the
+    entry also compares loss and gradients with `live`, the raw result of the live reference in this layout."""
     policy, reference = build_pair(cfg, vocab, groups, ref_mode)
     reference.requires_grad_(False).eval()
     ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
@@ -271,6 +279,8 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     lm_before = {n: p.detach().clone() for n, p in policy.language_model.named_parameters()}
     obj = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     source = live_reference(policy, reference, groups) if obj.needs_reference else None
+    if cache is not None:
+        source = CachedReference(cache, groups.device)
     state = build_train_state(cfg, groups, obj, policy, source)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
@@ -299,6 +309,12 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     offset = layer_offset(policy)
     grads = {global_name(n, offset): full_grad(p, groups.tp) for n, p in policy.named_parameters() if p.requires_grad}
     errors = [(rel(g, plain["grads"][n]), n) for n, g in grads.items() if n in plain["grads"]]
+    raw = {"loss": loss if groups.is_last_stage else None, "grads": grads}
+    if live is not None:  # cache vs live reference, same layout and ranks
+        live_loss = broadcast_from_last_stage(rel(loss, live["loss"]) if groups.is_last_stage else None, groups.pp)
+        worst = torch.tensor(max(rel(g, live["grads"][n]) for n, g in grads.items()), dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        entry.update(live_loss_rel=live_loss, live_grad_rel=float(worst))
     state.optimizer.step()
     mine = {
         "names": sorted(grads), "errors": errors,
@@ -320,7 +336,46 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         **{k: all(r[k] for r in ranks) for k in ("ref_grads_none", "ref_unchanged", "vision_unchanged")},
         lm_changed=any(r["lm_changed"] for r in ranks),
     )
-    return entry
+    return entry, raw
+
+
+# the reference cache: computed at TP=2 from a saved reference checkpoint, consumed in these layouts by the
+# objectives with the most to lose (segment sums, P2's own reference rows, global-batch statistics)
+CACHE_CASES = {("dpo", "drifted"), ("aspo", "drifted"), ("acpo_batch", "drifted"), ("p2_dpo_rejected", "drifted")}
+CACHE_LAYOUTS = {"tp1_dp2", "pp2"}
+
+
+def cache_cfg(cfg: Config, out: Path, label: str) -> Config:
+    """`cfg` reading the reference from the cache of `label`, whose reference is the saved drifted checkpoint."""
+    return dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(out / "ref_ckpt")),
+        reference=dataclasses.replace(cfg.reference, source="cache", cache_path=str(out / f"cache_{label}")))
+
+
+def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed) -> tuple[set, dict]:
+    """Saves the drifted reference as a checkpoint (TP=1) and runs `precompute_reference` at TP=2 for each cache
+    case; returns the cases and each label's full training set (the cache's key covers the whole set)."""
+    todo = {(label, mode) for label, _, _, mode in cases if (label, mode) in CACHE_CASES}
+    if not todo or not CACHE_LAYOUTS & set(layouts):
+        return set(), {}
+    groups = init_parallel(ParallelConfig(tp=1), seed=seed)
+    _, reference = build_pair(make_cfg(out, PLAIN, "dpo", {}), vocab, groups, "drifted")
+    if dist.get_rank() == 0:
+        (out / "ref_ckpt").mkdir(exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": reference.sharded_state_dict(prefix="model.")}, str(out / "ref_ckpt"))
+    destroy_parallel()
+    groups = init_parallel(ParallelConfig(tp=2), seed=seed)
+    full = {}
+    for label, objective, params, _ in OBJECTIVE_CASES:
+        if (label, "drifted") in todo:
+            cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label)
+            precompute_reference(cfg, groups)
+            obj = build_objective(objective, params)
+            full[label] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, 2, obj)
+                           if objective == "p2_dpo" else ds)
+    destroy_parallel()
+    return todo, full
 
 
 def main(out_dir: str, layouts: list[str], only: set | None) -> None:
@@ -360,6 +415,7 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
         else:
             plains[label, mode] = plain_reference(ref_cfg, ds, vocab, params_cfg, objective, mode, groups)
     destroy_parallel()
+    caches, full = precompute_caches(out, vocab, tokenizer, ds, cases, layouts, seed)
 
     report = {}
     for name in layouts:
@@ -370,11 +426,16 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
             if label not in CORE and name not in SHORT_LAYOUTS:
                 continue
             plain = plains[label, mode]
-            entry = run_layout(make_cfg(out, name, objective, params), datasets.get(label, ds), vocab, objective,
-                               mode, groups, plain)
+            cfg = make_cfg(out, name, objective, params)
+            entry, raw = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain)
             if "batch" in plain:  # the global batch's branches and CLIP scores, for the step-0 closed form
                 entry["p2_batch"] = plain["batch"]
             report[f"{label}/ref={mode}/{name}"] = entry
+            if (label, mode) in caches and name in CACHE_LAYOUTS:
+                cache = open_cache(cache_cfg(cfg, out, label), build_objective(objective, params),
+                                   {"train": full[label]})
+                entry, _ = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain, cache, raw)
+                report[f"{label}/ref=cache/{name}"] = entry
         destroy_parallel()
     if dist.get_rank() == 0:
         (out / "layouts.json").write_text(json.dumps(report, indent=1))
