@@ -1,16 +1,26 @@
-"""Tiny end-to-end runs of the real driver under torchrun: resume exactness and the demo stages."""
+"""Tiny end-to-end runs of the real driver under torchrun: resume exactness (also across TP/PP layouts), metrics
+that are global over DP, and the demo stages."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_python, run_torchrun
+from megatron_po.objectives.beta_dpo import initial_state as beta_dpo_initial_state
 
 TIMING_KEYS = {"tokens_per_s", "step_time_s"}
 COMMON = ["parallel.tp=2", "parallel.sp=true", "train.progress_bar=false", "data.num_train=64",
           "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=5e-3", "optim.adam_eps=1e-3"]
+# the other layouts of the same 2 processes (COMMON's TP=2 + SP is the reference layout)
+PP2 = ["parallel.tp=1", "parallel.sp=false", "parallel.pp=2"]
+DP2 = ["parallel.tp=1", "parallel.sp=false"]
+# fp32 across layouts: reductions run in another order (measured: at most ~0.3 of this tolerance, on margins, which
+# are differences of log-probs ~50 in size)
+REL_TOL, ABS_TOL = 1e-5, 1e-6
+LAYOUT_WEIGHT_TOL = 1e-4  # max |w_a - w_b| after 4 steps across layouts (measured 1.2e-7; movement from init ~1e-2)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -21,6 +31,51 @@ def train(out: Path, *overrides: str) -> str:
     return run_torchrun(["-m", "megatron_po.train", f"output_dir={out}", *COMMON, *overrides])
 
 
+def assert_metrics_equal(a: list[dict], b: list[dict]) -> None:
+    """Same steps, same keys, bit-identical values (timings aside)."""
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for ma, mb in zip(a, b):
+        assert ma.keys() == mb.keys(), (ma["step"], ma.keys() ^ mb.keys())
+        for k in ma.keys() - TIMING_KEYS:
+            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
+
+
+def assert_metrics_close(a: list[dict], b: list[dict]) -> float:
+    """Same steps, same keys, values within REL_TOL / ABS_TOL (non-numbers, e.g. "nan", equal); returns the largest
+    |difference| / tolerance seen."""
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    worst = 0.0
+    for ma, mb in zip(a, b):
+        assert ma.keys() == mb.keys(), (ma["step"], ma.keys() ^ mb.keys())
+        for k in sorted(ma.keys() - TIMING_KEYS):
+            x, y = ma[k], mb[k]
+            if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
+                assert x == y, (ma["step"], k, x, y)
+                continue
+            assert math.isclose(x, y, rel_tol=REL_TOL, abs_tol=ABS_TOL), (ma["step"], k, x, y)
+            worst = max(worst, abs(x - y) / max(REL_TOL * max(abs(x), abs(y)), ABS_TOL))
+    return worst
+
+
+def compare_ckpts(cfg_json: Path, ref: Path, *others: Path, out: Path) -> dict:
+    """tests/dist/compare_ckpts.py: every checkpoint of `others` vs `ref`, all loaded into one TP=1, PP=1 model."""
+    run_python([str(REPO / "tests" / "dist" / "compare_ckpts.py"), str(cfg_json), str(ref), *map(str, others),
+                str(out)])
+    cmp = json.loads(out.read_text())
+    assert cmp["keys_match"] and cmp["num_tensors"] > 20, cmp
+    return cmp
+
+
+def ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"iter_{step:07d}"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a stopped run's output_dir, to resume it here without touching a shared fixture."""
+    shutil.copytree(src, dst)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
@@ -28,31 +83,81 @@ def sft_run(tmp_path_factory):
     return out
 
 
-def test_resume_equals_straight_run(tmp_path, sft_run):
-    """4 steps straight vs 2 steps + exit + relaunch: same weights and the same logged metrics."""
-    init = [f"checkpoint.init_from={sft_run / 'checkpoints'}", f"data.tokenizer_path={sft_run / 'data' / 'tokenizer.model'}",
-            "objective.name=acpo", "train.train_steps=4"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(straight, *init)
-    train(resumed, *init, "train.exit_interval=2")
-    assert [m["step"] for m in metrics(resumed)] == [1, 2], "exit_interval did not stop the first launch"
-    log = train(resumed, *init)
+@pytest.fixture(scope="module")
+def acpo_init(sft_run) -> list[str]:
+    """ACPO from the SFT checkpoint, 4 steps, held-out evaluation + probe at steps 0, 2 and 4 (8 pairs and 8 probe
+    records: a multiple of DP=2 x micro-batch 2, so every layout scores the same ones)."""
+    return [f"checkpoint.init_from={sft_run / 'checkpoints'}",
+            f"data.tokenizer_path={sft_run / 'data' / 'tokenizer.model'}", "objective.name=acpo",
+            "train.train_steps=4", "eval.interval=2", "eval.max_pairs=8", "eval.probe_images=4"]
+
+
+@pytest.fixture(scope="module")
+def acpo_straight(tmp_path_factory, acpo_init):
+    """The reference run: 4 steps straight at TP=2 + SP."""
+    out = tmp_path_factory.mktemp("acpo_straight")
+    train(out, *acpo_init)
+    return out
+
+
+@pytest.fixture(scope="module")
+def acpo_half(tmp_path_factory, acpo_init):
+    """The same run stopped by exit_interval after step 2 (TP=2 + SP). Never relaunched in place: tests resume a
+    copy of it."""
+    out = tmp_path_factory.mktemp("acpo_half")
+    train(out, *acpo_init, "train.exit_interval=2")
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2], "exit_interval did not stop the first launch"
+    return out
+
+
+def test_resume_equals_straight_run(tmp_path, sft_run, acpo_init, acpo_straight, acpo_half):
+    """4 steps straight vs 2 steps + exit + relaunch: same weights and the same logged metrics (evaluation too)."""
+    resumed = copy_run(acpo_half, tmp_path / "resumed")
+    log = train(resumed, *acpo_init)
     assert "resumed from" in log
-    a, b = metrics(straight), metrics(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
-        for k in ma.keys() - TIMING_KEYS:
-            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
-    res = tmp_path / "cmp.json"
-    run_python([str(REPO / "tests" / "dist" / "compare_ckpts.py"), str(straight / "config.json"),
-                str(straight / "checkpoints" / "iter_0000004"), str(resumed / "checkpoints" / "iter_0000004"), str(res)])
-    cmp = json.loads(res.read_text())
-    assert cmp["keys_match"] and cmp["num_tensors"] > 20
-    assert cmp["max_abs_diff"] == 0.0, cmp
+    assert [m["step"] for m in metrics(resumed)] == [0, 1, 2, 3, 4]
+    assert_metrics_equal(metrics(acpo_straight), metrics(resumed))
+    cmp = compare_ckpts(acpo_straight / "config.json", ckpt(acpo_straight, 4), ckpt(resumed, 4),
+                        ckpt(sft_run, 6), out=tmp_path / "cmp.json")
+    assert cmp["max_abs_diffs"][0] == 0.0, cmp
     # and training actually moved the weights away from the SFT start (the comparison is not vacuous)
-    run_python([str(REPO / "tests" / "dist" / "compare_ckpts.py"), str(straight / "config.json"),
-                str(sft_run / "checkpoints" / "iter_0000006"), str(straight / "checkpoints" / "iter_0000004"), str(res)])
-    assert json.loads(res.read_text())["max_abs_diff"] > 1e-4
+    assert cmp["max_abs_diffs"][1] > 1e-3, cmp
+
+
+def test_checkpoints_across_pipeline_layouts(tmp_path, sft_run, acpo_init, acpo_straight, acpo_half):
+    """A checkpoint written at PP=2 resumes at TP=2 + SP, and one written at TP=2 + SP resumes at PP=2: both give
+    the straight TP=2 run's metrics and weights, to fp32 tolerance (the layouts reduce in other orders)."""
+    # (a) steps 1-2 at PP=2, steps 3-4 at TP=2 + SP
+    pp_first = tmp_path / "pp_first"
+    train(pp_first, *acpo_init, *PP2, "train.exit_interval=2")
+    assert [m["step"] for m in metrics(pp_first)] == [0, 1, 2], "exit_interval did not stop the PP=2 launch"
+    assert "resumed from" in train(pp_first, *acpo_init)
+    worst_a = assert_metrics_close(metrics(acpo_straight), metrics(pp_first))
+    # (b) steps 1-2 at TP=2 + SP, steps 3-4 at PP=2 (which writes the final checkpoint)
+    tp_first = copy_run(acpo_half, tmp_path / "tp_first")
+    assert "resumed from" in train(tp_first, *acpo_init, *PP2)
+    worst_b = assert_metrics_close(metrics(acpo_straight), metrics(tp_first))
+    # both final checkpoints load into compare_ckpts' TP=1, PP=1 model (the PP=2-written one included)
+    cmp = compare_ckpts(acpo_straight / "config.json", ckpt(acpo_straight, 4), ckpt(pp_first, 4), ckpt(tp_first, 4),
+                        ckpt(sft_run, 6), out=tmp_path / "cmp.json")
+    print(f"metrics |diff|/tol: PP2->TP2 {worst_a:.3f}, TP2->PP2 {worst_b:.3f}; weights vs straight, init: "
+          f"{cmp['max_abs_diffs']}")
+    pp_to_tp, tp_to_pp, from_init = cmp["max_abs_diffs"]
+    assert pp_to_tp < LAYOUT_WEIGHT_TOL and tp_to_pp < LAYOUT_WEIGHT_TOL, cmp
+    assert from_init > 100 * LAYOUT_WEIGHT_TOL, cmp  # the weights did move: the comparison is not vacuous
+
+
+def test_dp2_metrics_are_global(tmp_path, acpo_init, acpo_straight):
+    """DP=2 logs what TP=2 (DP=1) logs for the same global batches: training metrics and the held-out
+    evaluation and probe are gathered over DP before rank 0 logs them, never rank-local."""
+    dp2 = tmp_path / "dp2"
+    train(dp2, *acpo_init, *DP2)
+    a, b = metrics(acpo_straight), metrics(dp2)
+    assert [m["step"] for m in b] == [0, 1, 2, 3, 4]
+    assert [m["step"] for m in b if "eval/delta_logp" in m] == [0, 2, 4]
+    assert all("probe/accuracy" in m and "eval/rewards/margins" in m for m in b if m["step"] % 2 == 0)
+    worst = assert_metrics_close(a, b)
+    print(f"metrics |diff|/tol DP2 vs TP2: {worst:.3f}")
 
 
 def test_sft_loss_decreases(sft_run):
@@ -87,23 +192,33 @@ def test_demo_configs_sft_then_acpo(tmp_path):
 
 
 def test_beta_dpo_ema_state_is_checkpointed(tmp_path, sft_run):
-    """beta-DPO's EMA of margin statistics advances once per step and resumes exactly from a checkpoint."""
+    """beta-DPO's EMA of margin statistics advances once per step and resumes exactly from a checkpoint taken after
+    it moved away from its initial value."""
     init = [f"checkpoint.init_from={sft_run / 'checkpoints'}", f"data.tokenizer_path={sft_run / 'data' / 'tokenizer.model'}",
-            "objective.name=beta_dpo", "objective.params.rho=0.5", "train.train_steps=3"]
+            "objective.name=beta_dpo", "objective.params.rho=0.5", "train.train_steps=4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *init)
-    train(resumed, *init, "train.exit_interval=1")
-    train(resumed, *init)
+    train(resumed, *init, "train.exit_interval=2")
+    first = metrics(resumed)
+    assert [m["step"] for m in first] == [1, 2], "exit_interval did not stop the first launch"
+    saved = json.loads((ckpt(resumed, 2) / "trainer_state.json").read_text())["objective_state"]
+    # the state the relaunch must restore has moved: from the initial (0, 0), and from the state after step 1 (the
+    # EMA after a step is logged as beta_dpo/gap_*; at step 1 the policy is the reference, so M = 0 and it is still
+    # the initial state)
+    assert saved != beta_dpo_initial_state() and saved["gap_std"] > 0, saved
+    after = {n: [m[f"beta_dpo/{n}"] for m in first] for n in ("gap_mean", "gap_std")}
+    for n in ("gap_mean", "gap_std"):
+        assert saved[n] == pytest.approx(after[n][1], rel=1e-5), (n, saved, after)  # logged in fp32
+        assert saved[n] != pytest.approx(after[n][0], rel=1e-3, abs=1e-6), (n, saved, after)
+    assert "resumed from" in train(resumed, *init)
     a, b = metrics(straight), metrics(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3]
-    for ma, mb in zip(a, b):
-        for k in ma.keys() - TIMING_KEYS:
-            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert_metrics_equal(a, b)
     assert all(m["beta_dpo/frac_kept"] == 0.5 for m in a)  # 2 of the 4 pairs of each step
-    state_a = json.loads((straight / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
-    state_b = json.loads((resumed / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
-    assert state_a["objective_state"] == state_b["objective_state"]
-    assert state_a["objective_state"]["gap_std"] > 0  # the EMA moved away from its initial (0, 0)
+    state_a = json.loads((ckpt(straight, 4) / "trainer_state.json").read_text())["objective_state"]
+    state_b = json.loads((ckpt(resumed, 4) / "trainer_state.json").read_text())["objective_state"]
+    assert state_a == state_b
+    assert state_a != saved  # and it kept moving after the resume
 
 
 P2_KEYS = {"p2/focus_loss", "p2/calib_loss", "p2/robust_loss", "p2/focus_logit_mean", "p2/calib_logit_mean",
