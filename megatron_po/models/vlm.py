@@ -6,6 +6,8 @@ megatron-core (TransformerBlock, MultimodalProjector's MLP, GPTModel); the assem
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
@@ -62,8 +64,12 @@ class VLMModel(VLMBase):
         self.vision = self.projector = None
         if groups.is_first_stage:  # the tower feeds the embedding: both live on the first pipeline stage
             self.vision = VisionTower(model, vis_cfg, groups)
+            # image tokens are not sequence-sharded (the merged decoder input is scattered afterwards): under SP a
+            # sequence-parallel projector would all-gather the full image sequence and double its gradients
+            proj_cfg = copy.copy(lm_cfg)
+            proj_cfg.sequence_parallel = False
             self.projector = MultimodalProjector(
-                lm_cfg,
+                proj_cfg,
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 projector_type="mlp",
                 input_size=model.vision.hidden_size,

@@ -178,7 +178,12 @@ def forward_backward(state: TrainState, batches: list[MicroBatch]) -> list[dict]
 def train_step(state: TrainState, batches: list[MicroBatch], iteration: int = 0) -> dict:
     """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank)."""
     prepare_step(state, batches, iteration)
-    outputs = forward_backward(state, batches)
+    return finish_step(state, forward_backward(state, batches))
+
+
+def finish_step(state: TrainState, outputs: list[dict]) -> dict:
+    """The optimizer and LR steps after `forward_backward`, the objective's state update, and the global-batch
+    metrics of `outputs`; metrics and state are computed on the last stage and the same on every rank after."""
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron: 0 on the first warm-up step)
     ok, grad_norm, _ = state.optimizer.step()
     if not ok:

@@ -32,7 +32,7 @@ from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, micro_batches, prepare_data
-from megatron_po.train.loop import build_train_state, forward_backward, live_reference, prepare_step
+from megatron_po.train.loop import build_train_state, finish_step, forward_backward, live_reference, prepare_step
 from megatron_po.train.precompute import precompute_reference
 from megatron_po.train.ref_cache import open_cache
 from megatron_po.train.reference import CachedReference
@@ -81,16 +81,20 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     # "rejected" (the default): the reference's calibration rows hold y_l^f (a second row view)
     ("p2_dpo", "p2_dpo", {"calib_reference": "chosen"}, ("drifted",)),
     ("p2_dpo_rejected", "p2_dpo", {}, ("drifted",)),
+    # a trainable vision tower and projector (LLaVA stage-2 style): its gradients on the first pipeline stage, and
+    # the reference encoding its own images (towers that train are never shared)
+    ("dpo_tower", "dpo", {}, ("drifted",)),
 ]
+MODEL_OVERRIDES = {"dpo_tower": {"vision": {"frozen": False}, "projector_frozen": False}}
 P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
-def make_cfg(out: Path, layout: str, objective: str, params: dict) -> Config:
+def make_cfg(out: Path, layout: str, objective: str, params: dict, label: str = "") -> Config:
     _, tp, sp, pp, first, last, mbs = LAYOUTS[layout]
     return config_from_dict({
         "output_dir": str(out),
         "parallel": {"tp": tp, "sp": sp, "pp": pp, "pp_layers_first": first, "pp_layers_last": last},
-        "model": {"num_layers": NUM_LAYERS},
+        "model": {"num_layers": NUM_LAYERS, **MODEL_OVERRIDES.get(label, {})},
         "data": {"num_train": 32, "num_eval": 4},
         "objective": {"name": objective, "params": params},
         # eps >= 1e-3 keeps Adam from amplifying 1e-7 noise on near-zero grads (MEGATRON_ON_CPU.md)
@@ -184,10 +188,11 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
     ctx = ObjectiveContext(step=0, total_steps=cfg.train.train_steps, global_stats=stats,
                            pair_index=torch.arange(b) if stats is not None else None)
     per_pair, samples = obj.loss_fn(pairs, params_cfg, group=None, ctx=ctx)
+    next_state = obj.next_state(params_cfg, None, stats) if obj.next_state is not None else None
     weight = samples.get("pair_weight")
     (per_pair.sum() / (weight.sum() if weight is not None else b)).backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
-    out = {"loss": per_pair.detach(), "logps": pol.detach(), "grads": grads}
+    out = {"loss": per_pair.detach(), "logps": pol.detach(), "grads": grads, "objective_state": next_state}
     if "acpo/alpha_hat" in samples:
         out["alpha_hat"] = samples["acpo/alpha_hat"].detach()
     return out
@@ -315,13 +320,14 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         worst = torch.tensor(max(rel(g, live["grads"][n]) for n, g in grads.items()), dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         entry.update(live_loss_rel=live_loss, live_grad_rel=float(worst))
-    state.optimizer.step()
+    finish_step(state, outputs)  # the optimizer step, and the objective's state update on every stage
     mine = {
         "names": sorted(grads), "errors": errors,
         "ref_grads_none": all(p.grad is None for p in reference.parameters()),
         "ref_unchanged": all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters()),
         "vision_unchanged": all(torch.equal(p, b) for p, b in zip(vision, vision_before)),
         "lm_changed": any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters()),
+        "objective_state": state.step.objective_state,
     }
     world = dist.get_world_size()
     ranks = [None] * world
@@ -335,6 +341,8 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         grad_names_disjoint=sum(len(r["names"]) for r in ranks) == len(plain["grads"]) * world // groups.pp_size,
         **{k: all(r[k] for r in ranks) for k in ("ref_grads_none", "ref_unchanged", "vision_unchanged")},
         lm_changed=any(r["lm_changed"] for r in ranks),
+        # the state after the step (β-DPO's EMA) as rank 0 — the first pipeline stage — would save it
+        objective_state=ranks[0]["objective_state"],
     )
     return entry, raw
 
@@ -408,7 +416,7 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
     plains = {}
     for label, objective, params, mode in cases:
-        ref_cfg = make_cfg(out, PLAIN, objective, params)
+        ref_cfg = make_cfg(out, PLAIN, objective, params, label)
         params_cfg = build_objective_config(objective, params)
         if objective == "p2_dpo":
             plains[label, mode] = plain_p2(ref_cfg, datasets[label], vocab, params_cfg, mode, groups)
@@ -426,16 +434,17 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
             if label not in CORE and name not in SHORT_LAYOUTS:
                 continue
             plain = plains[label, mode]
-            cfg = make_cfg(out, name, objective, params)
+            cfg = make_cfg(out, name, objective, params, label)
             entry, raw = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain)
             if "batch" in plain:  # the global batch's branches and CLIP scores, for the step-0 closed form
                 entry["p2_batch"] = plain["batch"]
+            entry["plain_objective_state"] = plain.get("objective_state")
             report[f"{label}/ref={mode}/{name}"] = entry
             if (label, mode) in caches and name in CACHE_LAYOUTS:
                 cache = open_cache(cache_cfg(cfg, out, label), build_objective(objective, params),
                                    {"train": full[label]})
                 entry, _ = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain, cache, raw)
-                report[f"{label}/ref=cache/{name}"] = entry
+                report[f"{label}/ref=cache/{name}"] = entry | {"plain_objective_state": plain.get("objective_state")}
         destroy_parallel()
     if dist.get_rank() == 0:
         (out / "layouts.json").write_text(json.dumps(report, indent=1))
