@@ -1,12 +1,13 @@
 """Optimizer-step cost of each parallel layout and objective, measured through the trainer's own code path.
 
-    torchrun --nproc_per_node 2 benchmarks/bench_step.py [--layouts tp1,tp2,tp2sp] [--objectives sft,dpo,acpo]
-        [--hidden 128] [--layers 2] [--seq 128] [--steps 10] [--warmup 3] [key=value ...]
+    torchrun --nproc_per_node 2 benchmarks/bench_step.py [--layouts tp1,tp2,tp2sp,tp1pp2] [--objectives sft,dpo,acpo]
+        [--reference model,cache] [--hidden 128] [--layers 2] [--seq 128] [--steps 10] [--warmup 3] [key=value ...]
 
 Every layout runs in the same process group (megatron's parallel state is destroyed and re-initialised between
-layouts: process start-up would otherwise dominate on a laptop). For each (layout, objective) the script builds
-the policy, the reference when the objective has one, DDP, optimizer and schedule with
-`megatron_po.train.loop.build_models` / `build_train_state`, and times `train_step` on the embedded demo data.
+layouts: process start-up would otherwise dominate on a laptop). For each (layout, objective, reference source)
+the script builds the policy, the reference model when the objective reads one from `model` (with `cache`: runs
+`precompute_reference` in that layout first, untimed, and builds no reference model), DDP, optimizer and schedule
+with `megatron_po.train.loop`, and times `train_step` on the embedded demo data.
 
 Columns:
   ms/step    median wall time of one optimizer step (forward + backward of every micro-batch, DP grad reduction,
@@ -14,12 +15,15 @@ Columns:
              Data loading and collation are done before timing.
   tokens/s   sequence tokens of the global batch (2 rows per pair x padded length S, policy only) per second, so
              objectives with a reference show its forward as lower throughput.
-  peak RSS   highest resident memory of any rank during that configuration (Linux: the kernel's high-water mark,
-             reset per configuration after returning freed heap to the OS; elsewhere psutil sampled every 10 ms).
+  ref fwd    reference-model forwards (micro-batches) per optimizer step: the micro-batch count with the live
+             reference, 0 with the cache or a reference-free objective.
+  peak RSS   highest resident memory of any rank during that configuration, and of the lowest rank (pipeline
+             stages hold different parts) (Linux: the kernel's high-water mark, reset per configuration after
+             returning freed heap to the OS; elsewhere psutil sampled every 10 ms).
   peak GPU   torch.cuda.max_memory_allocated, on GPU runs only.
 
 Trailing `key=value` arguments are megatron_po config overrides (e.g. model.vision.num_layers=4); the layout keys
-(parallel.tp, parallel.sp) and the objective are set by the script.
+(parallel.tp, parallel.sp, parallel.pp), the objective and reference.* are set by the script.
 """
 
 from __future__ import annotations
@@ -52,22 +56,24 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from megatron_po.config import ConfigError, load_config  # noqa: E402
 from megatron_po.data.collate import IGNORE_INDEX  # noqa: E402
 from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
-from megatron_po.objectives import OBJECTIVES  # noqa: E402
+from megatron_po.objectives import OBJECTIVES, build_objective  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
-from megatron_po.train.data import build_sampler, build_train_dataset, micro_batches, prepare_data  # noqa: E402
-from megatron_po.train.loop import build_models, build_train_state, train_step  # noqa: E402
+from megatron_po.train.batch import MicroBatch  # noqa: E402
+from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, to_device  # noqa: E402
+from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
+from megatron_po.train.precompute import precompute_reference  # noqa: E402
 
-LAYOUT_RE = re.compile(r"^tp(\d+)(sp)?$")
+LAYOUT_RE = re.compile(r"^tp(\d+)(sp)?(?:pp(\d+))?$")
 
 
-def parse_layouts(text: str) -> list[tuple[str, int, bool]]:
-    """'tp1,tp2,tp2sp' -> [(name, tp, sp)]; dp is whatever the world size leaves."""
+def parse_layouts(text: str) -> list[tuple[str, int, bool, int]]:
+    """'tp1,tp2,tp2sp,tp1pp2' -> [(name, tp, sp, pp)]; dp is whatever the world size leaves."""
     out = []
     for name in text.split(","):
         m = LAYOUT_RE.match(name.strip())
         if not m:
-            raise ValueError(f"--layouts: {name!r} is not tpN or tpNsp")
-        out.append((name.strip(), int(m.group(1)), bool(m.group(2))))
+            raise ValueError(f"--layouts: {name!r} is not tpN, tpNsp, tpNppM or tpNspppM")
+        out.append((name.strip(), int(m.group(1)), bool(m.group(2)), int(m.group(3) or 1)))
     return out
 
 
@@ -125,6 +131,15 @@ class PeakRSS:
 
 # ---- batches -----------------------------------------------------------------------------------------------------
 
+def step_batches(ds, indices: list[list[int]], seq: int, pad_id: int, device) -> list[MicroBatch]:
+    """This rank's micro-batches of one step, each row right-padded to `seq` positions (0: as collated)."""
+    out = []
+    for idx in indices:
+        batch = ds.collator([ds[i] for i in idx])
+        out.append(MicroBatch.from_collated(to_device(pad_batch(batch, seq, pad_id) if seq else batch, device)))
+    return out
+
+
 def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
     """Right-pads a collated micro-batch to exactly `seq` positions (causal: real tokens see no padding)."""
     s = batch["tokens"].shape[1]
@@ -150,8 +165,10 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
 # ---- one configuration -------------------------------------------------------------------------------------------
 
 def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
-    policy, reference = build_models(cfg, groups, tokenizer.vocab_size)
-    state = build_train_state(cfg, groups, policy, reference)
+    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+    policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds})
+    state = build_train_state(cfg, groups, objective, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     on_gpu = groups.device.type == "cuda"
     if on_gpu:
@@ -160,9 +177,9 @@ def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> 
     times = []
     tokens = 0
     for it in range(warmup + steps):
-        batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
-        if seq:
-            batches = [pad_batch(b, seq, tokenizer.pad_id) for b in batches]
+        batches = step_batches(ds, sampler.micro_batches(it), seq, tokenizer.pad_id, groups.device)
+        if it == warmup:
+            forwards = reference.forwards if reference is not None else 0
         dist.barrier()
         if on_gpu:
             torch.cuda.synchronize()
@@ -173,7 +190,7 @@ def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> 
         dt = time.perf_counter() - t0
         if it >= warmup:
             times.append(dt)
-            tokens += sum(b["tokens"].numel() for b in batches)
+            tokens += sum(b.rows.tokens.numel() for b in batches)
 
     # per step, the slowest rank; tokens summed over DP ranks (TP ranks of one DP rank hold the same batch)
     t = torch.tensor(times, dtype=torch.float64, device=groups.device)
@@ -187,17 +204,22 @@ def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> 
         "ms_iqr": (1e3 * q[0], 1e3 * q[2]),
         "tokens_per_s": tok.item() / sum(times),
         "params_per_rank": sum(p.numel() for p in policy.parameters()),
+        "ref_forwards_per_step": ((reference.forwards if reference is not None else 0) - forwards) / steps,
     }
     if on_gpu:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    del state, policy, reference
+    del state, policy, reference, reference_model
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layouts", default="tp1,tp2,tp2sp", help="comma list of tpN / tpNsp (dp = world / tp)")
+    p.add_argument("--layouts", default="tp1,tp2,tp2sp,tp1pp2",
+                   help="comma list of tpN / tpNsp, with an optional ppM (dp = world / (tp * pp))")
     p.add_argument("--objectives", default="sft,dpo,acpo", help=f"comma list of {sorted(OBJECTIVES)}")
+    p.add_argument("--reference", default="model",
+                   help="comma list of reference sources for objectives that read one: model (a reference forward "
+                        "per micro-batch) and/or cache (precomputed in each layout first, untimed)")
     p.add_argument("--hidden", type=int, default=128, help="decoder hidden size (ffn = 2.75x, Qwen2.5's ratio)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -219,6 +241,9 @@ def main() -> int:
     except ValueError as e:
         p.error(str(e))
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    sources = [s.strip() for s in args.reference.split(",") if s.strip()]
+    if not sources or set(sources) - {"model", "cache"}:
+        p.error(f"--reference: a comma list of model, cache; got {args.reference!r}")
     for o in objectives:
         if o not in OBJECTIVES:
             p.error(f"--objectives: unknown {o!r}; known {sorted(OBJECTIVES)}")
@@ -250,33 +275,40 @@ def main() -> int:
     mem = PeakRSS()
     rows = []
     try:
-        for name, tp, sp in layouts:
-            if world % tp:
-                raise SystemExit(f"layout {name}: world size {world} is not a multiple of tp={tp}")
+        for name, tp, sp, pp in layouts:
+            if world % (tp * pp):
+                raise SystemExit(f"layout {name}: world size {world} is not a multiple of tp*pp={tp * pp}")
             if sp and args.seq % tp:
                 raise SystemExit(f"layout {name}: --seq {args.seq} must be a multiple of tp={tp} for sequence parallel")
             datasets = {}  # once per layout and record kind: sequence parallel pads rows to a multiple of tp
-            for obj in objectives:
+            for obj, source in [(o, s) for o in objectives for s in sources
+                                if s == "model" or build_objective(o, {}).needs_reference]:
                 cfg = load_config(None, base + [f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}",
-                                                f"objective.name={obj}"])
+                                                f"parallel.pp={pp}", f"objective.name={obj}",
+                                                f"reference.source={source}",
+                                                f"reference.cache_path={args.output_dir}/cache_{name}_{obj}"])
                 dp = cfg.validate_world(world)
                 groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
                 try:
-                    kind = OBJECTIVES[obj].inputs
-                    if kind not in datasets:
-                        train_path, tok_path = prepare_data(cfg)
+                    objective = build_objective(obj, {})
+                    if objective.inputs not in datasets:
+                        train_path, tok_path = prepare_data(cfg, objective)
                         tokenizer = Tokenizer(tok_path)
-                        datasets[kind] = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size)
-                    ds = datasets[kind]
+                        datasets[objective.inputs] = build_train_dataset(cfg, train_path, tokenizer,
+                                                                         groups.tp_size, objective)
+                    ds = datasets[objective.inputs]
+                    if source == "cache":
+                        precompute_reference(cfg, groups)
                     mem.start()
                     r = bench_one(cfg, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
-                    peak = torch.tensor([mem.stop()], dtype=torch.float64, device=groups.device)
-                    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-                    r.update(layout=f"{name} (dp={dp})", objective=obj, peak_rss_bytes=int(peak.item()))
+                    peaks = [None] * world
+                    dist.all_gather_object(peaks, mem.stop())
+                    r.update(layout=f"{name} (dp={dp})", objective=obj, reference=source if objective.needs_reference
+                             else "-", peak_rss_bytes=max(peaks), peak_rss_min_bytes=min(peaks), peak_rss_ranks=peaks)
                     rows.append(r)
                     if rank == 0:
-                        print(f"  {r['layout']:<14} {obj:<5} {r['ms_per_step']:8.1f} ms/step", file=sys.stderr,
-                              flush=True)
+                        print(f"  {r['layout']:<14} {obj:<5} {r['reference']:<5} {r['ms_per_step']:8.1f} ms/step",
+                              file=sys.stderr, flush=True)
                 finally:
                     del groups
                     destroy_parallel()
@@ -297,14 +329,16 @@ def print_table(args, world: int, rows: list[dict]) -> None:
           f"global_batch={args.global_batch} pairs micro={args.micro_batch} | median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     gpu = any("peak_gpu_bytes" in r for r in rows)
-    head = f"| {'layout':<14} | {'objective':<9} | {'ms/step':>8} | {'IQR ms':>13} | {'tokens/s':>9} | {'peak RSS MiB':>12} |"
+    head = (f"| {'layout':<14} | {'objective':<9} | {'reference':<9} | {'ms/step':>8} | {'IQR ms':>13} | "
+            f"{'tokens/s':>9} | {'ref fwd/step':>12} | {'peak RSS MiB max/min rank':>25} |")
     head += " peak GPU MiB |" if gpu else ""
     print(head)
     print(re.sub(r"[^|]", "-", head))
     for r in rows:
-        line = (f"| {r['layout']:<14} | {r['objective']:<9} | {r['ms_per_step']:8.1f} | "
+        rss = f"{r['peak_rss_bytes'] / 2**20:.0f} / {r['peak_rss_min_bytes'] / 2**20:.0f}"
+        line = (f"| {r['layout']:<14} | {r['objective']:<9} | {r['reference']:<9} | {r['ms_per_step']:8.1f} | "
                 f"{r['ms_iqr'][0]:6.1f}-{r['ms_iqr'][1]:<6.1f} | {r['tokens_per_s']:9.0f} | "
-                f"{r['peak_rss_bytes'] / 2**20:12.0f} |")
+                f"{r['ref_forwards_per_step']:12.1f} | {rss:>25} |")
         if gpu:
             line += f" {r.get('peak_gpu_bytes', 0) / 2**20:12.0f} |"
         print(line)
