@@ -164,8 +164,7 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
 
 # ---- one configuration -------------------------------------------------------------------------------------------
 
-def bench_one(cfg, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
-    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
     policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
     reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds})
     state = build_train_state(cfg, groups, objective, policy, reference)
@@ -298,9 +297,9 @@ def main() -> int:
                                                                          groups.tp_size, objective)
                     ds = datasets[objective.inputs]
                     if source == "cache":
-                        precompute_reference(cfg, groups)
+                        precompute_reference(cfg, objective, groups)
                     mem.start()
-                    r = bench_one(cfg, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
+                    r = bench_one(cfg, objective, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
                     peaks = [None] * world
                     dist.all_gather_object(peaks, mem.stop())
                     r.update(layout=f"{name} (dp={dp})", objective=obj, reference=source if objective.needs_reference

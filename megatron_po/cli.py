@@ -24,9 +24,6 @@ def _parse(argv: list[str], prog: str) -> argparse.Namespace:
 
 
 def dry_run(cfg: Config, world_size: int | None) -> None:
-    from megatron_po.objectives import build_objective
-
-    build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     if world_size is not None:
         dp = cfg.validate_world(world_size)
         print(f"layout ok: world={world_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={dp}")
@@ -34,19 +31,19 @@ def dry_run(cfg: Config, world_size: int | None) -> None:
 
 
 def _distributed(argv: list[str] | None, prog: str, work) -> int:
-    """Parses `--config FILE [overrides]`, starts the process groups (under torchrun or alone), runs
-    `work(cfg, groups)` and tears the groups down; config problems are one `config error:` line and exit code 2."""
+    """Parses `--config FILE [overrides]`, builds the objective (once: it is passed down), starts the process
+    groups (under torchrun or alone), runs `work(cfg, objective, groups)` and tears the groups down; config
+    problems are one `config error:` line and exit code 2, before any process group exists."""
     args = _parse(sys.argv[1:] if argv is None else argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
+        from megatron_po.objectives import build_objective
+
         cfg = load_config(args.config, args.overrides)
+        objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
         if args.dry_run:
             dry_run(cfg, args.world_size)
             return 0
-        from megatron_po.objectives import build_objective
-
-        # fail before starting processes' work
-        build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -58,13 +55,13 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     init_process_group(cfg.parallel)
     try:
         cfg.validate_world(dist.get_world_size())
-        work(cfg, init_parallel(cfg.parallel, seed=cfg.train.seed))
+        work(cfg, objective, init_parallel(cfg.parallel, seed=cfg.train.seed))
     finally:
         teardown()
     return 0
 
 
-def _train(cfg: Config, groups) -> None:
+def _train(cfg: Config, objective, groups) -> None:
     import torch.distributed as dist
 
     from megatron_po.train.loop import run_training
@@ -72,18 +69,18 @@ def _train(cfg: Config, groups) -> None:
     if dist.get_rank() == 0:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    last = run_training(cfg, groups)
+    last = run_training(cfg, objective, groups)
     if dist.get_rank() == 0 and last:
         keys = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
         print("final: " + " ".join(f"{k}={last[k]:.4g}" for k in keys if k in last), flush=True)
 
 
-def _precompute(cfg: Config, groups) -> None:
+def _precompute(cfg: Config, objective, groups) -> None:
     import torch.distributed as dist
 
     from megatron_po.train.precompute import precompute_reference
 
-    path = precompute_reference(cfg, groups)
+    path = precompute_reference(cfg, objective, groups)
     if dist.get_rank() == 0:
         print(f"reference cache written: {path} (train with reference.source=cache reference.cache_path={path})",
               flush=True)

@@ -253,13 +253,10 @@ def _stats(key: str, x: Tensor, mask: Optional[Tensor], red: MetricReductions) -
 def summarize_metrics(samples: dict[str, Tensor], reductions: MetricReductions = COMMON_METRICS) -> dict[str, float]:
     """Reduces per-pair metric samples to the logged scalars.
 
-    Every key becomes its mean (renamed per ``reductions.means``), except
-    ``acpo/alpha_hat`` -> ``acpo/alpha_hat_{mean,std,min,max}`` (population std, so one pair gives 0; likewise
-    ``cw/w_c`` and ``p2/w_focus``) and
-    ``acpo/alpha_raw`` -> ``acpo/alpha_raw_median`` only: raw α* reaches ±τ/ε ≈ ±1e5 near r_l = 0, which swamps
-    any mean; the median is torch's lower median, i.e. an observed value, never an average of two outliers.
-    Samples listed in ``reductions.masks`` (P2-DPO's per-branch values) are reduced over the samples that have their branch
-    only, and left out when none has it.
+    Every key becomes its mean (renamed per ``reductions.means``), except the keys of ``reductions.spread``
+    -> ``<key>_{mean,std,min,max}`` (population std, so one pair gives 0) and of ``reductions.medians`` ->
+    ``<key>_median`` only (torch's lower median: an observed value, never an average of two outliers). Samples
+    listed in ``reductions.masks`` are reduced over the samples whose masks are all 1, and left out when none is.
 
     Args:
         samples: name -> per-pair values; pass them concatenated over the whole global batch (all DP ranks and

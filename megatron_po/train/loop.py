@@ -19,7 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_po.config import Config
 from megatron_po.models.families import HF_FAMILIES
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
-from megatron_po.objectives import Objective, build_objective
+from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import broadcast_from_last_stage
 from megatron_po.train import checkpoint as ckpt
@@ -215,10 +215,10 @@ def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, p
     return live_reference(policy, reference_model, groups)
 
 
-def run_training(cfg: Config, groups: ParallelGroups) -> dict:
-    """Trains according to `cfg`; returns the last step's metrics."""
+def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> dict:
+    """Trains `objective` (built from cfg.objective by the driver) according to `cfg`; returns the last step's
+    metrics."""
     out = Path(cfg.output_dir)
-    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
     train_path, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
     ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size, objective)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_po.config import Config
-from megatron_po.objectives import build_objective
+from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.data import (build_eval_datasets, build_tokenizer, build_train_dataset, micro_batches,
@@ -61,9 +61,9 @@ def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int) -> d
     return out
 
 
-def precompute_reference(cfg: Config, groups: ParallelGroups) -> Path:
-    """Computes and writes the cache of `reference.cache_path` for this config; returns its path."""
-    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+def precompute_reference(cfg: Config, objective: Objective, groups: ParallelGroups) -> Path:
+    """Computes and writes the cache of `reference.cache_path` for this config and its `objective` (what the
+    objective reads decides the rows: pairs, or P2-DPO's reference rows); returns its path."""
     if not objective.needs_reference:
         raise ValueError(f"objective {objective.name!r} reads no reference log-probs: there is nothing to precompute")
     if not cfg.reference.cache_path:

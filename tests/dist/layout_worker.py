@@ -378,8 +378,8 @@ def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed
     for label, objective, params, _ in OBJECTIVE_CASES:
         if (label, "drifted") in todo:
             cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label)
-            precompute_reference(cfg, groups)
             obj = build_objective(objective, params)
+            precompute_reference(cfg, obj, groups)
             full[label] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, 2, obj)
                            if objective == "p2_dpo" else ds)
     destroy_parallel()

@@ -74,7 +74,7 @@ def main(out: Path) -> None:
             return str(e)
 
     res = {"before_precompute": check(cfg)}
-    precompute_reference(cfg, groups)
+    precompute_reference(cfg, objective, groups)
     manifest = json.loads((out / "cache" / MANIFEST).read_text())
     ds = datasets(cfg)["train"]
     res["ids"] = manifest["splits"]["train"]["ids"]
