@@ -141,3 +141,14 @@ def test_objective_state_after_the_step_on_every_stage(report):
             assert abs(got[k] - plain[k]) <= 1e-5 * max(1.0, abs(plain[k])), (key, k, got[k], plain[k])
     moved = [r["objective_state"]["gap_std"] for k, r in report.items() if k.startswith("beta_dpo/ref=drifted")]
     assert moved and min(moved) > 0  # the drifted reference moves the EMA off its initial (0, 0)
+
+
+def test_each_image_is_encoded_once_per_step(report):
+    """Frozen towers that are copies of each other encode each micro-batch's images once per step, shared by the
+    reference, statistics and policy passes; a reference with other towers, or a trainable policy tower, adds
+    its own encoding; the cache none."""
+    for key, r in report.items():
+        label, mode = key.split("/")[0], key.split("/")[1]
+        reads_reference = label not in ("simpo", "cw_sftc")
+        own = (mode == "ref=other" or label in TRAINABLE_TOWER) and reads_reference
+        assert r["encodes_per_micro_batch"] == (2 if own else 1), (key, r["encodes_per_micro_batch"])

@@ -271,6 +271,17 @@ def full_grad(p: torch.Tensor, tp_group) -> torch.Tensor:
     return g
 
 
+def count_encodes(*models):
+    """Counts `encode_images` calls of the models from now on; returns a function that reads the count."""
+    calls = [0]
+    for m in models:
+        def counted(images, _encode=m.encode_images):
+            calls[0] += 1
+            return _encode(images)
+        m.encode_images = counted
+    return lambda: calls[0]
+
+
 def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups, plain: dict,
                cache=None, live: dict | None = None) -> tuple[dict, dict]:
     """One trainer step in this layout, compared with `plain`: (the same report entry on every rank, this rank's
@@ -289,8 +300,10 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     state = build_train_state(cfg, groups, obj, policy, source)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
+    encodes = count_encodes(policy, reference)
     prepare_step(state, batches, iteration=0)
     outputs = forward_backward(state, batches)
+    encodes_per_micro_batch = encodes() / len(batches)
 
     entry = None
     if groups.is_last_stage:  # the loss and its samples live on the last pipeline stage
@@ -328,6 +341,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         "vision_unchanged": all(torch.equal(p, b) for p, b in zip(vision, vision_before)),
         "lm_changed": any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters()),
         "objective_state": state.step.objective_state,
+        "encodes_per_micro_batch": encodes_per_micro_batch,
     }
     world = dist.get_world_size()
     ranks = [None] * world
@@ -343,6 +357,8 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         lm_changed=any(r["lm_changed"] for r in ranks),
         # the state after the step (β-DPO's EMA) as rank 0 — the first pipeline stage — would save it
         objective_state=ranks[0]["objective_state"],
+        # image encodings per micro-batch and step on the first stage (towers live there; other stages: 0)
+        encodes_per_micro_batch=max(r["encodes_per_micro_batch"] for r in ranks),
     )
     return entry, raw
 
@@ -414,14 +430,18 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
     seed = base.train.seed
     # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
-    plains = {}
-    for label, objective, params, mode in cases:
+    mine = {}
+    # the plain computations are single-process: each rank does its share and every rank gets all of them
+    for label, objective, params, mode in cases[dist.get_rank()::world]:
         ref_cfg = make_cfg(out, PLAIN, objective, params, label)
         params_cfg = build_objective_config(objective, params)
         if objective == "p2_dpo":
-            plains[label, mode] = plain_p2(ref_cfg, datasets[label], vocab, params_cfg, mode, groups)
+            mine[label, mode] = plain_p2(ref_cfg, datasets[label], vocab, params_cfg, mode, groups)
         else:
-            plains[label, mode] = plain_reference(ref_cfg, ds, vocab, params_cfg, objective, mode, groups)
+            mine[label, mode] = plain_reference(ref_cfg, ds, vocab, params_cfg, objective, mode, groups)
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    plains = {k: v for share in shares for k, v in share.items()}
     destroy_parallel()
     caches, full = precompute_caches(out, vocab, tokenizer, ds, cases, layouts, seed)
 
