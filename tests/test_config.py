@@ -28,6 +28,12 @@ def test_overrides_reach_nested_fields_with_types(tmp_path):
     ({"parallel": {"sp": True}}, "parallel.sp"),  # sp without tp > 1
     ({"optim": {"lr": -1.0}}, "optim.lr"),
     ({"model": {"vision": {"image_size": 30, "patch_size": 8}}}, "image_size"),
+    ({"parallel": {"pp_layers_first": 1}}, "parallel.pp_layers_first"),  # without pp > 1
+    ({"parallel": {"pp": 2}, "model": {"num_layers": 3}}, "do not split over parallel.pp=2"),
+    ({"parallel": {"pp": 3, "pp_layers_first": 1}, "model": {"num_layers": 4}}, "pp_layers_first=1"),
+    ({"parallel": {"pp": 2, "pp_layers_first": 1, "pp_layers_last": 1}, "model": {"num_layers": 3}}, "!= 3 layers"),
+    ({"reference": {"source": "cache"}}, "reference.cache_path"),
+    ({"reference": {"source": "disk"}}, "reference.source"),
 ])
 def test_bad_config_is_named(data, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -93,3 +99,13 @@ def test_hf_family_settings_are_checked(model, extra, match):
 def test_example_internvl3_config_validates():
     cfg = load_config(Path(__file__).resolve().parents[1] / "launch/configs/acpo_internvl3_8b_example.yaml")
     assert cfg.model.family == "internvl3" and cfg.checkpoint.init_from and cfg.model.hf_path
+
+
+def test_pipeline_stage_layers():
+    """The split megatron builds (get_num_layers_to_build), named before any model exists."""
+    from megatron_po.config import ParallelConfig
+
+    assert ParallelConfig(pp=2).stage_layers(4) == [2, 2]
+    assert ParallelConfig(pp=2, pp_layers_first=1).stage_layers(3) == [1, 2]
+    assert ParallelConfig(pp=4, pp_layers_first=1, pp_layers_last=3).stage_layers(10) == [1, 3, 3, 3]
+    assert ParallelConfig(pp=8, pp_layers_first=6, pp_layers_last=8).stage_layers(80) == [6] + [11] * 6 + [8]

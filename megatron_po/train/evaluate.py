@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 from megatron_po.data.collate import PreferenceDataset
-from megatron_po.objectives import summarize_metrics
 from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import micro_batches
@@ -79,7 +78,7 @@ def evaluate(step: PreferenceStep, model, ev: EvalSet, reference=None) -> dict[s
     samples = score_pairs(step, model, ev, reference)
     out = None
     if samples is not None:
-        out = {f"{ev.name}/{k}": v for k, v in summarize_metrics(samples).items()}
+        out = {f"{ev.name}/{k}": v for k, v in step.objective.summarize(samples).items()}
         out[f"{ev.name}/chosen_logp_per_token"] = float(samples["logps/chosen"].sum()
                                                          / samples["lengths/chosen"].sum().clamp_min(1))
     out = broadcast_from_last_stage(out, step.groups.pp)

@@ -205,6 +205,9 @@ def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, p
     """The step's reference source: None (the objective reads no reference), the reference model, or the cache
     of `reference.cache_path`, checked against this run's data, tokenizer, reference weights and settings."""
     if not objective.needs_reference:
+        if cfg.reference.source == "cache" and groups.is_logging_rank:
+            logger.warning("objective %r reads no reference log-probs: reference.source=cache is not used",
+                           objective.name)
         return None
     if cfg.reference.source == "cache":
         cache = open_cache(cfg, objective, datasets)
