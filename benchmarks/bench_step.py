@@ -29,8 +29,6 @@ Trailing `key=value` arguments are megatron_po config overrides (e.g. model.visi
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import logging
 import os
@@ -38,12 +36,10 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,6 +58,7 @@ from megatron_po.train.batch import MicroBatch  # noqa: E402
 from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, to_device  # noqa: E402
 from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
+from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
 
 LAYOUT_RE = re.compile(r"^tp(\d+)(sp)?(?:pp(\d+))?$")
 
@@ -75,58 +72,6 @@ def parse_layouts(text: str) -> list[tuple[str, int, bool, int]]:
             raise ValueError(f"--layouts: {name!r} is not tpN, tpNsp, tpNppM or tpNspppM")
         out.append((name.strip(), int(m.group(1)), bool(m.group(2)), int(m.group(3) or 1)))
     return out
-
-
-# ---- memory ------------------------------------------------------------------------------------------------------
-
-class PeakRSS:
-    """Peak resident set size of this process over a window (one configuration)."""
-
-    _HWM = re.compile(r"VmHWM:\s+(\d+) kB")
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.kernel = self._kernel_hwm_resettable()
-        self._peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    @staticmethod
-    def _kernel_hwm_resettable() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            return True
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        gc.collect()
-        try:
-            # the previous configuration's freed tensors stay in glibc's heap unless handed back to the OS
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        if self.kernel:
-            self._kernel_hwm_resettable()
-            return
-        self._peak = self.proc.memory_info().rss
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self._peak = max(self._peak, self.proc.memory_info().rss)
-
-    def stop(self) -> int:
-        """Bytes."""
-        if self.kernel:
-            with open("/proc/self/status") as f:
-                return int(self._HWM.search(f.read()).group(1)) * 1024
-        self._stop.set()
-        self._thread.join()
-        return max(self._peak, self.proc.memory_info().rss)
 
 
 # ---- batches -----------------------------------------------------------------------------------------------------

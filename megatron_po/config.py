@@ -126,6 +126,13 @@ class ModelConfig:
     """Layer spec: 'auto' (Transformer-Engine on GPU when installed, else local), 'te', 'local'."""
     params_dtype: str = "fp32"
     """'fp32' or 'bf16' (bf16 needs a GPU)."""
+    logprobs: str = "fused"
+    """How the trainer takes log-probs: 'fused' (from the final hidden states and the output weight, response
+    positions only, `logprob_chunk_tokens` at a time: [T, V/tp] logits never exist) or 'logits' (the output
+    layer's full logits, then a vocab-parallel log-softmax)."""
+    logprob_chunk_tokens: int = 256
+    """Tokens per chunk of the fused log-prob stage; its buffer is chunk x V/tp fp32 (256 x 151,936 = 156 MB at
+    TP=1): peak memory of the stage is about that plus the output weight's fp32 gradient."""
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
@@ -139,6 +146,10 @@ class ModelConfig:
             raise ConfigError(f"model.spec must be auto|te|local, got {self.spec!r}")
         if self.params_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"model.params_dtype must be fp32|bf16, got {self.params_dtype!r}")
+        if self.logprobs not in ("fused", "logits"):
+            raise ConfigError(f"model.logprobs must be fused|logits, got {self.logprobs!r}")
+        if self.logprob_chunk_tokens < 1:
+            raise ConfigError(f"model.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")
 
 
 @dataclass

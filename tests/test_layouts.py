@@ -17,9 +17,9 @@ TOL = 1e-5
 # (world size, layouts): process start-up dominates on two cores, so each world size is one launch
 LAUNCHES = {2: ["tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb", "pp2", "pp2_4mb"],
             4: ["tp2_sp_pp2", "dp2_pp2"]}
-CORE = ("dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
+CORE = ("dpo", "dpo_logits", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
 ALL = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
-       "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower"}
+       "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower", "dpo_logits"}
 TRAINABLE_TOWER = {"dpo_tower"}  # vision tower and projector train with the LLM
 
 
@@ -56,7 +56,7 @@ def test_logps_loss_alpha_grads_match_plain_torch(report):
 
 
 # objectives whose step-0 loss (reference == policy) is fixed by definition: DPO-like ln 2; IPO (1/(2 tau))^2
-STEP0 = {"dpo": math.log(2), "dpo_tower": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "acpo_hybrid": math.log(2),
+STEP0 = {"dpo": math.log(2), "dpo_tower": math.log(2), "dpo_logits": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "acpo_hybrid": math.log(2),
          "dpo_shift": math.log(2), "beta_dpo": math.log(2), "cw_dpo": math.log(2), "aspo": math.log(2), "ipo": 25.0}
 
 

@@ -57,8 +57,9 @@ def main(argv=None) -> int:
             ids += [tok.pad_id] * (args.tp - len(ids) % args.tp)  # SP shards the sequence evenly; pads come last
         tokens = torch.tensor([ids])
         module = fam.load()
-        model = module.build(hf_config, ModelConfig(spec=args.spec, family=fam.name, hf_path=str(conv / "hf")),
-                             ParallelConfig(tp=args.tp, sp=args.sp), groups).to(groups.device)
+        # logits out of the output layer: parity is checked on the whole vocabulary, not the trainer's log-probs
+        model_cfg = ModelConfig(spec=args.spec, family=fam.name, hf_path=str(conv / "hf"), logprobs="logits")
+        model = module.build(hf_config, model_cfg, ParallelConfig(tp=args.tp, sp=args.sp), groups).to(groups.device)
         load_model_weights(conv, model)
         model.eval()
         row_images = [list(range(len(parts)))]

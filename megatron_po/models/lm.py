@@ -4,11 +4,41 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.models.specs import LMShape, build_decoder_spec, build_lm_config
 from megatron_po.parallel.groups import ParallelGroups
+
+
+class LanguageModel(GPTModel):
+    """megatron's GPTModel, which can stop before its output layer.
+
+    With `output_hidden` the last pipeline stage returns the final (normed) hidden states [s, b, h] instead of
+    logits, and the log-probs come from `logprobs.response_token_logps` with `output_weight()`: only response
+    positions meet the vocabulary, a chunk at a time (model.logprobs=fused, the trainer's default).
+    """
+
+    output_hidden: bool = False
+    logprob_chunk_tokens: int = 256
+    """Tokens per chunk of the fused log-prob stage (its [chunk, V/tp] fp32 buffer)."""
+
+    def configure_logprobs(self, model: ModelConfig) -> "LanguageModel":
+        self.output_hidden = model.logprobs == "fused"
+        self.logprob_chunk_tokens = model.logprob_chunk_tokens
+        return self
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self.output_hidden and self.post_process:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def output_weight(self) -> torch.Tensor:
+        """[V/tp, h] the weight the output layer multiplies by (the embedding's when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
 
 
 def lm_shape_from_hf(text: dict, init_method_std: float = 0.02) -> LMShape:
@@ -39,7 +69,7 @@ def build_language_model(
     padded_vocab: int,
     max_seq_length: int,
     mrope_section: Optional[list[int]] = None,
-) -> GPTModel:
+) -> "LanguageModel":
     """GPTModel in the Qwen2.5 shape (this rank's pipeline stage of it); `mrope_section` switches RoPE to
     Qwen2-VL's 3-axis M-RoPE.
 
@@ -49,7 +79,7 @@ def build_language_model(
     cfg = build_lm_config(model, par, shape)
     if mrope_section is not None:
         cfg.mrope_section = list(mrope_section)
-    return GPTModel(
+    lm = LanguageModel(
         config=cfg,
         transformer_layer_spec=build_decoder_spec(model, cfg, pp_rank=groups.pp_rank),
         vocab_size=padded_vocab,
@@ -63,3 +93,4 @@ def build_language_model(
         post_process=groups.is_last_stage,
         pg_collection=groups.pg_collection,
     )
+    return lm.configure_logprobs(model)

@@ -10,7 +10,6 @@ import copy
 
 import torch
 from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -20,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.models.base import VLMBase
+from megatron_po.models.lm import LanguageModel
 from megatron_po.models.specs import build_decoder_spec, build_lm_config, build_vision_config, build_vision_spec
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -75,7 +75,7 @@ class VLMModel(VLMBase):
                 input_size=model.vision.hidden_size,
                 tp_group=groups.tp,
             )
-        self.language_model = GPTModel(
+        self.language_model = LanguageModel(
             config=lm_cfg,
             transformer_layer_spec=build_decoder_spec(model, lm_cfg, pp_rank=groups.pp_rank, init_seed=seed),
             vocab_size=vocab_size,
@@ -90,6 +90,7 @@ class VLMModel(VLMBase):
             post_process=groups.is_last_stage,
             pg_collection=groups.pg_collection,
         )
+        self.language_model.configure_logprobs(model)
         self.freeze_as_configured(model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

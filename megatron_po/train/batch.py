@@ -43,8 +43,8 @@ class Rows:
 
 @dataclass
 class SeqLogps:
-    """Per-row sums of response-token log-probs (fp32, TP-reduced) and, when the rows carry sentence segments
-    (pair batches), per-sentence sums of the chosen rows (ASPO)."""
+    """Per-row sums of response-token log-probs (fp64 sums of fp32 token log-probs, TP-reduced) and, when the rows
+    carry sentence segments (pair batches), per-sentence sums of the chosen rows (ASPO)."""
 
     seq: Tensor
     """[R]"""

@@ -25,7 +25,7 @@ def global_batch_metrics(micro_outputs: list[dict], dp_group,
     keys = sorted(micro_outputs[0]["samples"])
     out = {}
     for k in keys:
-        local = torch.cat([m["samples"][k].float().reshape(-1) for m in micro_outputs])
+        local = torch.cat([m["samples"][k].double().reshape(-1) for m in micro_outputs])
         out[k] = all_gather_cat(local, dp_group)
     summary = summarize(out)
     if "pair_weight" in out:

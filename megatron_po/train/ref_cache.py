@@ -2,7 +2,7 @@
 
 A cache directory holds, per split ("train", and "eval" when evaluation is on):
 
-    <split>.safetensors   the reference's per-row sums of every kept sample, in fp32, exactly as the live
+    <split>.safetensors   the reference's per-row sums of every kept sample, in fp64, exactly as the live
                           reference pass computes them: pairs -> ``chosen`` [N], ``rejected`` [N] and
                           ``chosen_segments`` [N, K] (per-sentence sums, 0 past a response's sentences: ASPO);
                           P2-DPO samples -> ``terms`` [N, 6] (the reference rows of P2_TERMS, NaN where a branch

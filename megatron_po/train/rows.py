@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from megatron_po.logprobs import vocab_parallel_token_logps
+from megatron_po.logprobs import response_token_logps, vocab_parallel_token_logps
 from megatron_po.train.batch import Rows
 
 
@@ -75,8 +75,16 @@ def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> t
                  rows.image_token_mask)
 
 
-def token_logps(model, logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
-    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``labels`` under last-stage ``logits``."""
+def token_logps(model, output: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``labels`` from the last stage's ``output``:
+    the final hidden states [S(/tp), R, h] (model.logprobs=fused: response positions only, chunked) or the
+    logits [R, S, V/tp]."""
+    vlm = unwrap(model)
     # HF families pad the real vocabulary (lm_shape.vocab_size): padded entries must not enter the softmax
-    shape = getattr(unwrap(model), "lm_shape", None)
-    return vocab_parallel_token_logps(logits, labels, tp_group, None if shape is None else shape.vocab_size)
+    shape = getattr(vlm, "lm_shape", None)
+    vocab = None if shape is None else shape.vocab_size
+    lm = vlm.language_model
+    if lm.output_hidden:
+        return response_token_logps(output, lm.output_weight(), labels, tp_group, vlm.sequence_parallel, vocab,
+                                    lm.logprob_chunk_tokens)
+    return vocab_parallel_token_logps(output, labels, tp_group, vocab)

@@ -73,7 +73,7 @@ def parity(work: Path) -> None:
             variants = ["vit300m"] + (["vit6b"] if name != "tp2" else []) + (["modules"] if name == "tp1" else [])
             for variant in variants:
                 hf_config = configs["vit300m" if variant == "modules" else variant]
-                model = fam.build(hf_config, ModelConfig(spec="local"), par, groups).eval()
+                model = fam.build(hf_config, ModelConfig(spec="local", logprobs="logits"), par, groups).eval()
                 if variant == "modules":
                     # the layout transformers' _checkpoint_conversion_mapping loads (and v5 writes), via hf_rules
                     hf = load_file(str(work / "hf_modules" / "model.safetensors"))

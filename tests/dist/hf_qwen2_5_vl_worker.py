@@ -67,7 +67,7 @@ def parity(work: Path) -> None:
             variants = ["untied"] + (["tied"] if name == "tp2" else []) + (["modules"] if name == "tp1" else [])
             for variant in variants:
                 hf_config = configs["tied" if variant == "tied" else "untied"]
-                model = fam.build(hf_config, ModelConfig(), par, groups).eval()
+                model = fam.build(hf_config, ModelConfig(logprobs="logits"), par, groups).eval()
                 if variant == "modules":
                     # the transformers-module layout (model.visual.*, model.language_model.*) through hf_rules
                     from safetensors.torch import load_file

@@ -42,7 +42,7 @@ GLOBAL_BATCH = 4
 POLICY_SEED, REF_SEED = 11, 12
 # every layout for the core objectives and those with batch statistics (where rank-local statistics would break);
 # the per-pair rest on TP=1 x DP=2 with 2 micro-batches, TP=2 + SP and the pipeline layouts
-CORE = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc"}
+CORE = {"dpo", "dpo_logits", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc"}
 SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2"}
 # labels without a defined step-0 value: only compared with a drifted reference
 NO_STEP0 = {"combo", "cw_sftc", "p2_dpo_rejected"}
@@ -84,8 +84,12 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     # a trainable vision tower and projector (LLaVA stage-2 style): its gradients on the first pipeline stage, and
     # the reference encoding its own images (towers that train are never shared)
     ("dpo_tower", "dpo", {}, ("drifted",)),
+    # the output layer's full logits and a vocab-parallel log-softmax (model.logprobs=logits), the path before the
+    # fused response-only stage became the default
+    ("dpo_logits", "dpo", {}, ("drifted",)),
 ]
-MODEL_OVERRIDES = {"dpo_tower": {"vision": {"frozen": False}, "projector_frozen": False}}
+MODEL_OVERRIDES = {"dpo_tower": {"vision": {"frozen": False}, "projector_frozen": False},
+                   "dpo_logits": {"logprobs": "logits"}}
 P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
@@ -94,7 +98,9 @@ def make_cfg(out: Path, layout: str, objective: str, params: dict, label: str = 
     return config_from_dict({
         "output_dir": str(out),
         "parallel": {"tp": tp, "sp": sp, "pp": pp, "pp_layers_first": first, "pp_layers_last": last},
-        "model": {"num_layers": NUM_LAYERS, **MODEL_OVERRIDES.get(label, {})},
+        # the plain side takes the full logits and its own log_softmax; the trainer's layouts the fused stage
+        "model": {"num_layers": NUM_LAYERS, **({"logprobs": "logits"} if layout == PLAIN else {}),
+                  **MODEL_OVERRIDES.get(label, {})},
         "data": {"num_train": 32, "num_eval": 4},
         "objective": {"name": objective, "params": params},
         # eps >= 1e-3 keeps Adam from amplifying 1e-7 noise on near-zero grads (MEGATRON_ON_CPU.md)
@@ -170,18 +176,18 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
             labels = batch["labels"]
             valid = labels != -100
             lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            return (lp * valid).sum(-1), lp * valid
+            return (lp * valid).double().sum(-1), (lp * valid).double()
 
     (pol, pol_tok), (ref, ref_tok) = logps(policy, True), logps(reference, False)
     seg = {}
     if "chosen_segment_ids" in batch:  # sentence sums of the chosen rows, written out independently of the trainer
         ids, k = batch["chosen_segment_ids"], int(batch["num_segments"].max())
-        one_hot = torch.nn.functional.one_hot(ids.clamp_min(0), k).float() * (ids >= 0).unsqueeze(-1)
+        one_hot = torch.nn.functional.one_hot(ids.clamp_min(0), k).double() * (ids >= 0).unsqueeze(-1)
         seg = dict(policy_chosen_segment_logps=torch.einsum("bs,bsk->bk", pol_tok[:b], one_hot),
                    ref_chosen_segment_logps=torch.einsum("bs,bsk->bk", ref_tok[:b], one_hot),
                    chosen_segment_lengths=one_hot.sum(1), chosen_segment_similarity=batch["segment_similarity"])
-    pairs = PairLogps(pol[:b], pol[b:], ref[:b], ref[b:], batch["chosen_lengths"].float(),
-                      batch["rejected_lengths"].float(), **seg)
+    pairs = PairLogps(pol[:b], pol[b:], ref[:b], ref[b:], batch["chosen_lengths"].double(),
+                      batch["rejected_lengths"].double(), **seg)
     obj = OBJECTIVES[objective]
     # the whole global batch is this one call: its own statistics are the global ones
     stats = obj.global_stats(pairs, params_cfg) if obj.global_stats is not None else None
@@ -216,7 +222,7 @@ def plain_p2(cfg: Config, ds, vocab: int, params_cfg, ref_mode: str, groups):
             logits = model(tokens, torch.arange(s)[None], causal_mask(s, "cpu"), img.flatten(0, 1),
                            tokens == tok.image_id)
             lp = torch.log_softmax(logits[0, len(prefix) - 1 : -1].float(), -1)
-            return lp.gather(-1, torch.tensor(target)[:, None]).sum()
+            return lp.gather(-1, torch.tensor(target)[:, None]).double().sum()
 
     cols = {f: [] for f in ("policy_focus_chosen_logps", "policy_focus_rejected_logps", "ref_focus_chosen_logps",
                             "ref_focus_rejected_logps", "policy_calib_aug_logps", "policy_calib_deg_logps",
