@@ -130,6 +130,17 @@ class ModelConfig:
     """How the trainer takes log-probs: 'fused' (from the final hidden states and the output weight, response
     positions only, `logprob_chunk_tokens` at a time: [T, V/tp] logits never exist) or 'logits' (the output
     layer's full logits, then a vocab-parallel log-softmax)."""
+    recompute: str = "none"
+    """Activation recompute of the decoder (megatron's recompute_granularity): 'none', 'selective' (the
+    `recompute_modules` of every layer) or 'full' (whole layers, per `recompute_method`). A frozen vision tower
+    runs without autograd whatever this says."""
+    recompute_method: str = "uniform"
+    """With recompute=full: 'uniform' (checkpoint every `recompute_num_layers` layers as one unit) or 'block'
+    (recompute the first `recompute_num_layers` layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recompute unit (uniform) or layers recomputed per stage (block)."""
+    recompute_modules: str = "core_attn"
+    """With recompute=selective: comma list of core_attn, mlp, layernorm."""
     logprob_chunk_tokens: int = 256
     """Tokens per chunk of the fused log-prob stage; its buffer is chunk x V/tp fp32 (256 x 151,936 = 156 MB at
     TP=1): peak memory of the stage is about that plus the output weight's fp32 gradient."""
@@ -148,6 +159,15 @@ class ModelConfig:
             raise ConfigError(f"model.params_dtype must be fp32|bf16, got {self.params_dtype!r}")
         if self.logprobs not in ("fused", "logits"):
             raise ConfigError(f"model.logprobs must be fused|logits, got {self.logprobs!r}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"model.recompute must be none|selective|full, got {self.recompute!r}")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ConfigError(f"model.recompute_method must be uniform|block, got {self.recompute_method!r}")
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"model.recompute_num_layers must be >= 1, got {self.recompute_num_layers}")
+        bad = set(self.recompute_modules.split(",")) - {"core_attn", "mlp", "layernorm"}
+        if bad:
+            raise ConfigError(f"model.recompute_modules: unknown {sorted(bad)}; known core_attn, mlp, layernorm")
         if self.logprob_chunk_tokens < 1:
             raise ConfigError(f"model.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")
 

@@ -19,7 +19,8 @@ LAUNCHES = {2: ["tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb", "pp2", 
             4: ["tp2_sp_pp2", "dp2_pp2"]}
 CORE = ("dpo", "dpo_logits", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
 ALL = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
-       "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower", "dpo_logits"}
+       "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower", "dpo_logits", "dpo_recompute_full",
+       "acpo_recompute_selective"}
 TRAINABLE_TOWER = {"dpo_tower"}  # vision tower and projector train with the LLM
 
 
@@ -56,8 +57,9 @@ def test_logps_loss_alpha_grads_match_plain_torch(report):
 
 
 # objectives whose step-0 loss (reference == policy) is fixed by definition: DPO-like ln 2; IPO (1/(2 tau))^2
-STEP0 = {"dpo": math.log(2), "dpo_tower": math.log(2), "dpo_logits": math.log(2), "acpo": math.log(2), "acpo_batch": math.log(2), "acpo_hybrid": math.log(2),
-         "dpo_shift": math.log(2), "beta_dpo": math.log(2), "cw_dpo": math.log(2), "aspo": math.log(2), "ipo": 25.0}
+STEP0 = {label: math.log(2) for label in ("dpo", "dpo_tower", "dpo_logits", "dpo_recompute_full", "acpo",
+                                          "acpo_batch", "acpo_hybrid", "acpo_recompute_selective", "dpo_shift",
+                                          "beta_dpo", "cw_dpo", "aspo")} | {"ipo": 25.0}
 
 
 def test_step0_loss_when_reference_equals_policy(report):
@@ -152,3 +154,11 @@ def test_each_image_is_encoded_once_per_step(report):
         reads_reference = label not in ("simpo", "cw_sftc")
         own = (mode == "ref=other" or label in TRAINABLE_TOWER) and reads_reference
         assert r["encodes_per_micro_batch"] == (2 if own else 1), (key, r["encodes_per_micro_batch"])
+
+
+def test_activation_recompute_replays_the_forward(report):
+    """model.recompute=full replays each decoder layer in backward, selective (core_attn, mlp) the attention: the
+    forwards per layer and micro-batch of the policy's step, on every rank (the values above are exact anyway)."""
+    expected = {"dpo_recompute_full": [[2.0, 2.0]], "acpo_recompute_selective": [[1.0, 2.0]]}
+    for key, r in report.items():
+        assert r["forwards_per_layer"] == expected.get(key.split("/")[0], [[1.0, 1.0]]), key

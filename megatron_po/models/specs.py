@@ -136,12 +136,23 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **recompute_settings(model),
     )
     # the micro-batches of a step differ in rows (P2-DPO's branches) and length (each is padded to its own longest
     # row): pipeline stages exchange each activation's shape first (megatron's variable_seq_lengths). Set after
     # construction: TransformerConfig rejects the flag with its default MoE dispatcher even in a dense model.
     cfg.variable_seq_lengths = par.pp > 1
     return cfg
+
+
+def recompute_settings(model: ModelConfig) -> dict:
+    """megatron's recompute fields for `model.recompute` (it validates them against the stage's layers)."""
+    if model.recompute == "none":
+        return {}
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": model.recompute_modules.split(",")}
+    return {"recompute_granularity": "full", "recompute_method": model.recompute_method,
+            "recompute_num_layers": model.recompute_num_layers}
 
 
 def build_vision_config(model: ModelConfig, lm: TransformerConfig) -> TransformerConfig:
@@ -164,6 +175,8 @@ def build_vision_config(model: ModelConfig, lm: TransformerConfig) -> Transforme
     cfg.sequence_parallel = False
     cfg.pipeline_model_parallel_size = 1
     cfg.num_layers_in_first_pipeline_stage = cfg.num_layers_in_last_pipeline_stage = None
+    # recompute is the decoder's: a frozen tower runs without autograd, a trainable one is short
+    cfg.recompute_granularity = cfg.recompute_method = cfg.recompute_num_layers = None
     return cfg
 
 

@@ -87,9 +87,14 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     # the output layer's full logits and a vocab-parallel log-softmax (model.logprobs=logits), the path before the
     # fused response-only stage became the default
     ("dpo_logits", "dpo", {}, ("drifted",)),
+    # activation recompute: whole layers (megatron's full/uniform) and the attention + MLP of each (selective)
+    ("dpo_recompute_full", "dpo", {}, ("drifted",)),
+    ("acpo_recompute_selective", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
 ]
 MODEL_OVERRIDES = {"dpo_tower": {"vision": {"frozen": False}, "projector_frozen": False},
-                   "dpo_logits": {"logprobs": "logits"}}
+                   "dpo_logits": {"logprobs": "logits"},
+                   "dpo_recompute_full": {"recompute": "full", "recompute_num_layers": 1},
+                   "acpo_recompute_selective": {"recompute": "selective", "recompute_modules": "core_attn,mlp"}}
 P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
@@ -288,6 +293,21 @@ def count_encodes(*models):
     return lambda: calls[0]
 
 
+def count_forwards(model):
+    """Counts forward calls of the decoder layers and their core attention from now on."""
+    calls = [0, 0]
+
+    def hook(i):
+        def count(*_):
+            calls[i] += 1
+        return count
+
+    for layer in model.language_model.decoder.layers:
+        layer.register_forward_hook(hook(0))
+        layer.self_attention.core_attention.register_forward_hook(hook(1))
+    return lambda: tuple(calls)
+
+
 def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, groups, plain: dict,
                cache=None, live: dict | None = None) -> tuple[dict, dict]:
     """One trainer step in this layout, compared with `plain`: (the same report entry on every rank, this rank's
@@ -308,8 +328,13 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
     encodes = count_encodes(policy, reference)
     prepare_step(state, batches, iteration=0)
+    forwards = count_forwards(policy)
     outputs = forward_backward(state, batches)
     encodes_per_micro_batch = encodes() / len(batches)
+    # decoder layer and core-attention forwards of the policy's forward + backward, per layer and micro-batch:
+    # 2 where activation recompute replays them in backward
+    layer_forwards, attn_forwards = (n / (len(policy.language_model.decoder.layers) * len(batches))
+                                     for n in forwards())
 
     entry = None
     if groups.is_last_stage:  # the loss and its samples live on the last pipeline stage
@@ -348,6 +373,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         "lm_changed": any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters()),
         "objective_state": state.step.objective_state,
         "encodes_per_micro_batch": encodes_per_micro_batch,
+        "forwards": (layer_forwards, attn_forwards),
     }
     world = dist.get_world_size()
     ranks = [None] * world
@@ -365,6 +391,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         objective_state=ranks[0]["objective_state"],
         # image encodings per micro-batch and step on the first stage (towers live there; other stages: 0)
         encodes_per_micro_batch=max(r["encodes_per_micro_batch"] for r in ranks),
+        forwards_per_layer=sorted({r["forwards"] for r in ranks}),
     )
     return entry, raw
 
