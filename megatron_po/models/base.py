@@ -68,7 +68,7 @@ class VLMBase(MegatronModule):
         Args:
             tokens: [b, s].
             position_ids: [b, s], or [3, b, s] for M-RoPE (positions reach the decoder's RoPE only: every family
-                uses rotary embeddings, so the embedding layer takes none).
+                uses rotary embeddings, so the embedding layer takes none; they may restart within a row).
             attention_mask: [1, 1, s, s] bool, True = masked.
             image_embeds: [T, h] the embeddings of every image slot of the batch, in row-major order of
                 `image_token_mask` (a row may hold several images, and rows may share one: the caller lays them
@@ -81,6 +81,8 @@ class VLMBase(MegatronModule):
         Raises:
             ValueError: T differs from the number of image slots (masked_scatter would silently use a prefix).
         """
+        if position_ids.dim() == 2:  # one position per token: the same on M-RoPE's three axes (plain RoPE)
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if not self.pre_process:
             return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
                                        decoder_input=None)

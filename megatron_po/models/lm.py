@@ -61,6 +61,13 @@ def lm_shape_from_hf(text: dict, init_method_std: float = 0.02) -> LMShape:
     )
 
 
+def rope_section(head_dim: int) -> list[int]:
+    """Plain 1-D RoPE as megatron's M-RoPE with every frequency on the first axis: the rotary angles come from
+    `position_ids` (megatron's "rope" type derives them from the sequence index), so positions can restart per
+    sequence of a packed row. With the positions 0..S-1 it is plain RoPE exactly (the same products pos × freq)."""
+    return [head_dim // 2, 0, 0]
+
+
 def build_language_model(
     shape: LMShape,
     model: ModelConfig,
@@ -71,20 +78,19 @@ def build_language_model(
     mrope_section: Optional[list[int]] = None,
 ) -> "LanguageModel":
     """GPTModel in the Qwen2.5 shape (this rank's pipeline stage of it); `mrope_section` switches RoPE to
-    Qwen2-VL's 3-axis M-RoPE.
+    Qwen2-VL's 3-axis M-RoPE (else plain RoPE over `position_ids`, see `rope_section`).
 
     The caller merges image features into the embeddings and scatters them to sequence-parallel shards itself,
     so the embedding does not scatter (scatter_embedding_sequence_parallel=False) and takes `decoder_input`.
     """
     cfg = build_lm_config(model, par, shape)
-    if mrope_section is not None:
-        cfg.mrope_section = list(mrope_section)
+    cfg.mrope_section = list(mrope_section) if mrope_section is not None else rope_section(shape.kv_channels)
     lm = LanguageModel(
         config=cfg,
         transformer_layer_spec=build_decoder_spec(model, cfg, pp_rank=groups.pp_rank),
         vocab_size=padded_vocab,
         max_sequence_length=max_seq_length,
-        position_embedding_type="mrope" if mrope_section is not None else "rope",
+        position_embedding_type="mrope",
         rotary_base=int(shape.rotary_base),
         share_embeddings_and_output_weights=shape.tie_embeddings,
         parallel_output=True,

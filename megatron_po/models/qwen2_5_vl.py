@@ -163,8 +163,6 @@ class Qwen25VLModel(VLMBase):
         Returns:
             logits [b, s, v_padded/tp] (vocab-sharded over TP).
         """
-        if position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
 
 

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.models.base import VLMBase
-from megatron_po.models.lm import LanguageModel
+from megatron_po.models.lm import LanguageModel, rope_section
 from megatron_po.models.specs import build_decoder_spec, build_lm_config, build_vision_config, build_vision_spec
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -56,6 +56,7 @@ class VLMModel(VLMBase):
     def __init__(self, model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups,
                  seed: int | None = None):
         lm_cfg = build_lm_config(model, par)
+        lm_cfg.mrope_section = rope_section(lm_cfg.kv_channels)
         super().__init__(config=lm_cfg)
         vis_cfg = build_vision_config(model, lm_cfg)
         self.sequence_parallel = par.sp
@@ -80,7 +81,7 @@ class VLMModel(VLMBase):
             transformer_layer_spec=build_decoder_spec(model, lm_cfg, pp_rank=groups.pp_rank, init_seed=seed),
             vocab_size=vocab_size,
             max_sequence_length=model.max_seq_length,
-            position_embedding_type="rope",
+            position_embedding_type="mrope",  # plain RoPE from position_ids (lm.rope_section)
             rotary_base=model.rotary_base,
             share_embeddings_and_output_weights=False,
             parallel_output=True,
