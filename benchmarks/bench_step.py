@@ -55,7 +55,8 @@ from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_po.objectives import OBJECTIVES, build_objective  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.batch import MicroBatch  # noqa: E402
-from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, to_device  # noqa: E402
+from megatron_po.train.data import (build_sampler, build_train_dataset, prepare_data, step_micro_batches,  # noqa: E402
+                                    to_device)
 from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
@@ -76,12 +77,18 @@ def parse_layouts(text: str) -> list[tuple[str, int, bool, int]]:
 
 # ---- batches -----------------------------------------------------------------------------------------------------
 
-def step_batches(ds, indices: list[list[int]], seq: int, pad_id: int, device) -> list[MicroBatch]:
-    """This rank's micro-batches of one step, each row right-padded to `seq` positions (0: as collated)."""
+def step_batches(cfg, ds, sampler, step: int, seq: int, pad_id: int, groups) -> list[MicroBatch]:
+    """This rank's micro-batches of one step (the trainer's own), each row right-padded to `seq` positions when
+    unpacked (0: as collated)."""
+    batches = step_micro_batches(cfg, ds, sampler, step, groups)
+    if not seq or cfg.data.packing:
+        return batches
     out = []
-    for idx in indices:
-        batch = ds.collator([ds[i] for i in idx])
-        out.append(MicroBatch.from_collated(to_device(pad_batch(batch, seq, pad_id) if seq else batch, device)))
+    for mb, idx in zip(batches, sampler.micro_batches(step)):
+        padded = MicroBatch.from_collated(to_device(pad_batch(ds.collator([ds[i] for i in idx]), seq, pad_id),
+                                                    groups.device))
+        padded.sample_index = mb.sample_index
+        out.append(padded)
     return out
 
 
@@ -121,7 +128,7 @@ def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, se
     times = []
     tokens = 0
     for it in range(warmup + steps):
-        batches = step_batches(ds, sampler.micro_batches(it), seq, tokenizer.pad_id, groups.device)
+        batches = step_batches(cfg, ds, sampler, it, seq, tokenizer.pad_id, groups)
         if it == warmup:
             forwards = reference.forwards if reference is not None else 0
         dist.barrier()

@@ -186,6 +186,10 @@ class DataConfig:
     num_eval: int = 64
     seed: int = 1234
     tokenizer_vocab_size: int = 512
+    packing: bool = False
+    """Pack each micro-batch's sequences into as few rows of up to model.max_seq_length tokens as first-fit-
+    decreasing finds (attention isolated per sequence, positions restarting), after spreading the global batch
+    over DP ranks by tokens. Losses and gradients equal the unpacked ones; only the padding goes."""
 
     def __post_init__(self):
         if self.source not in ("synthetic", "jsonl"):

@@ -15,9 +15,12 @@ TOL = 1e-5
 
 
 # (world size, layouts): process start-up dominates on two cores, so each world size is one launch
-LAUNCHES = {2: ["tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb", "pp2", "pp2_4mb"],
+LAUNCHES = {2: ["tp1_dp2", "tp1_dp2_2mb", "tp2", "tp2_sp", "tp2_sp_2mb", "pp2", "pp2_4mb", "tp1_dp2_packed",
+                "tp2_sp_packed", "pp2_packed"],
             4: ["tp2_sp_pp2", "dp2_pp2"]}
-CORE = ("dpo", "dpo_logits", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
+PACKED = {"tp1_dp2_packed", "tp2_sp_packed", "pp2_packed"}
+SHORT = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2", "tp2_sp_packed", "pp2_packed"}
+CORE = ("dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
 ALL = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
        "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower", "dpo_logits", "dpo_recompute_full",
        "acpo_recompute_selective"}
@@ -40,9 +43,11 @@ def test_all_layouts_and_objectives_ran(report):
     assert {k.split("/")[0] for k in report} == ALL
     for core in CORE:
         assert {k.split("/")[-1] for k in report if k.startswith(core + "/")} == layouts, core
-    # every registered objective (P2-DPO's six rows, SimPO without a reference, ...) runs pipeline-parallel
+    # every registered objective (P2-DPO's six rows, SimPO without a reference, ...) runs pipeline-parallel and
+    # packed (with SP and with PP)
     for label in ALL:
-        assert {"pp2", "tp2_sp_pp2"} <= {k.split("/")[-1] for k in report if k.startswith(label + "/")}, label
+        assert {"pp2", "tp2_sp_pp2", "tp2_sp_packed", "pp2_packed"} <= {
+            k.split("/")[-1] for k in report if k.startswith(label + "/")}, label
     assert {k.split("/")[1] for k in report} == {"ref=same", "ref=drifted", "ref=other", "ref=cache"}
 
 
@@ -66,7 +71,7 @@ def test_step0_loss_when_reference_equals_policy(report):
     same = {k: r for k, r in report.items() if "/ref=same/" in k and k.split("/")[0] in STEP0}
     core = [label for label in STEP0 if label in CORE]
     num_layouts = sum(len(names) for names in LAUNCHES.values())
-    assert len(same) == num_layouts * len(core) + 4 * (len(STEP0) - len(core))  # 4 short layouts
+    assert len(same) == num_layouts * len(core) + len(SHORT) * (len(STEP0) - len(core))
     assert {k.split("/")[-1] for k in same} >= {"pp2", "pp2_4mb", "tp2_sp_pp2", "dp2_pp2"}  # ln 2 at PP=2 too
     for key, r in same.items():
         expected = STEP0[key.split("/")[0]]
@@ -98,7 +103,7 @@ def p2_step0(batch: dict, lambda_calib: float = 0.3) -> float:
 
 def test_p2_dpo_step0_closed_form(report):
     same = {k: r for k, r in report.items() if k.startswith("p2_dpo/ref=same/")}
-    assert sorted(k.split("/")[-1] for k in same) == ["pp2", "tp1_dp2_2mb", "tp2_sp", "tp2_sp_pp2"]
+    assert sorted(k.split("/")[-1] for k in same) == sorted(SHORT)
     for key, r in same.items():
         batch = r["p2_batch"]
         # the global batch mixes both-branch, focus-only and robust-only samples, so every weight case is checked
@@ -120,10 +125,12 @@ def test_reference_and_frozen_vision_never_change(report):
 
 def test_cached_reference_equals_live(report):
     """The reference log-prob cache, computed at TP=2 by precompute_reference from a saved reference checkpoint
-    and consumed at TP=1 x DP=2 and at PP=2, gives the live reference's losses and gradients."""
+    and consumed at TP=1 x DP=2, at PP=2 and packed at PP=2, gives the live reference's losses and gradients."""
     cached = {k: r for k, r in report.items() if "/ref=cache/" in k}
-    assert sorted(cached) == ["acpo_batch/ref=cache/pp2", "acpo_batch/ref=cache/tp1_dp2", "aspo/ref=cache/pp2",
-                              "dpo/ref=cache/pp2", "dpo/ref=cache/tp1_dp2", "p2_dpo_rejected/ref=cache/pp2"]
+    assert sorted(cached) == sorted(f"{label}/ref=cache/{layout}" for label in ("acpo_batch", "dpo", "aspo",
+                                                                               "p2_dpo_rejected")
+                                    for layout in ("tp1_dp2", "pp2", "pp2_packed")
+                                    if label in ("acpo_batch", "dpo") or layout != "tp1_dp2")
     for key, r in cached.items():
         assert r["live_loss_rel"] <= 1e-6 and r["live_grad_rel"] <= 1e-6, (key, r["live_loss_rel"], r["live_grad_rel"])
         live = report[key.replace("ref=cache", "ref=drifted")]
@@ -162,3 +169,15 @@ def test_activation_recompute_replays_the_forward(report):
     expected = {"dpo_recompute_full": [[2.0, 2.0]], "acpo_recompute_selective": [[1.0, 2.0]]}
     for key, r in report.items():
         assert r["forwards_per_layer"] == expected.get(key.split("/")[0], [[1.0, 1.0]]), key
+
+
+def test_packed_rows_hold_several_sequences(report):
+    """Packing is not vacuous: fewer rows than sequences and less padding than the unpacked layout (the
+    equalities above hold for these layouts like for any other)."""
+    for key, r in report.items():
+        layout = key.split("/")[-1]
+        if layout in PACKED:
+            unpacked = report[key.replace(layout, layout.replace("_packed", ""))]
+            assert r["rows_per_sequence"] < 1 and r["padding_efficiency"] > unpacked["padding_efficiency"], key
+        else:
+            assert r["rows_per_sequence"] == 1, key

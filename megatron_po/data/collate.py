@@ -80,7 +80,8 @@ def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]
 
     Returns:
         With S the longest row rounded up to ``pad_to_multiple_of``: ``tokens``, ``labels`` (-100 unsupervised),
-        ``loss_mask`` (float), ``position_ids``, ``image_token_mask`` (bool), each [R, S].
+        ``loss_mask`` (float), ``position_ids``, ``image_token_mask`` (bool), each [R, S], and ``row_lengths``
+        [R] (tokens before the padding).
     """
     seq_len = _round_up(max(len(p) + len(r) for p, r in rows), pad_to_multiple_of)
     tokens = torch.full((len(rows), seq_len), tokenizer.pad_id, dtype=torch.long)
@@ -93,6 +94,7 @@ def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]
     return {
         "tokens": tokens,
         "labels": labels,
+        "row_lengths": torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long),
         "loss_mask": (labels != IGNORE_INDEX).float(),
         "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).contiguous(),
         "image_token_mask": tokens == tokenizer.image_id,
@@ -137,6 +139,11 @@ class PairCollator:
         if len(prefix) + max(len(chosen), len(rejected)) + len(self.tokenizer.response_end_ids) > self.cfg.max_length:
             return "too_long"
         return ""
+
+    def num_tokens(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> int:
+        """Tokens of the pair's two rows (what packing balances and fills rows with)."""
+        prefix, chosen, rejected = self._encode(record, num_image_tokens)
+        return 2 * (len(prefix) + len(self.tokenizer.response_end_ids)) + len(chosen) + len(rejected)
 
     def fits(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> tuple[bool, str]:
         """Whether a pair can be collated as is (its image taking `num_image_tokens` slots, default the config's).
@@ -261,6 +268,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.images = images
         self.collator = collator or PairCollator(tokenizer, collate_cfg, images)
         self.skipped: collections.Counter[str] = collections.Counter({reason: 0 for reason in SKIP_REASONS})
+        self._costs: dict[int, int] = {}
         self.records: list = []
         for record in records:
             ok, reason = self.collator.fits(record, **self._fit_args(record))
@@ -286,6 +294,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not path.is_file():
             raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
         return {"num_image_tokens": self.images.num_tokens(path)}
+
+    def cost(self, i: int) -> int:
+        """Tokens of sample i's rows (computed once, on first use: only packing asks)."""
+        if i not in self._costs:
+            record = self.records[i]
+            self._costs[i] = self.collator.num_tokens(record, **self._fit_args(record))
+        return self._costs[i]
 
     def image_files(self, record: PreferenceRecord) -> list[Path]:
         """The files a kept record reads, checked when the dataset is built."""

@@ -75,6 +75,10 @@ class P2Collator:
             rows["robust_rejected"] = (prefix, ("noise",), y_l, y_l)
         return rows
 
+    def num_tokens(self, record: P2Record) -> int:
+        """Tokens of the sample's policy rows (what packing balances and fills rows with)."""
+        return sum(len(prefix) + len(y) for prefix, _, y, _ in self._rows(record).values())
+
     def fits(self, record: P2Record) -> tuple[bool, str]:
         """Whether every row of the sample fits as is (a sample is kept whole or dropped, never truncated).
 

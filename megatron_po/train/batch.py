@@ -2,9 +2,10 @@
 
 A micro-batch holds B samples (preference pairs, or P2-DPO samples) as rows of text whose image slots are filled
 from one shared list of images. Its optional fields are filled by whoever produces them *before* the policy step
-(STYLE.md "inputs are typed, never injected"): the reference log-probs by the reference pass or the cache
-(train/reference.py), the global positions of its samples by the loop (`index_samples`), the frozen towers' image
-embeddings by the first pass of the step that encodes them (train/step.py).
+(STYLE.md "inputs are typed, never injected"): the samples' global positions when the micro-batches are made
+(train/data.step_micro_batches), the reference log-probs by the reference pass or the cache (train/reference.py),
+the frozen towers' image embeddings by the first pass of the step that encodes them (train/step.py). Packed rows
+(data/packing.py) hold several sequences each; log-prob sums come back per sequence in collated order.
 """
 
 from __future__ import annotations
@@ -31,14 +32,31 @@ class Rows:
     image_token_mask: Tensor
     row_images: list[list[int]]
     """``row_images[r]``: indices into the micro-batch's images of the images whose slots row r shows, in order."""
+    lengths: Tensor
+    """[R] real (unpadded) tokens of each row."""
+    sequence_ids: Optional[Tensor] = None
+    """Packed rows (data/packing.py): [R, S] the sequence (collated row) of each position, -1 for padding; None
+    when every row is one sequence."""
+    num_sequences: Optional[int] = None
+    """Packed rows: how many sequences they hold (log-prob sums come back per sequence, in collated order)."""
 
     @classmethod
     def from_collated(cls, d: dict) -> "Rows":
-        return cls(d["tokens"], d["labels"], d["position_ids"], d["image_token_mask"], d["row_images"])
+        return cls(d["tokens"], d["labels"], d["position_ids"], d["image_token_mask"], d["row_images"],
+                   d["row_lengths"], d.get("sequence_ids"), d.get("num_sequences"))
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)
+
+    @property
+    def packed(self) -> bool:
+        return self.sequence_ids is not None
+
+    @property
+    def num_logical(self) -> int:
+        """Sequences (collated rows) the rows hold: per-row sums have this many entries, packed or not."""
+        return self.num_sequences if self.packed else self.shape[0]
 
 
 @dataclass
@@ -82,7 +100,9 @@ class MicroBatch:
     """[B] supervised tokens of each chosen row (pairs only)."""
     rejected_lengths: Optional[Tensor] = None
     chosen_segment_ids: Optional[Tensor] = None
-    """[B, S] sentence of each chosen label position, -1 where none (pairs only)."""
+    """[B, S] sentence of each chosen label position, -1 where none (pairs only, collated layout)."""
+    chosen_segment_slots: Optional[Tensor] = None
+    """Packed pairs: [R', S'] sentence slot ``b * K + k`` of each position of the packed rows, -1 elsewhere."""
     num_segments: Optional[Tensor] = None
     """[B] sentences of each chosen response."""
     segment_similarity: Optional[Tensor] = None
@@ -93,7 +113,8 @@ class MicroBatch:
     ref_logps: Optional[SeqLogps] = None
     """The reference's sums over ``reference_rows`` (reference pass or cache); set on the last pipeline stage."""
     sample_index: Optional[Tensor] = None
-    """[B] positions of the samples in the optimizer step's global batch (DP-rank-major, then micro-batch)."""
+    """[B] positions of the samples in the optimizer step's global batch (set by train/data.step_micro_batches:
+    a contiguous share per DP rank, or spread by tokens when packing)."""
     image_embeds: dict[str, Tensor] = field(default_factory=dict)
     """No-grad image embeddings of frozen towers by tower key (train/step.Tower), shared by every pass of the
     step that uses the same tower (first pipeline stage only)."""
@@ -106,8 +127,8 @@ class MicroBatch:
             p2 = P2Fields(d["p2_rows"], d["has_focus"], d["has_robust"], d["clip_crop_score"], d["clip_image_score"])
         ref_rows = Rows.from_collated(d["ref_rows"]) if "ref_rows" in d else None
         return cls(Rows.from_collated(d), d["images"], d["num_pairs"], list(d["ids"]), d.get("chosen_lengths"),
-                   d.get("rejected_lengths"), d.get("chosen_segment_ids"), d.get("num_segments"),
-                   d.get("segment_similarity"), p2, ref_rows)
+                   d.get("rejected_lengths"), d.get("chosen_segment_ids"), d.get("chosen_segment_slots"),
+                   d.get("num_segments"), d.get("segment_similarity"), p2, ref_rows)
 
     @property
     def reference_rows(self) -> Rows:
@@ -117,15 +138,3 @@ class MicroBatch:
     def num_segment_slots(self) -> int:
         """K: sentence slots of the chosen rows' segment sums (the batch's largest sentence count)."""
         return int(self.num_segments.max())
-
-
-def index_samples(batches: list[MicroBatch], dp_rank: int) -> None:
-    """Sets each micro-batch's ``sample_index``: its samples' positions in the step's global batch.
-
-    The global order is DP-rank-major then micro-batch, the order of the sampler's global batch (every DP rank
-    holds the same number of samples) and of a rank-ordered ``all_gather_cat``.
-    """
-    offset = dp_rank * sum(b.num_samples for b in batches)
-    for b in batches:
-        b.sample_index = torch.arange(offset, offset + b.num_samples, device=b.rows.tokens.device)
-        offset += b.num_samples

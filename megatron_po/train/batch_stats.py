@@ -35,4 +35,11 @@ def gather_global_stats(step: PreferenceStep, policy, batches: list[MicroBatch])
         return None
     per_mb = [objective.stats(loss_inputs(objective.inputs, mb, logps, mb.ref_logps))
               for mb, logps in zip(batches, policy_logps)]
-    return {k: all_gather_cat(torch.cat([m[k] for m in per_mb]), step.groups.dp) for k in per_mb[0]}
+    # ranks may hold any positions of the global batch (packing spreads it by tokens): place each pair's
+    # statistics at its global position, where `ObjectiveContext.pair_index` looks them up
+    index = all_gather_cat(torch.cat([mb.sample_index for mb in batches]), step.groups.dp)
+    out = {}
+    for k in per_mb[0]:
+        values = all_gather_cat(torch.cat([m[k] for m in per_mb]), step.groups.dp)
+        out[k] = torch.empty_like(values).index_copy_(0, index, values)
+    return out

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron_po.config import Config
 from megatron_po.data.collate import CollateConfig, PreferenceDataset
 from megatron_po.data.p2_collate import P2Dataset
+from megatron_po.data.packing import balance_over_dp, pack_rows
 from megatron_po.data.p2_records import iter_p2_texts, read_p2_records
 from megatron_po.data.records import iter_texts, read_records
 from megatron_po.data.sampler import PairBatchSampler
@@ -161,9 +162,37 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[MicroBatch]:
-    """The micro-batches of one optimizer step on this rank, collated lazily (images load on demand)."""
+    """Micro-batches of the given dataset indices, unpacked, collated lazily (images load on demand)."""
     for idx in indices:
         yield MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in idx]), device))
+
+
+def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSampler, step: int,
+                       groups) -> list[MicroBatch]:
+    """This rank's micro-batches of optimizer step `step`, each with its samples' positions in the global batch.
+
+    Unpacked, a rank takes a contiguous share of the sampler's global batch. With `data.packing` the global
+    batch is first spread over the DP ranks by token counts (equal sample counts), and each micro-batch's rows
+    are packed (data/packing.py). Either way every rank trains on the same global batch: the objective, its
+    normalisation by the global pair count and its statistics do not change.
+    """
+    order = sampler.global_batch(step)
+    if cfg.data.packing:
+        mine = balance_over_dp([ds.cost(i) for i in order], groups.dp_size)[groups.dp_rank]
+    else:
+        share = len(order) // groups.dp_size
+        mine = list(range(groups.dp_rank * share, (groups.dp_rank + 1) * share))
+    pad_multiple = groups.tp_size if cfg.parallel.sp else 1
+    out = []
+    for start in range(0, len(mine), cfg.train.micro_batch_size):
+        positions = mine[start:start + cfg.train.micro_batch_size]
+        batch = ds.collator([ds[order[p]] for p in positions])
+        if cfg.data.packing:
+            batch = pack_rows(batch, cfg.model.max_seq_length, pad_multiple, ds.collator.tokenizer.pad_id)
+        mb = MicroBatch.from_collated(to_device(batch, groups.device))
+        mb.sample_index = torch.tensor(positions, device=groups.device)
+        out.append(mb)
+    return out
 
 
 def build_sampler(cfg: Config, num_samples: int, dp_rank: int, dp_size: int) -> PairBatchSampler:

@@ -18,15 +18,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_po.config import Config
 from megatron_po.models.families import HF_FAMILIES
+from megatron_po.models.specs import use_te_spec
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import broadcast_from_last_stage
 from megatron_po.train import checkpoint as ckpt
-from megatron_po.train.batch import MicroBatch, index_samples
+from megatron_po.train.batch import MicroBatch
 from megatron_po.train.batch_stats import gather_global_stats
 from megatron_po.train.data import (build_eval_datasets, build_eval_sets, build_sampler, build_tokenizer,
-                                    build_train_dataset, micro_batches, prepare_data)
+                                    build_train_dataset, prepare_data, step_micro_batches)
 from megatron_po.train.evaluate import maybe_evaluate
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
 from megatron_po.train.ref_cache import open_cache
@@ -96,6 +97,10 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     reference log-probs (`live_reference`, or a `CachedReference`) when the objective reads any."""
     if objective.needs_reference and reference is None:
         raise ValueError(f"objective {objective.name!r} needs reference log-probs: a reference model or cache")
+    if cfg.data.packing and use_te_spec(cfg.model):
+        # TODO(megatron_po): packed rows as THD (PackedSeqParams, cu_seqlens) for TE attention; verify on a GPU
+        raise ValueError("data.packing isolates sequences with an attention mask, which the Transformer-Engine "
+                         "spec ignores: use model.spec=local with packing (TE needs the THD path, not yet)")
     if cfg.parallel.use_distributed_optimizer and groups.device.type == "cpu" and cfg.checkpoint.save:
         # measured: every sharding type fails or silently resumes with a wrong Adam step (MEGATRON_ON_CPU.md §8)
         raise ValueError("parallel.use_distributed_optimizer: its checkpoints do not work on the CPU backend; "
@@ -154,10 +159,10 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
 
 
 def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int) -> None:
-    """What the policy step takes as inputs: the step counter, the samples' global positions, the reference
-    log-probs of every micro-batch, and (if the objective takes them) the step's global-batch statistics."""
+    """What the policy step takes as inputs besides the micro-batches (which carry their samples' global
+    positions, `step_micro_batches`): the step counter, the reference log-probs of every micro-batch, and (if the
+    objective takes them) the step's global-batch statistics."""
     state.step.iteration = iteration
-    index_samples(batches, state.groups.dp_rank)
     if state.reference is not None:
         state.reference.fill(batches)
     state.step.global_stats = gather_global_stats(state.step, state.policy, batches)
@@ -263,13 +268,16 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
             writer.log({"step": 0, **baseline})
         for it in range(start, cfg.train.train_steps):
             t0 = time.perf_counter()
-            batches = list(micro_batches(ds, sampler.micro_batches(it), groups.device))
+            batches = step_micro_batches(cfg, ds, sampler, it, groups)
             metrics = train_step(state, batches, it)
             dt = time.perf_counter() - t0
-            tokens = sum(int((b.rows.tokens != tokenizer.pad_id).sum()) for b in batches)
-            tokens_t = torch.tensor(tokens, dtype=torch.float64, device=groups.device)
-            dist.all_reduce(tokens_t, group=groups.dp)
-            last = {"step": it + 1, **metrics, "tokens_per_s": tokens_t.item() / dt, "step_time_s": dt}
+            # real tokens (the policy's rows) and the positions processed for them, over the global batch
+            counts = torch.tensor([sum(int(b.rows.lengths.sum()) for b in batches),
+                                   sum(b.rows.tokens.numel() for b in batches)], dtype=torch.float64,
+                                  device=groups.device)
+            dist.all_reduce(counts, group=groups.dp)
+            last = {"step": it + 1, **metrics, "tokens_per_s": counts[0].item() / dt, "step_time_s": dt,
+                    "data/padding_efficiency": (counts[0] / counts[1]).item()}
             last.update(run_eval(it + 1))
             if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
                 writer.log(last)

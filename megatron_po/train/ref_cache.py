@@ -181,7 +181,7 @@ class ReferenceCache:
         if mb.p2 is not None:
             terms = table["terms"][rows]  # [B, 6]
             p2_rows = mb.p2.p2_rows.cpu()
-            seq = torch.zeros(mb.reference_rows.shape[0], dtype=terms.dtype)
+            seq = torch.zeros(mb.reference_rows.num_logical, dtype=terms.dtype)
             present = p2_rows >= 0
             seq[p2_rows[present]] = terms.t()[present]
             return SeqLogps(seq.to(device))

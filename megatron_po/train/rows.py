@@ -30,6 +30,15 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
+def packed_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """[R, 1, S, S] (True = masked) for packed rows: causal within each sequence, nothing across sequences;
+    padding positions (-1) attend causally to anything (their outputs are never read)."""
+    s = sequence_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=sequence_ids.device).tril()
+    same = (sequence_ids[:, :, None] == sequence_ids[:, None, :]) | (sequence_ids[:, :, None] < 0)
+    return ~(same & causal)[:, None]
+
+
 def slot_embeds(
     embeds: torch.Tensor, row_images: list[list[int]], num_tokens: Optional[list[int]] = None
 ) -> torch.Tensor:
@@ -71,8 +80,8 @@ def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> t
         num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
         flat = slot_embeds(embeds, rows.row_images, num_tokens)
     tokens = rows.tokens
-    return model(tokens, rows.position_ids, causal_mask(tokens.shape[1], tokens.device), flat,
-                 rows.image_token_mask)
+    mask = packed_mask(rows.sequence_ids) if rows.packed else causal_mask(tokens.shape[1], tokens.device)
+    return model(tokens, rows.position_ids, mask, flat, rows.image_token_mask)
 
 
 def token_logps(model, output: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:

@@ -113,6 +113,14 @@ def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, tp_g
     # summed in fp64: a sum of ~100 log-probs near -300 has an fp32 ulp of 3e-5, and every reward, margin and loss
     # is a β-scaled difference of such sums; fp32 sums put the layout-to-layout loss error at ~2e-6, fp64 at ~1e-7
     per_token = token_logps(model, output, rows.labels, tp_group).double()
+    if rows.packed:  # sums per sequence, in collated order: what follows sees the unpacked layout
+        seq = segment_sums(per_token.reshape(1, -1), rows.sequence_ids.reshape(1, -1), rows.num_sequences)[0]
+        segments = None
+        if mb.chosen_segment_slots is not None:
+            b, k = mb.num_samples, mb.num_segment_slots
+            slots = mb.chosen_segment_slots.reshape(1, -1)
+            segments = segment_sums(per_token.reshape(1, -1), slots, b * k)[0].view(b, k)
+        return SeqLogps(seq, segments)
     segments = None
     if mb.chosen_segment_ids is not None:
         b = mb.num_samples

@@ -31,7 +31,7 @@ from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
-from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, micro_batches, prepare_data
+from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, prepare_data, step_micro_batches
 from megatron_po.train.loop import build_train_state, finish_step, forward_backward, live_reference, prepare_step
 from megatron_po.train.precompute import precompute_reference
 from megatron_po.train.ref_cache import open_cache
@@ -42,22 +42,27 @@ GLOBAL_BATCH = 4
 POLICY_SEED, REF_SEED = 11, 12
 # every layout for the core objectives and those with batch statistics (where rank-local statistics would break);
 # the per-pair rest on TP=1 x DP=2 with 2 micro-batches, TP=2 + SP and the pipeline layouts
-CORE = {"dpo", "dpo_logits", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc"}
-SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2"}
+CORE = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc"}
+SHORT_LAYOUTS = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2", "tp2_sp_packed", "pp2_packed"}
 # labels without a defined step-0 value: only compared with a drifted reference
 NO_STEP0 = {"combo", "cw_sftc", "p2_dpo_rejected"}
 NUM_LAYERS = 3  # uneven over two pipeline stages: pp_layers_first / pp_layers_last decide the split
-LAYOUTS = {  # name: (world size, tp, sp, pp, pp_layers_first, pp_layers_last, micro_batch_size); dp = world/(tp*pp)
-    "tp1_dp2": (2, 1, False, 1, 0, 0, 2),
-    "tp1_dp2_2mb": (2, 1, False, 1, 0, 0, 1),
-    "tp2": (2, 2, False, 1, 0, 0, 4),
-    "tp2_sp": (2, 2, True, 1, 0, 0, 4),
-    "tp2_sp_2mb": (2, 2, True, 1, 0, 0, 2),
+LAYOUTS = {  # name: (world size, tp, sp, pp, pp_layers_first, pp_layers_last, micro_batch_size, packing);
+    # dp = world / (tp * pp)
+    "tp1_dp2": (2, 1, False, 1, 0, 0, 2, False),
+    "tp1_dp2_2mb": (2, 1, False, 1, 0, 0, 1, False),
+    "tp2": (2, 2, False, 1, 0, 0, 4, False),
+    "tp2_sp": (2, 2, True, 1, 0, 0, 4, False),
+    "tp2_sp_2mb": (2, 2, True, 1, 0, 0, 2, False),
     # pipeline: the first stage holds the vision tower and one decoder layer, the last two layers and the loss
-    "pp2": (2, 1, False, 2, 1, 0, 2),
-    "pp2_4mb": (2, 1, False, 2, 1, 0, 1),
-    "tp2_sp_pp2": (4, 2, True, 2, 0, 1, 2),
-    "dp2_pp2": (4, 1, False, 2, 1, 0, 1),
+    "pp2": (2, 1, False, 2, 1, 0, 2, False),
+    "pp2_4mb": (2, 1, False, 2, 1, 0, 1, False),
+    # packed rows: pairs spread over DP by tokens, several sequences per row (SP pads packed rows to 2)
+    "tp1_dp2_packed": (2, 1, False, 1, 0, 0, 2, True),
+    "tp2_sp_packed": (2, 2, True, 1, 0, 0, 4, True),
+    "pp2_packed": (2, 1, False, 2, 1, 0, 2, True),
+    "tp2_sp_pp2": (4, 2, True, 2, 0, 1, 2, False),
+    "dp2_pp2": (4, 1, False, 2, 1, 0, 1, False),
 }
 OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     ("dpo", "dpo", {"beta": 0.1}, ("drifted", "other")),
@@ -99,14 +104,14 @@ P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2
 
 
 def make_cfg(out: Path, layout: str, objective: str, params: dict, label: str = "") -> Config:
-    _, tp, sp, pp, first, last, mbs = LAYOUTS[layout]
+    _, tp, sp, pp, first, last, mbs, packing = LAYOUTS[layout]
     return config_from_dict({
         "output_dir": str(out),
         "parallel": {"tp": tp, "sp": sp, "pp": pp, "pp_layers_first": first, "pp_layers_last": last},
         # the plain side takes the full logits and its own log_softmax; the trainer's layouts the fused stage
         "model": {"num_layers": NUM_LAYERS, **({"logprobs": "logits"} if layout == PLAIN else {}),
                   **MODEL_OVERRIDES.get(label, {})},
-        "data": {"num_train": 32, "num_eval": 4},
+        "data": {"num_train": 32, "num_eval": 4, "packing": packing},
         "objective": {"name": objective, "params": params},
         # eps >= 1e-3 keeps Adam from amplifying 1e-7 noise on near-zero grads (MEGATRON_ON_CPU.md)
         "optim": {"lr": 1e-2, "adam_eps": 1e-3, "clip_grad": 0.0, "warmup_fraction": 0.0},
@@ -115,7 +120,7 @@ def make_cfg(out: Path, layout: str, objective: str, params: dict, label: str = 
 
 
 PLAIN = "plain"  # the single-process reference layout: TP=1, PP=1, the whole global batch in one micro-batch
-LAYOUTS[PLAIN] = (1, 1, False, 1, 0, 0, GLOBAL_BATCH)
+LAYOUTS[PLAIN] = (1, 1, False, 1, 0, 0, GLOBAL_BATCH, False)
 
 
 def layer_offset(model) -> int:
@@ -325,7 +330,10 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         source = CachedReference(cache, groups.device)
     state = build_train_state(cfg, groups, obj, policy, source)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
-    batches = list(micro_batches(ds, sampler.micro_batches(0), groups.device))
+    batches = step_micro_batches(cfg, ds, sampler, 0, groups)
+    # physical rows per collated sequence and real / processed tokens: < 1 and > the unpacked one when packed
+    rows_per_sequence = sum(b.rows.shape[0] for b in batches) / sum(b.rows.num_logical for b in batches)
+    efficiency = sum(int(b.rows.lengths.sum()) for b in batches) / sum(b.rows.tokens.numel() for b in batches)
     encodes = count_encodes(policy, reference)
     prepare_step(state, batches, iteration=0)
     forwards = count_forwards(policy)
@@ -338,8 +346,12 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
 
     entry = None
     if groups.is_last_stage:  # the loss and its samples live on the last pipeline stage
+        # in global-batch order (packing spreads the pairs over the DP ranks by tokens)
+        index = all_gather_cat(torch.cat([b.sample_index for b in batches]), groups.dp)
+
         def gathered(key):
-            return all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
+            values = all_gather_cat(torch.cat([o["samples"][key] for o in outputs]).double(), groups.dp)
+            return torch.empty_like(values).index_copy_(0, index, values)
 
         weight = gathered("pair_weight") if "pair_weight" in outputs[0]["samples"] else None
         # P2-DPO logs no pair log-probs: its β-margins and policy calibration gain stand for them
@@ -374,6 +386,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         "objective_state": state.step.objective_state,
         "encodes_per_micro_batch": encodes_per_micro_batch,
         "forwards": (layer_forwards, attn_forwards),
+        "rows_per_sequence": rows_per_sequence, "padding_efficiency": efficiency,
     }
     world = dist.get_world_size()
     ranks = [None] * world
@@ -392,6 +405,8 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         # image encodings per micro-batch and step on the first stage (towers live there; other stages: 0)
         encodes_per_micro_batch=max(r["encodes_per_micro_batch"] for r in ranks),
         forwards_per_layer=sorted({r["forwards"] for r in ranks}),
+        rows_per_sequence=max(r["rows_per_sequence"] for r in ranks),
+        padding_efficiency=min(r["padding_efficiency"] for r in ranks),
     )
     return entry, raw
 
@@ -399,7 +414,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
 # the reference cache: computed at TP=2 from a saved reference checkpoint, consumed in these layouts by the
 # objectives with the most to lose (segment sums, P2's own reference rows, global-batch statistics)
 CACHE_CASES = {("dpo", "drifted"), ("aspo", "drifted"), ("acpo_batch", "drifted"), ("p2_dpo_rejected", "drifted")}
-CACHE_LAYOUTS = {"tp1_dp2", "pp2"}
+CACHE_LAYOUTS = {"tp1_dp2", "pp2", "pp2_packed"}
 
 
 def cache_cfg(cfg: Config, out: Path, label: str) -> Config:

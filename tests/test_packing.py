@@ -1,0 +1,96 @@
+"""Packed micro-batches (megatron_po/data/packing.py): the bins, the DP spread and the packed rows' layout.
+
+That packed training gives the unpacked losses and gradients in every layout is checked in tests/test_layouts.py.
+"""
+
+import random
+
+import pytest
+import torch
+
+from megatron_po.data.packing import balance_over_dp, best_packing, first_fit_decreasing, pack_rows
+from megatron_po.train.rows import packed_mask
+
+
+def test_first_fit_decreasing_is_deterministic_and_respects_capacity():
+    lengths = [5, 9, 3, 9, 2, 7, 1]
+    bins = first_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    # longest first (ties by index: 1 before 3), each into the first bin with room
+    assert bins == [[1, 6], [3], [5, 2], [0, 4]]
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit_decreasing([11], 10)
+
+
+def test_best_packing_never_pads_more_than_one_sequence_per_row():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 100) for _ in range(rng.randint(1, 12))]
+        bins = best_packing(lengths, 160, pad_multiple=2)
+        width = -(-max(sum(lengths[i] for i in b) for b in bins) // 2) * 2
+        unpacked = len(lengths) * (-(-max(lengths) // 2) * 2)
+        assert len(bins) * width <= unpacked
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    # four similar sequences fill two rows of two rather than one full row and a short one
+    assert sorted(map(len, best_packing([60, 60, 60, 60], 160))) == [2, 2]
+
+
+def test_balance_over_dp_equal_counts_balanced_tokens():
+    costs = [100, 10, 90, 20, 80, 30, 70, 40]
+    ranks = balance_over_dp(costs, 2)
+    assert [len(r) for r in ranks] == [4, 4] and sorted(ranks[0] + ranks[1]) == list(range(8))
+    loads = [sum(costs[i] for i in r) for r in ranks]
+    assert abs(loads[0] - loads[1]) <= 20 and all(r == sorted(r) for r in ranks)
+    with pytest.raises(ValueError, match="evenly"):
+        balance_over_dp([1, 2, 3], 2)
+
+
+def collated():
+    """Three collated rows of lengths 4, 6, 3 (padding 0) with one image slot in row 1 and segment ids on the
+    first (chosen) row, as data/collate.layout_rows lays them out."""
+    lengths = [4, 6, 3]
+    s = 6
+    tokens = torch.zeros(3, s, dtype=torch.long)
+    labels = torch.full((3, s), -100)
+    for r, n in enumerate(lengths):
+        tokens[r, :n] = torch.arange(1, n + 1) + 10 * r
+        labels[r, 1:n - 1] = tokens[r, 2:n]  # the last position predicts nothing
+    image = torch.zeros(3, s, dtype=torch.bool)
+    image[1, 1] = True
+    return {
+        "tokens": tokens, "labels": labels, "row_lengths": torch.tensor(lengths),
+        "position_ids": torch.arange(s).expand(3, s).clone(), "image_token_mask": image,
+        "row_images": [[], [0], []], "num_pairs": 1, "ids": ["a"],
+        "chosen_segment_ids": torch.tensor([[-1, 0, 0, -1, -1, -1]]), "num_segments": torch.tensor([1]),
+    }
+
+
+def test_pack_rows_layout():
+    batch = collated()
+    out = pack_rows(batch, capacity=8, pad_multiple=2, pad_id=0)
+    seq, tokens = out["sequence_ids"], out["tokens"]
+    assert out["num_sequences"] == 3 and tokens.shape[1] % 2 == 0 and tokens.shape[0] < 3
+    for r in range(3):
+        where = seq == r
+        n = batch["row_lengths"][r]
+        assert int(where.sum()) == n
+        assert torch.equal(tokens[where], batch["tokens"][r, :n])
+        assert torch.equal(out["labels"][where], batch["labels"][r, :n])
+        assert torch.equal(out["position_ids"][where], torch.arange(n))  # positions restart per sequence
+    assert (out["labels"][seq < 0] == -100).all() and int((seq >= 0).sum()) == int(out["row_lengths"].sum())
+    # the image follows its slot; the chosen row's sentence slots follow its positions
+    row_of_image = int(out["image_token_mask"].nonzero()[0, 0])
+    assert out["row_images"][row_of_image] == [0] and sum(map(len, out["row_images"])) == 1
+    slots = out["chosen_segment_slots"]
+    assert torch.equal(slots[seq == 0], torch.tensor([-1, 0, 0, -1]))
+
+
+def test_packed_mask_isolates_sequences():
+    ids = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    mask = packed_mask(ids)[0, 0]  # True = masked
+    allowed = ~mask
+    assert allowed[1, 0] and not allowed[0, 1]  # causal within sequence 0
+    assert not allowed[2, 1] and not allowed[4, 0]  # nothing across sequences
+    assert allowed[4, 2] and allowed[4, 4]
+    assert allowed[5].sum() == 6  # padding attends causally (its outputs are never read)
