@@ -62,7 +62,8 @@ def test_first_step_is_ln2_and_training_moves(run):
 def test_first_step_logps_match_transformers(run, tmp_path):
     """The converted weights' log-probs through the trainer's forward-only pass equal transformers' on the same
     pairs, laid out by our collator (chat template, image processor, image slots, M-RoPE), at TP=1, at TP=2 (the
-    padded vocabulary's mask on the rank holding its tail) and at PP=2 (a TP=1 conversion loaded by two stages)."""
+    padded vocabulary's mask on the rank holding its tail), at PP=2 (a TP=1 conversion loaded by two stages) and
+    packed (several sequences per row: M-RoPE positions restarting, image slots)."""
     family, hf, ckpt, out = run
     res = tmp_path / "logps.json"
     run_torchrun([str(REPO / "tests" / "dist" / "hf_train_logps.py"), family, str(hf), str(ckpt / "hf"),
@@ -70,7 +71,7 @@ def test_first_step_logps_match_transformers(run, tmp_path):
     got = json.loads(res.read_text())
     print(family, {name: r["max_rel_err"] for name, r in got["layouts"].items()})
     assert got["num_pairs"] >= 4 and got["image_tokens"] > 0
-    assert sorted(got["layouts"]) == ["pp2", "tp1", "tp2"]
+    assert sorted(got["layouts"]) == ["pp2", "tp1", "tp2", "tp2_packed"]
     for name, r in got["layouts"].items():
         assert r["max_rel_err"] < 1e-5, (name, r, got["theirs"])
 

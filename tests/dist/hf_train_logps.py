@@ -4,7 +4,8 @@ one 2-process launch (the pytest side is tests/test_hf_train.py):
 
 - tp1: TP=1 (DP=2);
 - tp2: TP=2, the padded vocabulary split over two ranks (rank 1 holds the padded tail: its mask offset matters);
-- pp2: two pipeline stages loaded from the same converted (TP=1, PP=1) checkpoint, tied embeddings included.
+- pp2: two pipeline stages loaded from the same converted (TP=1, PP=1) checkpoint, tied embeddings included;
+- tp2_packed: TP=2 with the pairs' rows packed (several sequences per row, positions restarting per sequence).
 
     torchrun --nproc_per_node 2 hf_train_logps.py FAMILY HF_DIR CONVERTED_HF_DIR TRAIN_JSONL OUT_JSON
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-LAYOUTS = {"tp1": dict(tp=1), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+LAYOUTS = {"tp1": dict(tp=1), "tp2": dict(tp=2), "pp2": dict(pp=2), "tp2_packed": dict(tp=2)}
 
 
 def hf_forward(family: str, hf_dir: Path, batch: dict, row_parts: list[dict]) -> torch.Tensor:
@@ -39,6 +40,7 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     from megatron_po.config import ModelConfig, ParallelConfig
     from megatron_po.data.collate import CollateConfig, PreferenceDataset
     from megatron_po.data.hf_chat import HFImages, HFTokenizer
+    from megatron_po.data.packing import pack_rows
     from megatron_po.data.records import read_records
     from megatron_po.models.families import HF_FAMILIES
     from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
@@ -67,8 +69,10 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
         model = HF_FAMILIES[family].load().build(tok.hf_config, ModelConfig(spec="local"), par, groups)
         load_model_weights(Path(conv_hf).parent, model)
         model.eval()
-        # the trainer's own reference/statistics pass: megatron's schedule, log-probs on the last stage
-        logps = run_logps_pass(groups, model, [MicroBatch.from_collated(batch)], Tower("policy", frozen=True))
+        # the trainer's own reference/statistics pass: megatron's schedule, log-probs on the last stage; packed, the
+        # sequences share rows (M-RoPE positions restarting, images in their slots) and come back per sequence
+        rows = pack_rows(batch, 320, 1, tok.pad_id) if name.endswith("_packed") else batch
+        logps = run_logps_pass(groups, model, [MicroBatch.from_collated(rows)], Tower("policy", frozen=True))
         ours = broadcast_from_last_stage(None if logps is None else logps[0].seq.tolist(), groups.pp)
         a = torch.tensor(ours)
         res["layouts"][name] = {"ours": ours, "max_rel_err": float(((a - theirs).abs() / theirs.abs()).max())}
