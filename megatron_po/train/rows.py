@@ -66,7 +66,9 @@ def encode(model, images) -> torch.Tensor:
 
 
 def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> torch.Tensor:
-    """This pipeline stage's forward of ``rows``: logits [R, S, V/tp] on the last stage, hidden states elsewhere.
+    """This pipeline stage's forward of ``rows``: on the last stage the final hidden states [S(/tp), R, h]
+    (model.logprobs=fused) or the logits [R, S, V/tp]; elsewhere the hidden states for the next stage. Packed rows
+    attend within their sequences only.
 
     Args:
         model: the policy (possibly DDP-wrapped) or the reference.

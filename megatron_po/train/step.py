@@ -2,7 +2,8 @@
 
 Every pass of an optimizer step goes through megatron's schedule (`run_schedule`: no pipelining, or 1F1B under
 pipeline parallelism), and every log-prob is computed where megatron's contract puts it: `loss_func` receives the
-output tensor on the last pipeline stage and takes the vocab-parallel log-probs of the rows there. A step is
+output tensor on the last pipeline stage (the final hidden states, or logits) and takes the vocab-parallel
+log-probs of the rows there (train/rows.token_logps). A step is
 
 1. the reference's forward-only pass (`logps_forward_step` on the reference model), or the cache: each micro-batch's
    ``ref_logps`` (train/reference.py);
@@ -103,7 +104,8 @@ def image_embeds(model, mb: MicroBatch, tower: Tower) -> torch.Tensor:
 
 
 def stage_output(model, mb: MicroBatch, rows: Rows, tower: Tower) -> torch.Tensor:
-    """This stage's output for `rows`: logits on the last stage, hidden states for the next one elsewhere."""
+    """This stage's output for `rows`: on the last stage the final hidden states (model.logprobs=fused) or the
+    logits, elsewhere the hidden states for the next stage."""
     embeds = image_embeds(model, mb, tower) if unwrap(model).pre_process else None
     return forward_rows(model, rows, embeds, mb.images)
 
@@ -134,16 +136,16 @@ def logps_forward_step(tp_group, tower: Tower, reference_rows: bool, data_iterat
     rows = mb.reference_rows if reference_rows else mb.rows
     output = stage_output(model, mb, rows, tower)
 
-    def loss_func(logits: torch.Tensor):
-        logps = sequence_logps(model, logits, rows, mb, tp_group)
-        return logits.new_zeros(()), torch.tensor(mb.num_samples, dtype=torch.int), {"logps": logps.detach()}
+    def loss_func(last_output: torch.Tensor):
+        logps = sequence_logps(model, last_output, rows, mb, tp_group)
+        return last_output.new_zeros(()), torch.tensor(mb.num_samples, dtype=torch.int), {"logps": logps.detach()}
 
     return output, loss_func
 
 
-def train_loss_func(step: PreferenceStep, model, mb: MicroBatch, logits: torch.Tensor):
+def train_loss_func(step: PreferenceStep, model, mb: MicroBatch, last_output: torch.Tensor):
     """The objective on this micro-batch (last stage): (Σ per-pair loss, pair count, {"samples": metrics})."""
-    policy = sequence_logps(model, logits, mb.rows, mb, step.groups.tp)
+    policy = sequence_logps(model, last_output, mb.rows, mb, step.groups.tp)
     inputs = loss_inputs(step.objective.inputs, mb, policy, mb.ref_logps)
     per_pair, samples = step.objective.loss(inputs, group=step.groups.dp, ctx=step.context(mb))
     samples = {k: v.detach() for k, v in samples.items()}
