@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from megatron_po.config import Config, ConfigError, config_to_dict, load_config
@@ -18,16 +19,37 @@ def _parse(argv: list[str], prog: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--config", default=None, help="YAML config (defaults: the embedded demo task)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and layout, given --world-size)")
-    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to check")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the world size to check, and print the memory plan of each rank")
+    p.add_argument("--device-memory-gb", type=float, default=80.0,
+                   help="with --dry-run --world-size: device memory per rank the plan must fit (GiB)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="with --dry-run --world-size: sequences per micro-batch (default: those of "
+                        "train.micro_batch_size samples, padded to model.max_seq_length)")
+    p.add_argument("--json", action="store_true", help="with --dry-run --world-size: the plan as JSON")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 objective.name=dpo")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
-def dry_run(cfg: Config, world_size: int | None) -> None:
-    if world_size is not None:
-        dp = cfg.validate_world(world_size)
-        print(f"layout ok: world={world_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} dp={dp}")
-    print(json.dumps(config_to_dict(cfg), indent=1))
+def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
+    """Validates the config; with a world size, also the layout, and prints the memory plan of each rank (for
+    the Transformer-Engine spec unless model.spec=local: the GPU job's, wherever the dry run runs)."""
+    if args.world_size is None:
+        print(json.dumps(config_to_dict(cfg), indent=1))
+        return
+    with warnings.catch_warnings():  # megatron's import-time notes (no Apex, no TE) say nothing about a plan
+        warnings.simplefilter("ignore")
+        from megatron_po.memory_plan import build_plan, format_plan
+        from megatron_po.train.data import takes_p2_records
+
+    dp = cfg.validate_world(args.world_size)
+    if not args.json:
+        par = cfg.parallel
+        print(f"layout ok: world={args.world_size} tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}")
+    rows = args.rows or (6 if takes_p2_records(objective) else 2) * cfg.train.micro_batch_size
+    plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,
+                      needs_reference=objective.needs_reference, te=cfg.model.spec != "local")
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan, cfg))
 
 
 def _distributed(argv: list[str] | None, prog: str, work) -> int:
@@ -42,7 +64,7 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
         cfg = load_config(args.config, args.overrides)
         objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
         if args.dry_run:
-            dry_run(cfg, args.world_size)
+            dry_run(cfg, objective, args)
             return 0
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)

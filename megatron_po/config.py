@@ -117,7 +117,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     init_method_std: float = 0.02
     vocab_size: int = 0
-    """0: taken from the tokenizer. Padded up to a multiple of 128 * tp like Megatron does."""
+    """tiny_vlm's vocabulary: 0 = the tokenizer's; larger adds rows no token uses (to benchmark at a real model's
+    vocabulary). Padded up to a multiple of 128 (not 128 * tp as Megatron does: log-probs stay layout-free)."""
     max_seq_length: int = 160
     """Longest pair sequence (prompt + image tokens + response); longer pairs are skipped and counted."""
     projector_frozen: bool = True

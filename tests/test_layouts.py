@@ -181,3 +181,10 @@ def test_packed_rows_hold_several_sequences(report):
             assert r["rows_per_sequence"] < 1 and r["padding_efficiency"] > unpacked["padding_efficiency"], key
         else:
             assert r["rows_per_sequence"] == 1, key
+
+
+def test_memory_plan_counts_each_ranks_parameters(report):
+    """The memory plan's parameters of each rank (its pipeline stage, its TP shard; trainable towers included)
+    equal the modules that rank built, in every layout."""
+    for key, r in report.items():
+        assert r["plan_param_mismatches"] == [], key

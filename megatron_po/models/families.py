@@ -12,6 +12,8 @@ A Hugging Face family module (e.g. megatron_po.models.qwen2_5_vl) defines:
         images, row_images), image_token_id(hf_config), format_prompt(...) and RESPONSE_SUFFIX: the data side
         (data/hf_chat.py).
     HF_IGNORED: tuple[str, ...] (optional) regexes of HF tensor names that carry no weight (e.g. rotary buffers).
+    memory_footprint(hf_config, preprocessor_config, max_seq_length) -> (LMShape, VisionFootprint): the shapes the
+        memory plan (megatron_po.memory_plan) counts, from the config files alone.
 Modules are imported lazily: transformers is never needed, and only the selected family's code is loaded.
 """
 
@@ -20,6 +22,29 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+
+
+@dataclass(frozen=True)
+class VisionFootprint:
+    """A family's vision tower and projector as the memory plan counts them (parameters exact, activations from
+    the worst-case image of a pair)."""
+
+    tower_sharded: int
+    """Tower parameters split over TP (megatron layers), counted whole."""
+    tower_replicated: int
+    """Tower parameters every TP rank holds whole (plain torch towers, embeddings, norms, biases after a row split)."""
+    projector_sharded: int
+    projector_replicated: int
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+    patches_per_pair: int
+    """Tower input tokens of one pair's images at the largest size the processor makes (tiles x patches)."""
+    attention_span: int
+    """Patches each patch attends to (a tile, or a window)."""
+    image_tokens_per_pair: int
+    """Decoder tokens the pair's images become."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from megatron_po.data import internvl3_processor as processor
 from megatron_po.data.internvl3_processor import CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt  # noqa: F401
 from megatron_po.models.internvl3_vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.base import VLMBase, to_device
+from megatron_po.models.families import VisionFootprint
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf
 from megatron_po.models.specs import LMShape
 from megatron_po.models.vlm import padded_vocab_size
@@ -218,6 +219,28 @@ class InternVL3Model(VLMBase):
     def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask) -> torch.Tensor:
         """Logits [b, s, v_padded/tp] with the `<IMG_CONTEXT>` slots filled: see VLMBase.decode."""
         return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
+
+
+def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length: int) -> tuple[LMShape, VisionFootprint]:
+    """The family contract's shapes for the memory plan: the tower counted on the meta device (replicated per TP
+    rank), the projector's LayerNorm and fc2 bias replicated, fc1 and the fc2 weight TP-sharded; a pair's worst
+    image is `max_patches` tiles plus the thumbnail."""
+    hf_config = native_config(hf_config)
+    check_config(hf_config)
+    lm = lm_shape_from_hf(_text_config(hf_config))
+    v = InternViTShape.from_hf(hf_config.get("vision_config") or {})
+    with torch.device("meta"):
+        tower = sum(p.numel() for p in InternViT(v).parameters())
+    merged = v.hidden_size * int(1 / downsample_ratio(hf_config)) ** 2
+    tiling = processor.TilingConfig.from_preprocessor_config(preprocessor_config) if preprocessor_config else None
+    tiles = 1 if tiling is None or tiling.max_patches <= 1 else tiling.max_patches + 1
+    span = v.grid[0] * v.grid[1] + 1  # patches and the class token, attended per tile
+    h = lm.hidden_size
+    return lm, VisionFootprint(
+        tower_sharded=0, tower_replicated=tower, projector_sharded=merged * h + h + h * h,
+        projector_replicated=2 * merged + h, hidden=v.hidden_size, ffn=v.intermediate_size, heads=v.num_heads,
+        layers=v.num_layers, patches_per_pair=tiles * span, attention_span=span,
+        image_tokens_per_pair=tiles * tokens_per_tile(hf_config))
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> InternVL3Model:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import torch
+
 from megatron.core.enums import ModelType
 from torch import Tensor
 
@@ -29,6 +31,7 @@ from megatron_po.data.qwen2_5_vl_processor import (  # noqa: F401  (re-exported:
 )
 from megatron_po.data import qwen2_5_vl_processor as processor
 from megatron_po.models.base import VLMBase, to_device
+from megatron_po.models.families import VisionFootprint
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf
 from megatron_po.models.qwen2_5_vl_vision import PatchMerger, VisionShape, VisionTower
 from megatron_po.models.specs import LMShape, build_lm_config
@@ -164,6 +167,25 @@ class Qwen25VLModel(VLMBase):
             logits [b, s, v_padded/tp] (vocab-sharded over TP).
         """
         return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
+
+
+def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length: int) -> tuple[LMShape, VisionFootprint]:
+    """The family contract's shapes for the memory plan: tower and merger replicated per TP rank (counted on the
+    meta device); a pair's worst image has the processor's max_pixels, at most half of a row's tokens."""
+    from megatron_po.data.qwen2_5_vl_processor import processor_settings
+
+    lm = lm_shape(hf_config)
+    vis = vision_shape(hf_config)
+    with torch.device("meta"):
+        tower = sum(p.numel() for p in VisionTower(vis).parameters())
+        merger = sum(p.numel() for p in PatchMerger(vis).parameters())
+    st = processor_settings(preprocessor_config)
+    tokens = min(st["max_pixels"] // (st["patch_size"] * st["merge_size"]) ** 2, max_seq_length // 2)
+    window = (vis.window_size // vis.patch_size) ** 2
+    return lm, VisionFootprint(
+        tower_sharded=0, tower_replicated=tower, projector_sharded=0, projector_replicated=merger,
+        hidden=vis.hidden_size, ffn=vis.intermediate_size, heads=vis.num_heads, layers=vis.depth,
+        patches_per_pair=tokens * vis.merge_unit, attention_span=window, image_tokens_per_pair=tokens)
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> Qwen25VLModel:

@@ -150,7 +150,12 @@ def recompute_settings(model: ModelConfig) -> dict:
     if model.recompute == "none":
         return {}
     if model.recompute == "selective":
-        return {"recompute_granularity": "selective", "recompute_modules": model.recompute_modules.split(",")}
+        modules = model.recompute_modules.split(",")
+        if "layernorm" in modules and not use_te_spec(model):
+            # megatron checkpoints the norm through TE's FP8 state: on the local spec it fails mid-forward
+            raise ValueError("model.recompute_modules=layernorm needs the Transformer-Engine spec (GPU); "
+                             "use core_attn and/or mlp with the local spec")
+        return {"recompute_granularity": "selective", "recompute_modules": modules}
     return {"recompute_granularity": "full", "recompute_method": model.recompute_method,
             "recompute_num_layers": model.recompute_num_layers}
 

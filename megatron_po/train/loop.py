@@ -55,7 +55,10 @@ def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
     Weights depend only on train.seed (then on checkpoint.init_from), never on the layout.
     """
     if cfg.model.family == "tiny_vlm":
-        return build_vlm(cfg.model, cfg.parallel, padded_vocab_size(vocab_size, cfg.parallel.tp), groups,
+        if cfg.model.vocab_size and cfg.model.vocab_size < vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        vocab = cfg.model.vocab_size or vocab_size  # larger: rows no token uses (benchmarks at real vocab sizes)
+        return build_vlm(cfg.model, cfg.parallel, padded_vocab_size(vocab, cfg.parallel.tp), groups,
                          seed=cfg.train.seed)
     hf_config = json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
     torch.manual_seed(cfg.train.seed)

@@ -25,6 +25,7 @@ from megatron.core import dist_checkpointing
 from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
+from megatron_po.memory_plan import ModelShape, model_shape, stage_params
 from megatron_po.models.vlm import build_vlm, padded_vocab_size
 from megatron_po.objectives import OBJECTIVES, build_objective, build_objective_config
 from megatron_po.objectives.common import ObjectiveContext, PairLogps
@@ -387,6 +388,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         "encodes_per_micro_batch": encodes_per_micro_batch,
         "forwards": (layer_forwards, attn_forwards),
         "rows_per_sequence": rows_per_sequence, "padding_efficiency": efficiency,
+        "plan_params": planned_vs_built(cfg, vocab, policy, groups),
     }
     world = dist.get_world_size()
     ranks = [None] * world
@@ -407,8 +409,22 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
         forwards_per_layer=sorted({r["forwards"] for r in ranks}),
         rows_per_sequence=max(r["rows_per_sequence"] for r in ranks),
         padding_efficiency=min(r["padding_efficiency"] for r in ranks),
+        # the memory plan's parameter counts of each rank's stage and TP shard, where they differ from the modules
+        plan_param_mismatches=[r["plan_params"] for r in ranks if r["plan_params"]],
     )
     return entry, raw
+
+
+def planned_vs_built(cfg: Config, vocab: int, policy, groups) -> dict:
+    """{part: (planned, built)} for the parts of this rank's policy whose count the memory plan gets wrong."""
+    shape = model_shape(cfg)
+    shape = ModelShape(shape.lm, vocab, shape.vision)
+    planned = stage_params(cfg, shape, groups.pp_rank, len(policy.language_model.decoder.layers))
+    numel = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
+    built = {"lm": numel(policy.language_model), "vision": numel(policy.vision),
+             "projector": numel(policy.projector),
+             "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
+    return {k: (getattr(planned, k), v) for k, v in built.items() if getattr(planned, k) != v}
 
 
 # the reference cache: computed at TP=2 from a saved reference checkpoint, consumed in these layouts by the

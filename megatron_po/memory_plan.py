@@ -1,0 +1,316 @@
+"""What one training job holds in memory on each rank, from the config alone (no weights, no devices).
+
+`megatron-po train --dry-run --world-size N --config F [--json] [--device-memory-gb 80]` prints it per pipeline
+stage (TP and DP ranks of a stage hold the same). Megatron-LM's `report_theoretical_memory` is the model for the
+approach: parameter counts are exact (a test compares them with the built modules of every family and layout),
+activations are counted per token from the tensors each layer saves for backward. What is counted:
+
+  weights       the policy's parameters on this rank (its pipeline stage, its TP shard; replicated towers whole),
+                plus the reference's (reference.source=model; a frozen tower is shared), in model.params_dtype
+  gradients     megatron's DDP buffer, fp32 (grad_reduce_in_fp32), for every trainable parameter
+  optimizer     Adam's two moments in fp32, plus an fp32 master copy under bf16; divided by DP with
+                parallel.use_distributed_optimizer
+  activations   saved tensors per decoder layer and token (coefficients below), at `rows x model.max_seq_length`
+                tokens per micro-batch (rows = the sequences of a micro-batch: the worst case with or without
+                packing), times the layers of the stage, times the micro-batches in flight under 1F1B (pp - stage,
+                at most the micro-batches of a step), with recompute applied; plus the backward working set
+                (without full recompute: two whole layers, calibrated by benchmarks/bench_memory_plan.py; with
+                it: the replayed layer and its attention scores' gradient) and, on the local spec, the attention mask ([rows, S, S] when packed)
+  log-probs     the last stage's log-prob stage: fused = two [chunk, V/tp] fp32 buffers, the response hidden
+                states and the output weight's transient fp32 gradient; logits = [rows * S, V/tp] logits with an
+                fp32 log-softmax and its gradient
+  vision        the tower's activations on the first stage (one layer's working set when frozen, every layer
+                when trained) and the image embeddings a step keeps (one encoding per micro-batch)
+
+Not counted: the CUDA context, NCCL buffers and allocator fragmentation (keep the headroom `fits` asks for),
+and on CPU the interpreter and libraries (the validation benchmark measures RSS above its start).
+
+Activation coefficients (elements per token per layer; h hidden, f ffn, a heads, d head dim, k = a/groups * d...
+see `_layer_elements`) were read off the local spec with saved-tensor hooks and are checked the same way by a
+test; the TE spec's are derived from its kernels (flash attention keeps no [s, s] scores) and need a GPU to check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_po.config import Config
+from megatron_po.models.families import HF_FAMILIES, VisionFootprint
+from megatron_po.models.specs import LMShape, lm_shape_of, use_te_spec
+from megatron_po.models.vlm import padded_vocab_size
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    lm: LMShape
+    padded_vocab: int
+    vision: VisionFootprint
+
+
+def tiny_vision_footprint(cfg: Config) -> VisionFootprint:
+    """tiny_vlm's ViT (megatron layers, TP-sharded) and MLP projector (gated like the decoder's MLP)."""
+    v, m = cfg.model.vision, cfg.model
+    hv, fv = v.hidden_size, v.ffn_hidden_size
+    # per layer: qkv and fc1 (weight + bias) and the proj/fc2 weights split over TP; their biases and norms not
+    sharded = v.num_layers * (3 * hv * hv + 3 * hv + hv * hv + hv * fv + fv + fv * hv)
+    replicated = v.num_layers * (2 * hv + 4 * hv) + 2 * hv + 3 * v.patch_size**2 * hv + hv + v.num_patches * hv
+    projector = hv * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size
+    return VisionFootprint(tower_sharded=sharded, tower_replicated=replicated, projector_sharded=projector,
+                           projector_replicated=0, hidden=hv, ffn=fv, heads=v.num_attention_heads,
+                           layers=v.num_layers, patches_per_pair=v.num_patches, attention_span=v.num_patches,
+                           image_tokens_per_pair=v.num_patches)
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """The decoder and vision shapes of `cfg.model`: tiny_vlm's fields, or an HF family's config.json (and
+    preprocessor_config.json, for the image tokens of a pair) under model.hf_path; no weights are read."""
+    tp = cfg.parallel.tp
+    if cfg.model.family == "tiny_vlm":
+        vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab_size
+        return ModelShape(lm_shape_of(cfg.model, vocab), padded_vocab_size(vocab, tp), tiny_vision_footprint(cfg))
+    root = Path(cfg.model.hf_path)
+    hf_config = json.loads((root / "config.json").read_text())
+    pre = root / "preprocessor_config.json"
+    preprocessor = json.loads(pre.read_text()) if pre.is_file() else {}
+    family = HF_FAMILIES[cfg.model.family].load()
+    lm, vision = family.memory_footprint(hf_config, preprocessor, cfg.model.max_seq_length)
+    return ModelShape(lm, padded_vocab_size(lm.vocab_size, tp), vision)
+
+
+# ---- parameters ----------------------------------------------------------------------------------------------------
+
+def layer_params(lm: LMShape, tp: int) -> float:
+    """One decoder layer's parameters on a TP rank: q/k/v (with bias), o, gate+up, down sharded; norms not."""
+    h, f, kv = lm.hidden_size, lm.ffn_hidden_size, lm.num_query_groups * lm.kv_channels
+    return (h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * f) / tp + 2 * h
+
+
+@dataclass
+class StageParams:
+    lm: float
+    vision: float
+    projector: float
+    trainable: float
+
+
+def stage_params(cfg: Config, shape: ModelShape, stage: int, layers: int) -> StageParams:
+    par, lm, vis, tp = cfg.parallel, shape.lm, shape.vision, cfg.parallel.tp
+    first, last = stage == 0, stage == par.pp - 1
+    n = layers * layer_params(lm, tp)
+    embedding = shape.padded_vocab * lm.hidden_size / tp
+    if first:
+        n += embedding
+    if last:
+        n += lm.hidden_size  # final norm
+        # tied: one weight without PP, a copy on the last stage with it (megatron's embedding group)
+        n += embedding if (not lm.tie_embeddings or par.pp > 1) else 0
+    tower = (vis.tower_sharded / tp + vis.tower_replicated) if first else 0.0
+    projector = (vis.projector_sharded / tp + vis.projector_replicated) if first else 0.0
+    trainable = n + (0 if cfg.model.vision.frozen else tower) + (0 if cfg.model.projector_frozen else projector)
+    return StageParams(n, tower, projector, trainable)
+
+
+# ---- activations ---------------------------------------------------------------------------------------------------
+
+def _layer_elements(cfg: Config, lm: LMShape, te: bool, recompute: bool) -> tuple[float, float]:
+    """(elements in the activation dtype, fp32 elements) one decoder layer saves per token of a rank, with
+    `model.recompute_modules` recomputed (`recompute`) or not.
+
+    Local spec (measured with saved-tensor hooks, fp32): the fp32 norms keep input, x * rstd and output (3h + 1
+    each, /tp under SP); rotary cos/sin of q and k (4d); q, k and v expanded to every head by GQA, the context
+    (4h / tp); the softmax [a, s, s] (a s / tp); SwiGLU keeps fc1's output and two f-wide products (5f / tp).
+    Selective core_attn keeps q, k and the qkv buffer instead of the expanded heads and softmax, and the context
+    ((3h + 3k) / tp);
+    selective mlp drops the 5f. TE spec: fused norm+linear keeps input and normed input (4h / sp), flash
+    attention the qkv buffer, rotated q, k, output and a log-sum-exp per head, SwiGLU 3f, no [s, s] scores.
+    """
+    par, m = cfg.parallel, cfg.model
+    tp, sp = par.tp, (par.tp if par.sp else 1)
+    h, f, a, d = lm.hidden_size, lm.ffn_hidden_size, lm.num_attention_heads, lm.kv_channels
+    k = lm.num_query_groups * d
+    s = m.max_seq_length // par.cp
+    modules = set(m.recompute_modules.split(",")) if recompute else set()
+    mlp = 0.0 if "mlp" in modules else 5 * f / tp
+    if te:
+        attn = (h + 2 * k + h + k + h) / tp
+        return 4 * h / sp + attn + (0.0 if "mlp" in modules else 3 * f / tp), 2 / sp + 4 * d + a / tp
+    if "core_attn" in modules:
+        attn = (3 * h + 3 * k) / tp
+    else:
+        v_kept = (h + 2 * k) if lm.num_query_groups == a else h  # no GQA expansion: v is a view of the qkv buffer
+        attn = (3 * h + v_kept + a * s) / tp
+    return (6 * h + 2) / sp + 4 * d + attn + mlp, 0.0
+
+
+@dataclass
+class RankPlan:
+    """Bytes one rank of a pipeline stage holds at its peak (a training step's backward)."""
+
+    stage: int
+    layers: int
+    ranks: str
+    weights_policy: float = 0.0
+    weights_reference: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    logprob_stage: float = 0.0
+    vision: float = 0.0
+    attention_mask: float = 0.0
+    details: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return (self.weights_policy + self.weights_reference + self.gradients + self.optimizer + self.activations
+                + self.logprob_stage + self.vision + self.attention_mask)
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    micro_batches: int
+    rows: int
+    tokens_per_row: int
+    device_memory_gb: float
+    headroom: float
+    stages: list[RankPlan]
+
+    @property
+    def peak(self) -> float:
+        return max(r.total for r in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.device_memory_gb * GiB * (1 - self.headroom)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "stages"}
+        out["stages"] = [dict(asdict(r), total=r.total) for r in self.stages]
+        out.update(peak=self.peak, fits=self.fits)
+        return out
+
+
+def rows_per_micro_batch(cfg: Config, objective_rows: int = 2) -> int:
+    """Sequences of a micro-batch: chosen and rejected per pair (P2-DPO: its branches, see the objective)."""
+    return objective_rows * cfg.train.micro_batch_size
+
+
+def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, rows: int | None = None,
+               needs_reference: bool = True, headroom: float = 0.1, te: bool | None = None,
+               row_tokens: int | None = None) -> MemoryPlan:
+    """The memory plan of `cfg` on `world_size` ranks.
+
+    Args:
+        rows: rows per micro-batch (default: 2 x micro_batch_size, chosen + rejected; packed rows are fewer).
+        row_tokens: tokens per row (default: model.max_seq_length, the longest a row can be padded to).
+        needs_reference: the objective reads reference log-probs (a reference model unless the cache serves them).
+        headroom: the share of device memory left for what is not counted (CUDA context, NCCL, fragmentation).
+        te: count the Transformer-Engine spec's activations (default: what model.spec selects here).
+    """
+    par, m, tr = cfg.parallel, cfg.model, cfg.train
+    dp = cfg.validate_world(world_size)
+    shape = model_shape(cfg)
+    lm, vis = shape.lm, shape.vision
+    te = use_te_spec(m) if te is None else te
+    rows = rows or rows_per_micro_batch(cfg)
+    act_bytes = 2 if m.params_dtype == "bf16" else 4
+    micro_batches = tr.global_batch_size // (dp * tr.micro_batch_size)
+    row_tokens = row_tokens or m.max_seq_length
+    tokens = rows * row_tokens // par.cp  # this rank's tokens of one micro-batch (before SP)
+    reference_model = needs_reference and cfg.reference.source == "model"
+    stages = []
+    for stage, layers in enumerate(par.stage_layers(lm.num_layers)):
+        first, last = stage == 0, stage == par.pp - 1
+        p = stage_params(cfg, shape, stage, layers)
+        r = RankPlan(stage, layers, f"pp_rank {stage}" if par.pp > 1 else "every rank")
+        r.weights_policy = (p.lm + p.vision + p.projector) * act_bytes
+        if reference_model:
+            own_tower = 0.0 if (m.vision.frozen and m.projector_frozen) else p.vision + p.projector
+            r.weights_reference = (p.lm + own_tower) * act_bytes
+        r.gradients = p.trainable * 4
+        optim = (12 if m.params_dtype == "bf16" else 8) * p.trainable
+        r.optimizer = optim / dp if par.use_distributed_optimizer else optim
+        in_flight = min(par.pp - stage, micro_batches)
+        act, fp32 = _layer_elements(cfg, lm, te, recompute=m.recompute == "selective")
+        per_layer = tokens * (act * act_bytes + fp32 * 4)
+        act, fp32 = _layer_elements(cfg, lm, te, recompute=False)
+        whole_layer = tokens * (act * act_bytes + fp32 * 4)  # every intermediate, as when replayed
+        sp = par.tp if par.sp else 1
+        if m.recompute == "full":
+            unit = m.recompute_num_layers
+            if m.recompute_method == "uniform":
+                stored = math.ceil(layers / unit) * tokens * lm.hidden_size / sp * act_bytes
+                replayed = min(unit, layers) - 1  # the other layers of the unit replayed in backward
+            else:
+                kept = max(layers - unit, 0)
+                stored = min(unit, layers) * tokens * lm.hidden_size / sp * act_bytes + kept * per_layer
+                replayed = 0
+            # backward working set: the replayed layer's intermediates and the gradient of its attention scores
+            scores = 0.0 if te else tokens * lm.num_attention_heads * row_tokens / par.tp * act_bytes
+            r.activations = in_flight * stored + (replayed + 1) * whole_layer + scores
+        else:
+            # backward working set: the layer's intermediates once more and their gradients (calibrated on CPU:
+            # one layer's worth did not cover the measured peaks, two do within the benchmark's +-20%)
+            r.activations = in_flight * layers * per_layer + 2 * whole_layer
+        if last:
+            r.activations += in_flight * tokens * (2 * lm.hidden_size + 1) / sp * 4  # final norm (fp32 inside)
+        if not te:
+            s = row_tokens
+            # one [1, 1, S, S] causal mask per micro-batch unpacked; [rows, 1, S, S] built in ~3 bool passes packed
+            r.attention_mask = (3 * rows * s * s if cfg.data.packing else s * s) * in_flight
+        if last:
+            vocab_local = shape.padded_vocab / par.tp
+            if m.logprobs == "fused":
+                chunk = min(m.logprob_chunk_tokens, tokens)
+                r.logprob_stage = (2 * chunk * vocab_local * 4 + vocab_local * lm.hidden_size * 4
+                                   + 2 * tokens * lm.hidden_size * act_bytes)
+            else:
+                r.logprob_stage = tokens * vocab_local * (act_bytes + 3 * 4)
+        if first:
+            embeds = micro_batches * tr.micro_batch_size * vis.image_tokens_per_pair * lm.hidden_size * act_bytes
+            patches = tr.micro_batch_size * vis.patches_per_pair
+            per_vlayer = patches * (10 * vis.hidden + 3 * vis.ffn / par.tp + vis.heads * vis.attention_span) * 4
+            trained = not m.vision.frozen
+            r.vision = embeds * (2 if reference_model and trained else 1) + per_vlayer * (
+                vis.layers * in_flight if trained else 1)
+        r.details = {"params_lm": p.lm, "params_vision": p.vision, "params_projector": p.projector,
+                     "params_trainable": p.trainable, "in_flight_micro_batches": in_flight,
+                     "activation_bytes_per_layer": per_layer, "tokens_per_micro_batch": tokens}
+        stages.append(r)
+    return MemoryPlan(world_size, par.tp, par.pp, par.cp, dp, micro_batches, rows, row_tokens,
+                      device_memory_gb, headroom, stages)
+
+
+ROWS = [("weights (policy)", "weights_policy"), ("weights (reference)", "weights_reference"),
+        ("gradients (fp32)", "gradients"), ("optimizer", "optimizer"), ("activations", "activations"),
+        ("log-prob stage", "logprob_stage"), ("vision tower", "vision"), ("attention mask", "attention_mask")]
+
+
+def format_plan(plan: MemoryPlan, cfg: Config) -> str:
+    par, m = cfg.parallel, cfg.model
+    head = (f"memory plan: world {plan.world_size} = tp {plan.tp} x pp {plan.pp} x cp {plan.cp} x dp {plan.dp}; "
+            f"{plan.micro_batches} micro-batches of {plan.rows} rows x {plan.tokens_per_row} tokens per step; "
+            f"{m.params_dtype}, sp={par.sp}, recompute={m.recompute}, packing={cfg.data.packing}, "
+            f"logprobs={m.logprobs}, reference={cfg.reference.source}, "
+            f"distributed optimizer={par.use_distributed_optimizer}")
+    cols = [f"stage {r.stage} ({r.layers} layers)" for r in plan.stages]
+    width = max(14, *(len(c) for c in cols))
+    lines = [head, f"{'GiB per rank':<22}" + "".join(f"{c:>{width + 2}}" for c in cols)]
+    for label, key in ROWS:
+        lines.append(f"{label:<22}" + "".join(f"{getattr(r, key) / GiB:>{width + 2}.2f}" for r in plan.stages))
+    lines.append(f"{'total':<22}" + "".join(f"{r.total / GiB:>{width + 2}.2f}" for r in plan.stages))
+    budget = plan.device_memory_gb * (1 - plan.headroom)
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"peak {plan.peak / GiB:.2f} GiB per rank {verdict} in {plan.device_memory_gb:g} GiB "
+                 f"({budget:.1f} GiB after {plan.headroom:.0%} headroom for the CUDA context, NCCL buffers and "
+                 "fragmentation, which are not counted)")
+    return "\n".join(lines)

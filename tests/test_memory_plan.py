@@ -1,0 +1,208 @@
+"""The memory plan (`--dry-run --world-size N`): its counts against what the built modules hold and save.
+
+- parameters: the plan's per-rank counts equal the modules megatron_po builds (tiny_vlm and both HF families, in
+  one shared 1-rank gloo group; TP/PP shards are checked by the layout test), and the shape-only configs of the
+  published models equal transformers' own models built on the meta device;
+- activations: the per-token, per-layer coefficients of the local spec equal the bytes a decoder layer saves for
+  backward (saved-tensor hooks), with and without GQA and recompute;
+- the driver: the dry run prints the plan, as JSON too, and every shipped example fits its node.
+The plan against measured peak memory of whole runs is benchmarks/bench_memory_plan.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_python
+from megatron_po.config import ParallelConfig, load_config
+from megatron_po.memory_plan import ModelShape, _layer_elements, build_plan, model_shape, stage_params
+
+SHAPES = REPO / "launch" / "configs" / "shapes"
+PLANS = sorted(SHAPES.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from megatron_po.config import ParallelConfig
+    from megatron_po.parallel.groups import init_parallel, teardown
+
+    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
+    yield g
+    teardown()
+
+
+def _numel(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _assert_counts(cfg, model) -> None:
+    p = stage_params(cfg, model_shape(cfg), stage=0, layers=model_shape(cfg).lm.num_layers)
+    assert p.lm == _numel(model.language_model)
+    assert p.vision == _numel(model.vision)
+    assert p.projector == _numel(model.projector)
+    assert p.trainable == sum(t.numel() for t in model.parameters() if t.requires_grad)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.num_query_groups=4", "model.vision.frozen=false",
+                                             "model.projector_frozen=false", "model.vocab_size=1000"]])
+def test_parameters_equal_the_built_tiny_vlm(groups, overrides):
+    from megatron_po.models.vlm import build_vlm, padded_vocab_size
+
+    cfg = load_config(None, overrides)
+    shape = model_shape(cfg)
+    model = build_vlm(cfg.model, cfg.parallel, padded_vocab_size(shape.lm.vocab_size, 1), groups, seed=0)
+    _assert_counts(cfg, model)
+
+
+HF_CASES = {
+    "internvl3_vit300m_tied": lambda d: __import__("hf_internvl3_fixture").make_checkpoint(d, "vit300m"),
+    "internvl3_vit6b": lambda d: __import__("hf_internvl3_fixture").make_checkpoint(d, "vit6b"),
+    "qwen2_5_vl": lambda d: __import__("hf_qwen2_5_vl_fixture").make_hf_dir(d),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_parameters_equal_the_built_hf_families(groups, tmp_path, case):
+    pytest.importorskip("transformers")
+    from megatron_po.models.families import HF_FAMILIES
+
+    hf = HF_CASES[case](tmp_path / "hf")
+    family = case.split("_vit")[0] if case.startswith("internvl3") else "qwen2_5_vl"
+    cfg = load_config(None, [f"model.family={family}", f"model.hf_path={hf}", f"checkpoint.init_from={tmp_path}",
+                             "model.vision.frozen=false"])
+    model = HF_FAMILIES[family].load().build(json.loads((hf / "config.json").read_text()), cfg.model,
+                                               cfg.parallel, groups)
+    _assert_counts(cfg, model)
+
+
+def _hf_meta_params(hf_dir: Path) -> int:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    cls = {"internvl": transformers.InternVLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[config.model_type]
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.stem)
+def test_published_shapes_equal_transformers_models(plan):
+    """The shape-only configs count what transformers builds from them (its real vocabulary, no padding)."""
+    pytest.importorskip("transformers")
+    cfg = load_config(plan)
+    cfg.parallel = ParallelConfig()  # the whole model on one rank
+    shape = model_shape(cfg)
+    unpadded = ModelShape(shape.lm, shape.lm.vocab_size, shape.vision)
+    cfg.model.vision.frozen = cfg.model.projector_frozen = False
+    p = stage_params(cfg, unpadded, 0, shape.lm.num_layers)
+    assert p.trainable == _hf_meta_params(Path(cfg.model.hf_path))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.stem)
+def test_every_published_example_fits_a_node(plan):
+    cfg = load_config(plan)
+    world = int(plan.read_text().split("world size ")[1].split()[0])
+    result = build_plan(cfg, world, 80.0, te=True)
+    assert result.fits, f"{plan.name}: {result.peak / 2**30:.1f} GiB"
+
+
+def _saved_elements_per_token(model, tokens: int, seq: int) -> dict[str, float]:
+    """Elements (fp32) each decoder layer saves for backward per token, parameters excluded."""
+    from megatron_po.train.rows import causal_mask
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where, seen = ["outside"], {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in seen:
+            seen[key] = (where[0], t.untyped_storage().nbytes())
+        return t
+
+    hooks = []
+    for i, layer in enumerate(model.language_model.decoder.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, f"layer{i}")))
+        hooks.append(layer.register_forward_hook(lambda *_: where.__setitem__(0, "outside")))
+    rows = tokens // seq
+    ids = torch.randint(0, 100, (rows, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, torch.arange(seq).expand(rows, seq), causal_mask(seq, ids.device), None, None)
+    for h in hooks:
+        h.remove()
+    out: dict[str, float] = {}
+    for name, nbytes in seen.values():
+        out[name] = out.get(name, 0.0) + nbytes / 4 / tokens
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.num_query_groups=4"],  # no GQA: v stays a view of the qkv buffer
+    ["model.num_attention_heads=8", "model.max_seq_length=96"],
+    ["model.recompute=selective"],
+    ["model.recompute=selective", "model.recompute_modules=core_attn,mlp"],
+])
+def test_layer_activations_equal_saved_tensors(groups, overrides):
+    from megatron_po.models.vlm import build_vlm
+
+    cfg = load_config(None, ["model.max_seq_length=64", *overrides])
+    seq = cfg.model.max_seq_length
+    model = build_vlm(cfg.model, cfg.parallel, 256, groups, seed=0)
+    saved = _saved_elements_per_token(model, 2 * seq, seq)
+    act, fp32 = _layer_elements(cfg, model_shape(cfg).lm, te=False, recompute=cfg.model.recompute == "selective")
+    assert fp32 == 0
+    assert saved["layer1"] == pytest.approx(act, abs=0.01), saved  # layer0 also holds the shared mask
+
+
+def test_full_recompute_keeps_a_layer_input(groups):
+    from megatron_po.models.vlm import build_vlm
+
+    cfg = load_config(None, ["model.max_seq_length=64", "model.recompute=full"])
+    model = build_vlm(cfg.model, cfg.parallel, 256, groups, seed=0)
+    saved = _saved_elements_per_token(model, 128, 64)
+    per_layer = (saved["outside"] - 2 * cfg.model.hidden_size - 3) / cfg.model.num_layers  # minus the final norm
+    h = cfg.model.hidden_size
+    assert h <= per_layer <= 1.25 * h, saved  # the checkpointed input (+ rotary tables and mask)
+
+
+def test_dry_run_prints_the_plan_and_json(tmp_path):
+    out = run_python(["-m", "megatron_po.cli", "train", "--dry-run", "--world-size", "4", "parallel.tp=2",
+                      "parallel.sp=true", "train.global_batch_size=8", "--json"])
+    plan = json.loads(out[out.index("{"):])
+    assert plan["dp"] == 2 and plan["fits"] and len(plan["stages"]) == 1
+    assert plan["stages"][0]["weights_reference"] > 0
+    out = run_python(["-m", "megatron_po.cli", "train", "--dry-run", "--world-size", "4", "parallel.pp=2",
+                      "parallel.tp=2", "--device-memory-gb", "0.001", "reference.source=cache",
+                      "reference.cache_path=x"])
+    assert "stage 1" in out and "does NOT fit" in out
+
+
+def test_plan_terms_move_the_right_way():
+    def plan(dp: int = 1, **changes):
+        cfg = load_config(None, ["model.max_seq_length=4096", "train.micro_batch_size=1", "model.num_layers=16",
+                                 "train.global_batch_size=8", *[f"{k}={v}" for k, v in changes.items()]])
+        return build_plan(cfg, cfg.parallel.tp * cfg.parallel.pp * dp).stages[0]
+
+    none, sel, full = plan(), plan(**{"model.recompute": "selective"}), plan(**{"model.recompute": "full"})
+    assert none.activations > sel.activations > full.activations
+    tp2, tp2sp = plan(**{"parallel.tp": 2}), plan(**{"parallel.tp": 2, "parallel.sp": "true"})
+    assert tp2sp.activations < tp2.activations < none.activations
+    assert plan(**{"model.logprobs": "logits"}).logprob_stage > 10 * none.logprob_stage
+    assert plan(**{"reference.source": "cache", "reference.cache_path": "x"}).weights_reference == 0
+    distributed = plan(dp=2, **{"parallel.use_distributed_optimizer": "true"})
+    assert distributed.optimizer == pytest.approx(plan(dp=2).optimizer / 2)
+
+
+def test_layernorm_recompute_is_refused_without_te():
+    """megatron's layernorm recompute goes through TE's FP8 state: on the local spec it failed mid-forward."""
+    from megatron_po.config import ParallelConfig
+    from megatron_po.models.specs import build_lm_config
+
+    cfg = load_config(None, ["model.recompute=selective", "model.recompute_modules=core_attn,layernorm",
+                             "model.spec=local"])
+    with pytest.raises(ValueError, match="needs the Transformer-Engine spec"):
+        build_lm_config(cfg.model, ParallelConfig())
