@@ -39,7 +39,7 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
         return
     with warnings.catch_warnings():  # megatron's import-time notes (no Apex, no TE) say nothing about a plan
         warnings.simplefilter("ignore")
-        from megatron_po.memory_plan import build_plan, format_plan
+        from megatron_po.memory_plan import MissingShapes, build_plan, format_plan
         from megatron_po.train.data import takes_p2_records
 
     dp = cfg.validate_world(args.world_size)
@@ -47,8 +47,12 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
         par = cfg.parallel
         print(f"layout ok: world={args.world_size} tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}")
     rows = args.rows or (6 if takes_p2_records(objective) else 2) * cfg.train.micro_batch_size
-    plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,
-                      needs_reference=objective.needs_reference, te=cfg.model.spec != "local")
+    try:
+        plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,
+                          needs_reference=objective.needs_reference, te=cfg.model.spec != "local")
+    except MissingShapes as e:
+        print(f"no memory plan: {e}")
+        return
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan, cfg))
 
 

@@ -314,6 +314,10 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
+        if self.data.packing and self.parallel.cp > 1:
+            # TODO(megatron_po): THD rows split per sequence (TE's thd partitioning) and M-RoPE tables to match
+            raise ConfigError("data.packing with parallel.cp > 1 is not supported: megatron's M-RoPE slices its "
+                              "rotary table by whole rows under context parallelism, not per packed sequence")
         if self.model.family == "tiny_vlm":  # HF families: checked when the model reads its config.json
             self.parallel.stage_layers(self.model.num_layers)
         if self.model.family != "tiny_vlm":

@@ -45,6 +45,10 @@ from megatron_po.models.vlm import padded_vocab_size
 GiB = 1024**3
 
 
+class MissingShapes(ValueError):
+    """The HF family's config.json is not here (a cluster path): the config is valid, the plan cannot be made."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     lm: LMShape
@@ -74,6 +78,9 @@ def model_shape(cfg: Config) -> ModelShape:
         vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab_size
         return ModelShape(lm_shape_of(cfg.model, vocab), padded_vocab_size(vocab, tp), tiny_vision_footprint(cfg))
     root = Path(cfg.model.hf_path)
+    if not (root / "config.json").is_file():
+        raise MissingShapes(f"model.hf_path={root}: no config.json to read the shapes from (a converted checkpoint's "
+                         "hf/ directory, or the published shapes in launch/configs/shapes/)")
     hf_config = json.loads((root / "config.json").read_text())
     pre = root / "preprocessor_config.json"
     preprocessor = json.loads(pre.read_text()) if pre.is_file() else {}

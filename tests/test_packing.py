@@ -94,3 +94,72 @@ def test_packed_mask_isolates_sequences():
     assert not allowed[2, 1] and not allowed[4, 0]  # nothing across sequences
     assert allowed[4, 2] and allowed[4, 4]
     assert allowed[5].sum() == 6  # padding attends causally (its outputs are never read)
+
+
+def test_thd_row_lays_packed_rows_end_to_end():
+    """TE takes packed sequences as one row with cu_seqlens: a run per sequence, each row's padding its own run."""
+    from megatron_po.train.batch import MicroBatch
+    from megatron_po.train.rows import thd_params
+
+    packed = pack_rows(collated(), capacity=8, pad_multiple=2, pad_id=0)
+    packed.update(images=torch.zeros(1, 3, 8, 8), chosen_lengths=torch.tensor([2]),
+                  rejected_lengths=torch.tensor([4]))
+    mb = MicroBatch.from_collated(packed)
+    one = mb.as_thd()
+    r, s = mb.rows.shape
+    assert one.rows.shape == (1, r * s) and one.rows.num_sequences == 3
+    assert torch.equal(one.rows.tokens[0], mb.rows.tokens.flatten())
+    assert torch.equal(one.rows.image_token_mask[0], mb.rows.image_token_mask.flatten())
+    assert one.rows.row_images == [[i for row in mb.rows.row_images for i in row]]
+    assert torch.equal(one.chosen_segment_slots[0], mb.chosen_segment_slots.flatten())
+    params = thd_params(one.rows.sequence_ids)
+    cu = params.cu_seqlens_q.tolist()
+    runs = []  # (sequence id, length) of every run, row by row: what cu_seqlens must delimit
+    for row in mb.rows.sequence_ids.tolist():
+        for sid in row:
+            if runs and runs[-1][0] == sid and runs[-1][2] == len(runs):
+                runs[-1][1] += 1
+            else:
+                runs.append([sid, 1, len(runs) + 1])
+    assert [b - a for a, b in zip(cu, cu[1:])] == [n for _, n, _ in runs] and cu[-1] == r * s
+    assert params.qkv_format == "thd" and params.max_seqlen_q == max(n for _, n, _ in runs)
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from megatron_po.config import ParallelConfig
+    from megatron_po.parallel.groups import init_parallel, teardown
+
+    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
+    yield g
+    teardown()
+
+
+def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
+    """The one-row THD layout changes nothing the trainer computes: per-sequence sums of a real packed micro-batch
+    (images, sentence slots) equal those of its rows (here both with the block-diagonal mask of the local spec;
+    TE's cu_seqlens attention itself needs a GPU: tests/test_gpu.py)."""
+    from megatron_po.config import load_config
+    from megatron_po.data.tokenizer import Tokenizer
+    from megatron_po.models.vlm import build_vlm, padded_vocab_size
+    from megatron_po.objectives import build_objective
+    from megatron_po.train.batch import MicroBatch
+    from megatron_po.train.data import build_dataset, prepare_data, to_device
+    from megatron_po.train.rows import forward_rows, token_logps
+    from megatron_po.train.step import Tower, image_embeds, token_logps_sums
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_train=8", "data.num_eval=2", "data.packing=true"])
+    train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}))
+    tokenizer = Tokenizer(tok_path)
+    ds = build_dataset(cfg, train_path, tokenizer, tp=1)
+    batch = pack_rows(ds.collator([ds[i] for i in range(4)]), cfg.model.max_seq_length, 1, tokenizer.pad_id)
+    mb = MicroBatch.from_collated(to_device(batch, groups.device))
+    assert mb.rows.shape[0] > 1
+    model = build_vlm(cfg.model, cfg.parallel, padded_vocab_size(tokenizer.vocab_size, 1), groups, seed=1)
+    sums = []
+    with torch.no_grad():
+        for view in (mb, mb.as_thd()):
+            out = forward_rows(model, view.rows, image_embeds(model, view, Tower("policy", True)), view.images)
+            sums.append(token_logps_sums(token_logps(model, out, view.rows.labels, None), view.rows, view))
+    assert torch.allclose(sums[0].seq, sums[1].seq, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(sums[0].segments, sums[1].segments, rtol=1e-6, atol=1e-6)

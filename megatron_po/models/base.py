@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_po.config import ModelConfig
@@ -62,6 +63,7 @@ class VLMBase(MegatronModule):
         attention_mask: torch.Tensor,
         image_embeds: Optional[torch.Tensor],
         image_token_mask: Optional[torch.Tensor],
+        packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         """Runs this pipeline stage's part of the decoder on text with image embeddings spliced in.
 
@@ -74,6 +76,8 @@ class VLMBase(MegatronModule):
                 `image_token_mask` (a row may hold several images, and rows may share one: the caller lays them
                 out, see train/rows.py); None or empty for text only.
             image_token_mask: [b, s] bool, T True positions in all.
+            packed_seq_params: THD packing for TE attention (one row of packed sequences, train/rows.py); the
+                mask is then unused.
         Returns:
             logits [b, s, v/tp] (vocab-sharded over TP) on the last stage; elsewhere the stage's hidden states
             [s(/tp under SP), b, h] for the next one. Stages after the first read their input from
@@ -85,7 +89,7 @@ class VLMBase(MegatronModule):
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if not self.pre_process:
             return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-                                       decoder_input=None)
+                                       decoder_input=None, packed_seq_params=packed_seq_params)
         emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         slots = 0 if image_token_mask is None else int(image_token_mask.sum())
         given = 0 if image_embeds is None else image_embeds.shape[0]
@@ -97,9 +101,8 @@ class VLMBase(MegatronModule):
             emb = emb.transpose(0, 1).contiguous()
         if self.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
-        return self.language_model(
-            input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, decoder_input=emb
-        )
+        return self.language_model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
+                                   decoder_input=emb, packed_seq_params=packed_seq_params)
 
 
 def to_device(model: VLMBase, device: torch.device) -> VLMBase:

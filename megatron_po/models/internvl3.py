@@ -216,9 +216,10 @@ class InternVL3Model(VLMBase):
         out = self.projector(feats)
         return out.reshape(-1, out.shape[-1])
 
-    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask) -> torch.Tensor:
+    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask,
+                packed_seq_params=None) -> torch.Tensor:
         """Logits [b, s, v_padded/tp] with the `<IMG_CONTEXT>` slots filled: see VLMBase.decode."""
-        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask, packed_seq_params)
 
 
 def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length: int) -> tuple[LMShape, VisionFootprint]:

@@ -8,7 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_po.config import ModelConfig, ParallelConfig
-from megatron_po.models.specs import LMShape, build_decoder_spec, build_lm_config
+from megatron_po.models.specs import LMShape, build_decoder_spec, build_lm_config, use_te_spec
 from megatron_po.parallel.groups import ParallelGroups
 
 
@@ -24,9 +24,13 @@ class LanguageModel(GPTModel):
     logprob_chunk_tokens: int = 256
     """Tokens per chunk of the fused log-prob stage (its [chunk, V/tp] fp32 buffer)."""
 
+    packed_thd: bool = False
+    """Packed rows come as one THD row with cu_seqlens (TE attention), not as rows with a block-diagonal mask."""
+
     def configure_logprobs(self, model: ModelConfig) -> "LanguageModel":
         self.output_hidden = model.logprobs == "fused"
         self.logprob_chunk_tokens = model.logprob_chunk_tokens
+        self.packed_thd = use_te_spec(model)
         return self
 
     def _postprocess(self, hidden_states, *args, **kwargs):

@@ -154,7 +154,7 @@ class Qwen25VLModel(VLMBase):
         return self.projector(feats)
 
     def forward(self, tokens: Tensor, position_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor,
-                image_token_mask: Tensor) -> Tensor:
+                image_token_mask: Tensor, packed_seq_params=None) -> Tensor:
         """Runs the decoder with image embeddings spliced into the image-token slots.
 
         Args:
@@ -166,7 +166,7 @@ class Qwen25VLModel(VLMBase):
         Returns:
             logits [b, s, v_padded/tp] (vocab-sharded over TP).
         """
-        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask, packed_seq_params)
 
 
 def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length: int) -> tuple[LMShape, VisionFootprint]:

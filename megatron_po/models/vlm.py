@@ -101,9 +101,10 @@ class VLMModel(VLMBase):
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(0, 1)
 
-    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask) -> torch.Tensor:
+    def forward(self, tokens, position_ids, attention_mask, image_embeds, image_token_mask,
+                packed_seq_params=None) -> torch.Tensor:
         """Logits [b, s, v/tp] of text with image features spliced in: see VLMBase.decode."""
-        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask)
+        return self.decode(tokens, position_ids, attention_mask, image_embeds, image_token_mask, packed_seq_params)
 
 
 def build_vlm(model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: ParallelGroups, seed: int) -> VLMModel:

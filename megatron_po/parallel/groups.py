@@ -46,6 +46,14 @@ class ParallelGroups:
         return dist.get_rank(self.dp)
 
     @property
+    def cp_size(self) -> int:
+        return dist.get_world_size(self.cp)
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.cp)
+
+    @property
     def pp_size(self) -> int:
         return dist.get_world_size(self.pp)
 

@@ -10,11 +10,14 @@ the frozen towers' image embeddings by the first pass of the step that encodes t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
+
+from megatron_po.logprobs import segment_sums
+from megatron_po.parallel.context import cp_positions
 
 Images = Union[Tensor, dict]
 """tiny_vlm: ``[N, 3, H, W]``; HF families: the processor's dict (``pixel_values``, ``num_tokens``, ...)."""
@@ -39,6 +42,9 @@ class Rows:
     when every row is one sequence."""
     num_sequences: Optional[int] = None
     """Packed rows: how many sequences they hold (log-prob sums come back per sequence, in collated order)."""
+    cp_slots: Optional[Tensor] = None
+    """Context parallelism (`cp_shard`): indices, among the image slots of the whole rows in row-major order, of
+    the slots among this rank's positions; None without CP."""
 
     @classmethod
     def from_collated(cls, d: dict) -> "Rows":
@@ -52,6 +58,28 @@ class Rows:
     @property
     def packed(self) -> bool:
         return self.sequence_ids is not None
+
+    def as_one_row(self) -> "Rows":
+        """Packed rows laid end to end as one row [1, R * S] (TE's THD layout: megatron takes packed sequences as
+        one row with cu_seqlens); each row's trailing padding stays a run of its own. Slots, positions and sums
+        keep their row-major order, so nothing downstream changes."""
+        if not self.packed:
+            raise ValueError("only packed rows are laid out as one THD row")
+        flat = lambda t: t.reshape(*t.shape[:-2], 1, -1)  # noqa: E731  ([3,] R, S) -> ([3,] 1, R * S)
+        return Rows(flat(self.tokens), flat(self.labels), flat(self.position_ids), flat(self.image_token_mask),
+                    [[i for images in self.row_images for i in images]], self.lengths.sum().reshape(1),
+                    flat(self.sequence_ids), self.num_sequences)
+
+    def cp_shard(self, cp_size: int, cp_rank: int) -> "Rows":
+        """This CP rank's share of the rows (parallel/context.py): its positions of every per-position tensor,
+        except the positions themselves, which megatron's rotary embedding takes whole and slices alike."""
+        if self.packed:
+            raise ValueError("packed rows under context parallelism are not supported")
+        pos = cp_positions(self.shape[1], cp_size, cp_rank, self.tokens.device)
+        slot_no = (self.image_token_mask.flatten().cumsum(0) - 1).view(self.shape)
+        kept = self.image_token_mask[:, pos]
+        return Rows(self.tokens[:, pos], self.labels[:, pos], self.position_ids, kept, self.row_images,
+                    self.lengths, cp_slots=slot_no[:, pos][kept])
 
     @property
     def num_logical(self) -> int:
@@ -105,6 +133,9 @@ class MicroBatch:
     """Packed pairs: [R', S'] sentence slot ``b * K + k`` of each position of the packed rows, -1 elsewhere."""
     num_segments: Optional[Tensor] = None
     """[B] sentences of each chosen response."""
+    chosen_segment_lengths: Optional[Tensor] = None
+    """[B, K] fp64 tokens of each sentence of the chosen rows, counted on the whole rows when collated (a CP
+    rank's share of the positions would count only its own)."""
     segment_similarity: Optional[Tensor] = None
     p2: Optional[P2Fields] = None
     ref_rows: Optional[Rows] = None
@@ -126,9 +157,35 @@ class MicroBatch:
         if "p2_rows" in d:
             p2 = P2Fields(d["p2_rows"], d["has_focus"], d["has_robust"], d["clip_crop_score"], d["clip_image_score"])
         ref_rows = Rows.from_collated(d["ref_rows"]) if "ref_rows" in d else None
+        ids, lengths = d.get("chosen_segment_ids"), None
+        if ids is not None:
+            lengths = segment_sums((ids >= 0).double(), ids, int(d["num_segments"].max()))
         return cls(Rows.from_collated(d), d["images"], d["num_pairs"], list(d["ids"]), d.get("chosen_lengths"),
-                   d.get("rejected_lengths"), d.get("chosen_segment_ids"), d.get("chosen_segment_slots"),
-                   d.get("num_segments"), d.get("segment_similarity"), p2, ref_rows)
+                   d.get("rejected_lengths"), ids, d.get("chosen_segment_slots"),
+                   d.get("num_segments"), lengths, d.get("segment_similarity"), p2, ref_rows)
+
+    def as_thd(self) -> "MicroBatch":
+        """The packed rows (and the reference's) as one THD row each (`Rows.as_one_row`)."""
+        out = copy.copy(self)
+        out.rows = self.rows.as_one_row()
+        out.ref_rows = None if self.ref_rows is None else self.ref_rows.as_one_row()
+        if self.chosen_segment_slots is not None:
+            out.chosen_segment_slots = self.chosen_segment_slots.reshape(1, -1)
+        return out
+
+    def cp_shard(self, cp_size: int, cp_rank: int) -> "MicroBatch":
+        """This CP rank's share of the rows (and of the per-position sentence ids); the rest is whole."""
+        if cp_size == 1:
+            return self
+        if self.chosen_segment_slots is not None:
+            raise ValueError("packed rows under context parallelism are not supported")
+        out = copy.copy(self)
+        out.rows = self.rows.cp_shard(cp_size, cp_rank)
+        out.ref_rows = None if self.ref_rows is None else self.ref_rows.cp_shard(cp_size, cp_rank)
+        if self.chosen_segment_ids is not None:
+            out.chosen_segment_ids = self.chosen_segment_ids[:, cp_positions(self.rows.shape[1], cp_size, cp_rank,
+                                                                             self.rows.tokens.device)]
+        return out
 
     @property
     def reference_rows(self) -> Rows:

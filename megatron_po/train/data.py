@@ -19,6 +19,7 @@ from megatron_po.data.sampler import PairBatchSampler
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_po.models.specs import use_te_spec
 from megatron_po.objectives import Objective
 from megatron_po.train.batch import MicroBatch
 
@@ -82,9 +83,15 @@ def _collate_cfg(cfg: Config, tp: int) -> CollateConfig:
     return CollateConfig(
         max_length=cfg.model.max_seq_length,
         num_image_tokens=cfg.model.vision.num_patches,
-        # sequence parallel splits the sequence over TP; pad so every rank gets an equal shard
-        pad_to_multiple_of=tp if cfg.parallel.sp else 1,
+        pad_to_multiple_of=pad_to_multiple_of(cfg),
     )
+
+
+def pad_to_multiple_of(cfg: Config) -> int:
+    """Row lengths every rank can split: sequence parallelism splits rows over TP, context parallelism into 2 x cp
+    chunks (each then split over TP under SP)."""
+    par = cfg.parallel
+    return (par.tp if par.sp else 1) * (2 * par.cp if par.cp > 1 else 1)
 
 
 def _log_kept(path: Path, ds: PreferenceDataset) -> None:
@@ -161,10 +168,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
             else v for k, v in batch.items()}
 
 
-def micro_batches(ds: PreferenceDataset, indices: list[list[int]], device) -> Iterator[MicroBatch]:
-    """Micro-batches of the given dataset indices, unpacked, collated lazily (images load on demand)."""
+def micro_batches(ds: PreferenceDataset, indices: list[list[int]], groups) -> Iterator[MicroBatch]:
+    """Micro-batches of the given dataset indices, unpacked, collated lazily (images load on demand); this CP
+    rank's share of their rows."""
     for idx in indices:
-        yield MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in idx]), device))
+        mb = MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in idx]), groups.device))
+        yield mb.cp_shard(groups.cp_size, groups.cp_rank)
 
 
 def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSampler, step: int,
@@ -182,14 +191,16 @@ def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSam
     else:
         share = len(order) // groups.dp_size
         mine = list(range(groups.dp_rank * share, (groups.dp_rank + 1) * share))
-    pad_multiple = groups.tp_size if cfg.parallel.sp else 1
+    pad_multiple = pad_to_multiple_of(cfg)
     out = []
     for start in range(0, len(mine), cfg.train.micro_batch_size):
         positions = mine[start:start + cfg.train.micro_batch_size]
         batch = ds.collator([ds[order[p]] for p in positions])
         if cfg.data.packing:
             batch = pack_rows(batch, cfg.model.max_seq_length, pad_multiple, ds.collator.tokenizer.pad_id)
-        mb = MicroBatch.from_collated(to_device(batch, groups.device))
+        mb = MicroBatch.from_collated(to_device(batch, groups.device)).cp_shard(groups.cp_size, groups.cp_rank)
+        if cfg.data.packing and use_te_spec(cfg.model):
+            mb = mb.as_thd()  # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
         mb.sample_index = torch.tensor(positions, device=groups.device)
         out.append(mb)
     return out

@@ -48,7 +48,7 @@ def build_eval_set(name: str, ds: PreferenceDataset, micro_batch_size: int, dp_r
 def score_pairs(step: PreferenceStep, model, ev: EvalSet, reference=None) -> Optional[dict[str, torch.Tensor]]:
     """Per-pair samples over the whole eval set (all DP ranks), in eval order, on the last pipeline stage (None
     elsewhere). With a reference source, the objective's own per-pair view is included."""
-    batches = list(micro_batches(ev.dataset, ev.indices, step.groups.device))
+    batches = list(micro_batches(ev.dataset, ev.indices, step.groups))
     if reference is not None:
         reference.fill(batches, split=ev.name)
     was_training = model.training

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from megatron_po.data.p2_collate import P2_TERMS
-from megatron_po.logprobs import segment_sums
 from megatron_po.objectives.common import PairLogps
 from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.train.batch import MicroBatch, SeqLogps
@@ -28,8 +27,7 @@ def pair_inputs(mb: MicroBatch, policy: SeqLogps, ref: Optional[SeqLogps]) -> Pa
     dtype = policy.seq.dtype
     seg_lengths = None
     if policy.segments is not None:
-        ids = mb.chosen_segment_ids
-        seg_lengths = segment_sums((ids >= 0).to(dtype), ids, policy.segments.shape[1])
+        seg_lengths = mb.chosen_segment_lengths.to(dtype)
     return PairLogps(
         policy_chosen_logps=policy.seq[:b],
         policy_rejected_logps=policy.seq[b:],

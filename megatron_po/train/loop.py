@@ -18,7 +18,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_po.config import Config
 from megatron_po.models.families import HF_FAMILIES
-from megatron_po.models.specs import use_te_spec
 from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
@@ -100,10 +99,6 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     reference log-probs (`live_reference`, or a `CachedReference`) when the objective reads any."""
     if objective.needs_reference and reference is None:
         raise ValueError(f"objective {objective.name!r} needs reference log-probs: a reference model or cache")
-    if cfg.data.packing and use_te_spec(cfg.model):
-        # TODO(megatron_po): packed rows as THD (PackedSeqParams, cu_seqlens) for TE attention; verify on a GPU
-        raise ValueError("data.packing isolates sequences with an attention mask, which the Transformer-Engine "
-                         "spec ignores: use model.spec=local with packing (TE needs the THD path, not yet)")
     if cfg.parallel.use_distributed_optimizer and groups.device.type == "cpu" and cfg.checkpoint.save:
         # measured: every sharding type fails or silently resumes with a wrong Adam step (MEGATRON_ON_CPU.md §8)
         raise ValueError("parallel.use_distributed_optimizer: its checkpoints do not work on the CPU backend; "

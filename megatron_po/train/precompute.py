@@ -44,7 +44,7 @@ def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int) -> d
     tower = Tower("reference", frozen=True)
     values: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(chunks), MICRO_BATCHES_PER_PASS):
-        batches = list(micro_batches(ds, chunks[start:start + MICRO_BATCHES_PER_PASS], groups.device))
+        batches = list(micro_batches(ds, chunks[start:start + MICRO_BATCHES_PER_PASS], groups))
         logps = run_logps_pass(groups, model, batches, tower, reference_rows=True)
         if logps is not None:
             values += [sample_values(mb, ref) for mb, ref in zip(batches, logps)]

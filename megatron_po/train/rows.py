@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_po.logprobs import response_token_logps, vocab_parallel_token_logps
 from megatron_po.train.batch import Rows
@@ -81,9 +82,28 @@ def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> t
     if unwrap(model).pre_process:
         num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
         flat = slot_embeds(embeds, rows.row_images, num_tokens)
+        if rows.cp_slots is not None:  # the slots among this CP rank's positions
+            flat = flat[rows.cp_slots]
     tokens = rows.tokens
+    if rows.packed and tokens.shape[0] == 1 and unwrap(model).language_model.packed_thd:
+        # TE attention: sequences isolated by cu_seqlens (THD), no [S, S] mask
+        return model(tokens, rows.position_ids, None, flat, rows.image_token_mask,
+                     packed_seq_params=thd_params(rows.sequence_ids))
     mask = packed_mask(rows.sequence_ids) if rows.packed else causal_mask(tokens.shape[1], tokens.device)
     return model(tokens, rows.position_ids, mask, flat, rows.image_token_mask)
+
+
+def thd_params(sequence_ids: torch.Tensor) -> PackedSeqParams:
+    """megatron's THD description of one row of packed sequences [1, T]: a run per sequence (each row's padding,
+    -1, a run of its own: it attends to itself and is never read)."""
+    ids = sequence_ids.reshape(-1)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([ids.numel()], device=ids.device)])
+    cu = bounds.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 def token_logps(model, output: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:

@@ -32,6 +32,7 @@ from megatron.core.utils import get_model_config
 from megatron_po.logprobs import segment_sums
 from megatron_po.objectives import Objective
 from megatron_po.objectives.common import ObjectiveContext
+from megatron_po.parallel.context import counts_on_one_cp_rank, reduce_over_cp
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train.batch import MicroBatch, Rows, SeqLogps
 from megatron_po.train.inputs import loss_inputs
@@ -110,11 +111,20 @@ def stage_output(model, mb: MicroBatch, rows: Rows, tower: Tower) -> torch.Tenso
     return forward_rows(model, rows, embeds, mb.images)
 
 
-def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, tp_group) -> SeqLogps:
-    """Per-row sums of response log-probs and, for pair batches, per-sentence sums of the chosen rows (fp64)."""
+def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, groups: ParallelGroups) -> SeqLogps:
+    """Per-row sums of response log-probs and, for pair batches, per-sentence sums of the chosen rows (fp64),
+    summed over the CP group (each CP rank holds part of every row: parallel/context.py)."""
+    logps = token_logps_sums(token_logps(model, output, rows.labels, groups.tp), rows, mb)
+    return SeqLogps(reduce_over_cp(logps.seq, groups.cp),
+                    None if logps.segments is None else reduce_over_cp(logps.segments, groups.cp))
+
+
+def token_logps_sums(per_token: torch.Tensor, rows: Rows, mb: MicroBatch) -> SeqLogps:
+    """Per-row (per packed sequence) and per-sentence sums of per-token log-probs [R, S] of `rows` (this rank's
+    positions of them under CP), in fp64."""
     # summed in fp64: a sum of ~100 log-probs near -300 has an fp32 ulp of 3e-5, and every reward, margin and loss
     # is a β-scaled difference of such sums; fp32 sums put the layout-to-layout loss error at ~2e-6, fp64 at ~1e-7
-    per_token = token_logps(model, output, rows.labels, tp_group).double()
+    per_token = per_token.double()
     if rows.packed:  # sums per sequence, in collated order: what follows sees the unpacked layout
         seq = segment_sums(per_token.reshape(1, -1), rows.sequence_ids.reshape(1, -1), rows.num_sequences)[0]
         segments = None
@@ -130,14 +140,15 @@ def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, tp_g
     return SeqLogps(per_token.sum(-1), segments)
 
 
-def logps_forward_step(tp_group, tower: Tower, reference_rows: bool, data_iterator: Iterator[MicroBatch], model):
+def logps_forward_step(groups: ParallelGroups, tower: Tower, reference_rows: bool,
+                       data_iterator: Iterator[MicroBatch], model):
     """A forward-only pass (reference, statistics, evaluation): each micro-batch's `SeqLogps` on the last stage."""
     mb = next(data_iterator)
     rows = mb.reference_rows if reference_rows else mb.rows
     output = stage_output(model, mb, rows, tower)
 
     def loss_func(last_output: torch.Tensor):
-        logps = sequence_logps(model, last_output, rows, mb, tp_group)
+        logps = sequence_logps(model, last_output, rows, mb, groups)
         return last_output.new_zeros(()), torch.tensor(mb.num_samples, dtype=torch.int), {"logps": logps.detach()}
 
     return output, loss_func
@@ -145,14 +156,14 @@ def logps_forward_step(tp_group, tower: Tower, reference_rows: bool, data_iterat
 
 def train_loss_func(step: PreferenceStep, model, mb: MicroBatch, last_output: torch.Tensor):
     """The objective on this micro-batch (last stage): (Σ per-pair loss, pair count, {"samples": metrics})."""
-    policy = sequence_logps(model, last_output, mb.rows, mb, step.groups.tp)
+    policy = sequence_logps(model, last_output, mb.rows, mb, step.groups)
     inputs = loss_inputs(step.objective.inputs, mb, policy, mb.ref_logps)
     per_pair, samples = step.objective.loss(inputs, group=step.groups.dp, ctx=step.context(mb))
     samples = {k: v.detach() for k, v in samples.items()}
     # objectives that drop pairs (beta-DPO filtering) or samples (P2-DPO without a branch) weight them 0: the
     # step normalises by the global weighted count
     weight = samples.get("pair_weight")
-    count = mb.num_samples if weight is None else int(weight.sum().round())
+    count = counts_on_one_cp_rank(mb.num_samples if weight is None else int(weight.sum().round()), step.groups.cp)
     samples["loss"] = per_pair.detach()
     return per_pair.sum(), torch.tensor(count, dtype=torch.int), {"samples": samples}
 
@@ -188,6 +199,6 @@ def run_schedule(groups: ParallelGroups, model, batches: list[MicroBatch], forwa
 def run_logps_pass(groups: ParallelGroups, model, batches: list[MicroBatch], tower: Tower,
                    reference_rows: bool = False) -> Optional[list[SeqLogps]]:
     """A forward-only pass of `model` over the micro-batches; their `SeqLogps` on the last stage, else None."""
-    outputs = run_schedule(groups, model, batches, partial(logps_forward_step, groups.tp, tower, reference_rows),
+    outputs = run_schedule(groups, model, batches, partial(logps_forward_step, groups, tower, reference_rows),
                            forward_only=True)
     return [o["logps"] for o in outputs] if groups.is_last_stage else None
