@@ -16,4 +16,5 @@ if ! .venv/bin/python -c "import torch, megatron.core, megatron_po" >/dev/null 2
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$EXTRAS]"
   touch "$STAMP"
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# no OMP_NUM_THREADS here: it would outlive this script in a sourcing shell and pin every later run to one
+# thread (1.7x slower single-process); each launcher sets threads per process itself (demo.py, torchrun)

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 from megatron_po.config import Config, ConfigError, config_to_dict, load_config
+from megatron_po.data.records import RecordError
+from megatron_po.quiet import quiet_megatron_notes
 
 logger = logging.getLogger("megatron_po")
 
@@ -37,6 +39,11 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
     if args.world_size is None:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_po.train.data import check_data
+    if not args.json:
+        print(check_data(cfg, objective))
     with warnings.catch_warnings():  # megatron's import-time notes (no Apex, no TE) say nothing about a plan
         warnings.simplefilter("ignore")
         from megatron_po.memory_plan import MissingShapes, build_plan, format_plan
@@ -62,6 +69,7 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     problems are one `config error:` line and exit code 2, before any process group exists."""
     args = _parse(sys.argv[1:] if argv is None else argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    quiet_megatron_notes()
     try:
         from megatron_po.objectives import build_objective
 
@@ -70,8 +78,9 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
         if args.dry_run:
             dry_run(cfg, objective, args)
             return 0
-    except (ConfigError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # RecordError is a ValueError
+        print(f"{'data' if isinstance(e, (RecordError, FileNotFoundError)) else 'config'} error: {e}",
+              file=sys.stderr)
         return 2
 
     import torch.distributed as dist
@@ -81,6 +90,11 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     init_process_group(cfg.parallel)
     try:
         cfg.validate_world(dist.get_world_size())
+        from megatron_po.models.specs import have_te
+
+        if dist.get_rank() == 0 and not have_te():
+            logger.warning("Transformer-Engine and Apex are not installed: megatron-core's local layers, torch norms "
+                           "and torch optimizers are used (expected on CPU; the GPU image has both)")
         work(cfg, objective, init_parallel(cfg.parallel, seed=cfg.train.seed))
     finally:
         teardown()

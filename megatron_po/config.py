@@ -181,12 +181,18 @@ class DataConfig:
     synthetic task writes p2_train.jsonl."""
     train_path: str = ""
     """JSONL of training records (source=jsonl): preference pairs, or P2-DPO samples for objective p2_dpo."""
+    format: str = "auto"
+    """Preference pairs' file format (data/formats.py): 'jsonl' (ours), 'trl' (TRL's prompt/chosen/rejected as
+    strings or messages, with `images`), or 'auto' (from the first record's keys)."""
     tokenizer_path: str = ""
     """SentencePiece model. Empty with source=synthetic: trained on the synthetic text at preparation."""
     num_train: int = 512
     num_eval: int = 64
     seed: int = 1234
     tokenizer_vocab_size: int = 512
+    images_outside_root: bool = False
+    """Accept image paths that leave the data file's directory (absolute paths, ``..``); refused by default so a
+    record cannot make the job read arbitrary files."""
     packing: bool = False
     """Pack each micro-batch's sequences into as few rows of up to model.max_seq_length tokens as first-fit-
     decreasing finds (attention isolated per sequence, positions restarting), after spreading the global batch
@@ -195,6 +201,8 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in ("synthetic", "jsonl"):
             raise ConfigError(f"data.source must be synthetic|jsonl, got {self.source!r}")
+        if self.format not in ("auto", "jsonl", "trl"):
+            raise ConfigError(f"data.format must be auto|jsonl|trl, got {self.format!r}")
 
 
 @dataclass
@@ -251,7 +259,11 @@ class EvalConfig:
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
-    """Cosine decay floor."""
+    """Where the decay ends (cosine and linear); 0 with linear is TRL's / transformers' default schedule."""
+    lr_schedule: str = "cosine"
+    """'cosine', 'linear' or 'constant' after the warm-up (megatron's lr_decay_style)."""
+    warmup_steps: int = -1
+    """Linear warm-up steps from 0 to `lr`; -1: `warmup_fraction` of train.train_steps."""
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -264,6 +276,10 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.lr_schedule must be cosine|linear|constant, got {self.lr_schedule!r}")
+        if self.warmup_steps < -1:
+            raise ConfigError(f"optim.warmup_steps must be >= 0 (or -1: warmup_fraction), got {self.warmup_steps}")
 
 
 @dataclass
@@ -314,6 +330,9 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
+        if self.optim.warmup_steps >= self.train.train_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be < train.train_steps="
+                              f"{self.train.train_steps}")
         if self.data.packing and self.parallel.cp > 1:
             # TODO(megatron_po): THD rows split per sequence (TE's thd partitioning) and M-RoPE tables to match
             raise ConfigError("data.packing with parallel.cp > 1 is not supported: megatron's M-RoPE slices its "

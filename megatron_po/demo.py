@@ -22,7 +22,9 @@ def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) 
            "-m", "megatron_po.train", "--config", str(config), f"output_dir={out}", *extra]
     print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # the machine's cores shared out over the stage's processes, unless the user chose
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
     subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - t0
 

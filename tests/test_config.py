@@ -109,3 +109,50 @@ def test_pipeline_stage_layers():
     assert ParallelConfig(pp=2, pp_layers_first=1).stage_layers(3) == [1, 2]
     assert ParallelConfig(pp=4, pp_layers_first=1, pp_layers_last=3).stage_layers(10) == [1, 3, 3, 3]
     assert ParallelConfig(pp=8, pp_layers_first=6, pp_layers_last=8).stage_layers(80) == [6] + [11] * 6 + [8]
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_linear_schedule_equals_transformers(warmup):
+    """optim.lr_schedule=linear with min_lr 0 is TRL's default schedule (transformers'
+    get_linear_schedule_with_warmup), step for step as the loop steps megatron's scheduler."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from megatron_po.train.loop import build_scheduler
+
+    cfg = load_config(None, ["optim.lr_schedule=linear", "optim.min_lr=0", "optim.lr=5e-6",
+                             f"optim.warmup_steps={warmup}", "train.train_steps=10"])
+    ours = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-6))
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-6)
+    ref = transformers.get_linear_schedule_with_warmup(ref_opt, warmup, 10)
+    for _ in range(10):  # the lr each optimizer step uses, then the loop's scheduler.step(increment=1)
+        assert ours.optimizer.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-15)
+        ours.step(increment=1)
+        ref_opt.step()
+        ref.step()
+
+
+def test_lr_schedule_and_warmup_are_checked():
+    with pytest.raises(ConfigError, match="optim.lr_schedule must be"):
+        load_config(None, ["optim.lr_schedule=step"])
+    with pytest.raises(ConfigError, match="optim.warmup_steps=20 must be < train.train_steps=20"):
+        load_config(None, ["optim.warmup_steps=20", "train.train_steps=20"])
+
+
+def test_a_job_says_once_that_te_and_apex_are_missing(tmp_path):
+    """megatron's ~7 import-time notes per rank become one line per job; a bad key is one `config error:` line."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    run = subprocess.run([sys.executable, "-m", "megatron_po.train", f"output_dir={tmp_path}", "train.train_steps=1",
+                          "data.num_train=8", "data.num_eval=2", "train.global_batch_size=2",
+                          "train.micro_batch_size=2", "train.progress_bar=false", "checkpoint.save=false"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Apex is not installed" not in run.stderr and "UserWarning: Transformer Engine" not in run.stderr
+    assert run.stderr.count("Transformer-Engine and Apex are not installed") == 1
+    bad = subprocess.run([sys.executable, "-m", "megatron_po.train", "objective.params.bogus=1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [ln for ln in bad.stderr.splitlines() if ln.strip()] == [
+        ln for ln in bad.stderr.splitlines() if ln.startswith("config error: objective 'acpo' has no hyper-parameter")]

@@ -85,3 +85,33 @@ def test_parity_tool_on_a_training_image(run):
     line = next(l for l in log.splitlines() if l.startswith("family"))
     err = float(line.split("max rel logit err")[1].split()[0])
     assert f"family {family}" in line and err < 1e-4, line
+
+
+def _safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_slice(k).get_dtype() for k in h.keys()})
+    return out
+
+
+def test_training_checkpoint_exports_as_it_is(run, tmp_path):
+    """A run's checkpoint carries hf/ and conversion.json: megatron-to-hf takes OUTPUT_DIR/checkpoints/iter_N
+    directly, in the source's dtype by default; a narrower --dtype warns that it rounds."""
+    import subprocess
+    import sys
+
+    _, hf, _, out = run
+    ckpt = out / "checkpoints" / "iter_0000003"
+    meta = json.loads((ckpt / "conversion.json").read_text())
+    assert meta["dtype"] == "float32" and meta["source_dtype"] == "float32"
+    run_python([str(REPO / "tools" / "convert_hf.py"), "megatron-to-hf", str(ckpt), str(tmp_path / "same")])
+    exported, original = _safetensors(tmp_path / "same"), _safetensors(hf)
+    assert set(exported) == set(original) and set(exported.values()) == {"F32"}
+    rounded = subprocess.run([sys.executable, str(REPO / "tools" / "convert_hf.py"), "megatron-to-hf", str(ckpt),
+                              str(tmp_path / "bf16"), "--dtype", "bf16"], capture_output=True, text=True)
+    assert rounded.returncode == 0, rounded.stderr
+    assert "exporting bfloat16 rounds them" in rounded.stderr
+    assert set(_safetensors(tmp_path / "bf16").values()) == {"BF16"}

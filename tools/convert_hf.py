@@ -2,7 +2,11 @@
 """Hugging Face <-> megatron checkpoint conversion (InternVL3, Qwen2.5-VL). Needs the `[hf]` extra.
 
     python tools/convert_hf.py hf-to-megatron HF_DIR OUT_DIR [--family internvl3|qwen2_5_vl] [--dtype auto]
-    python tools/convert_hf.py megatron-to-hf CKPT_DIR OUT_DIR
+    python tools/convert_hf.py megatron-to-hf CKPT_DIR OUT_DIR [--dtype source|bf16|fp32]
+
+CKPT_DIR is a converted checkpoint or a training checkpoint of a run started from one (OUTPUT_DIR/checkpoints/iter_N:
+it carries hf/ and conversion.json). --dtype source (default) exports in the original HF checkpoint's dtype and
+warns when that rounds the trained weights (e.g. trained in fp32 from a bf16 source); fp32 keeps them.
 
 HF_DIR is a local directory (download it yourself; nothing is fetched here). The megatron checkpoint is
 TP/PP-agnostic: train from it at any layout with `checkpoint.init_from=OUT_DIR model.family=... model.hf_path=OUT_DIR/hf`.
@@ -10,10 +14,16 @@ Every input problem (missing shard, wrong family, shape mismatch, unknown tensor
 """
 
 import argparse
+import json
+import logging
 import sys
 
-from megatron_po.convert.core import ConversionError, hf_to_megatron, megatron_to_hf
-from megatron_po.models.families import HF_FAMILIES
+from megatron_po.quiet import quiet_megatron_notes
+
+quiet_megatron_notes()  # before megatron is imported
+
+from megatron_po.convert.core import ConversionError, hf_to_megatron, megatron_to_hf  # noqa: E402
+from megatron_po.models.families import HF_FAMILIES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,13 +38,17 @@ def main(argv=None) -> int:
     b.add_argument("ckpt_dir")
     b.add_argument("out_dir")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument("--dtype", default="source", choices=["source", "bf16", "fp32"])
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.cmd == "hf-to-megatron":
             out = hf_to_megatron(args.hf_dir, args.out_dir, family=args.family, dtype=args.dtype)
         else:
-            out = megatron_to_hf(args.ckpt_dir, args.out_dir, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-    except ConversionError as e:
+            out = megatron_to_hf(args.ckpt_dir, args.out_dir, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                                 dtype=args.dtype)
+    except (ConversionError, ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as e:
+        # what the family code refuses in a config (a missing field, an unsupported setting) is one line too
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

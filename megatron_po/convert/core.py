@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -39,6 +40,7 @@ HF_SIDE_FILES = re.compile(
 )
 CONVERSION_FILE = "conversion.json"
 PREFIX = "model."  # same as train/checkpoint.py: a converted checkpoint is a valid `init_from`
+logger = logging.getLogger("megatron_po")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -216,31 +218,69 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
     for f in hf_dir.iterdir():
         if HF_SIDE_FILES.match(f.name):
             shutil.copy2(f, side / f.name)
+    source_dtype = {"F32": "float32", "BF16": "bfloat16"}.get(next(iter(stored)) if len(stored) == 1 else "")
     (out / CONVERSION_FILE).write_text(json.dumps(
-        {"family": fam.name, "source": str(hf_dir.resolve()), "dtype": str(target).removeprefix("torch.")}, indent=1))
+        {"family": fam.name, "source": str(hf_dir.resolve()), "dtype": str(target).removeprefix("torch."),
+         "source_dtype": source_dtype or str(target).removeprefix("torch.")}, indent=1))
     return out
 
 
-def read_conversion(ckpt_dir: Path) -> tuple[Family, dict, torch.dtype]:
+def conversion_record(init_from: Path, hf_path: Path, family: str, params_dtype: torch.dtype) -> dict:
+    """The conversion.json a training checkpoint carries (with a copy of hf/): the family and source of the
+    converted checkpoint the run started from, and the dtype the run trained in, so that `megatron-to-hf
+    OUTPUT_DIR/checkpoints/iter_N` needs nothing else."""
+    found = [p / CONVERSION_FILE for p in (Path(init_from), Path(hf_path).parent) if (p / CONVERSION_FILE).is_file()]
+    meta = json.loads(found[0].read_text()) if found else {"family": family, "source": str(hf_path)}
+    meta.setdefault("source_dtype", meta.get("dtype", str(params_dtype).removeprefix("torch.")))
+    return dict(meta, dtype=str(params_dtype).removeprefix("torch."))
+
+
+def write_conversion(ckpt_dir: Path, hf_path: Path, record: dict) -> None:
+    """hf/ (config, tokenizer, processor files) and conversion.json next to a training checkpoint's shards."""
+    side = Path(ckpt_dir) / "hf"
+    side.mkdir(exist_ok=True)
+    for f in Path(hf_path).iterdir():
+        if f.is_file() and HF_SIDE_FILES.match(f.name):
+            shutil.copy2(f, side / f.name)
+    (Path(ckpt_dir) / CONVERSION_FILE).write_text(json.dumps(record, indent=1))
+
+
+def read_conversion(ckpt_dir: Path) -> tuple[Family, dict, dict]:
     ckpt_dir = Path(ckpt_dir)
     meta_file, cfg_file = ckpt_dir / CONVERSION_FILE, ckpt_dir / "hf" / "config.json"
     if not meta_file.is_file() or not cfg_file.is_file():
         raise ConversionError(f"{ckpt_dir}: not a converted checkpoint (needs {CONVERSION_FILE} and hf/config.json)")
     meta = json.loads(meta_file.read_text())
     hf_config = json.loads(cfg_file.read_text())
-    return family_for_hf_config(hf_config, meta["family"]), hf_config, DTYPES[meta["dtype"]]
+    return family_for_hf_config(hf_config, meta["family"]), hf_config, meta
 
 
-def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+EXPORT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
+                   dtype: str = "source") -> Path:
     """Writes a HF safetensors directory (sharded, with index) from a converted or trained checkpoint.
 
-    `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (iter_*) of a run that started
-    from one: then pass the converted directory's hf/ files by copying them next to it (hf/ + conversion.json).
+    `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (OUTPUT_DIR/checkpoints/iter_N)
+    of a run that started from one (it carries hf/ and conversion.json).
+
+    Args:
+        dtype: 'source' (the original HF checkpoint's dtype), 'bf16' or 'fp32'. Weights are read in the dtype
+            they were saved in (the run's); a narrower export dtype rounds them, with a warning.
     """
     from safetensors.torch import save_file
 
     ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
-    fam, hf_config, dtype = read_conversion(ckpt_dir)
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: one of {sorted(EXPORT_DTYPES)}")
+    fam, hf_config, meta = read_conversion(ckpt_dir)
+    saved = DTYPES[meta["dtype"]]
+    export = EXPORT_DTYPES[dtype] or DTYPES[meta.get("source_dtype", meta["dtype"])]
+    if torch.finfo(export).bits < torch.finfo(saved).bits:
+        logger.warning("megatron-to-hf: the checkpoint holds %s weights; exporting %s rounds them (--dtype fp32 "
+                       "keeps them)", str(saved).removeprefix("torch."), str(export).removeprefix("torch."))
+    dtype = saved
     module = fam.load()
     rules = module.hf_rules(hf_config)  # written back in the family's default layout
     with single_process_parallel() as groups:
@@ -270,6 +310,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
     for r in rules:
         tensor = loaded.pop(PREFIX + r.megatron)
         for name, t in zip(r.hf, r.to_hf(tensor), strict=True):
+            t = t.to(export)
             if name in weight_map or name in shard:
                 raise ConversionError(f"two rules write HF tensor {name}")
             nbytes = t.numel() * t.element_size()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_po.data.records import PreferenceRecord, load_image, resolve_image
+from megatron_po.data.records import PreferenceRecord, RecordError, load_image, open_rgb, resolve_image
 from megatron_po.data.sentences import token_segments
 from megatron_po.data.tokenizer import Tokenizer
 
@@ -253,14 +253,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
         images: HF families' image handler (:class:`megatron_po.data.hf_chat.HFImages`); None for tiny_vlm.
         source: the JSONL file the records come from (the reference cache hashes it).
+        images_outside_root: accept image paths (absolute, or with ``..``) that leave ``image_root``.
 
     Raises:
         FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
+        RecordError: an image of a kept pair cannot be decoded, or lies outside ``image_root`` (unless allowed).
         ValueError: no pair is left.
     """
 
     def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None, source: Path | None = None):
+                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None, source: Path | None = None,
+                 images_outside_root: bool = False):
         self.source = source
         """The file the records were read from (None for records built in memory)."""
         self.image_root = Path(image_root)
@@ -276,10 +279,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.records.append(record)
             else:
                 self.skipped[reason] += 1
+        root = self.image_root.resolve()
         for record in self.records:
             for path in self.image_files(record):
-                if not path.is_file():
-                    raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
+                if not images_outside_root and not path.resolve().is_relative_to(root):
+                    raise RecordError(f"image of record {record.id!r} is outside the data directory {root}: {path} "
+                                      "(data.images_outside_root=true allows it)")
+                # decoded once here: a missing, corrupt or truncated image stops the run before its first step,
+                # naming its path, instead of crashing at the step that loads it (and again after resume)
+                open_rgb(path)
         logger.info("preference data: kept %d of %d pairs (skipped %s)", len(self.records), len(records),
                     ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if not self.records:

@@ -4,8 +4,10 @@
 and image ids) plus the chat layout, `prompt_ids` and `response_end_ids`, which the family module defines
 (`format_prompt`, `RESPONSE_SUFFIX`). It reads tokenizer.json with the `tokenizers` library (installed with the
 `[hf]` extra); transformers itself is not needed to train. Special tokens written by the template
-(`<|im_start|>`, `<|image_pad|>`, ...) are added tokens of tokenizer.json, so `encode` maps them to their ids,
-while a response that contains such a string verbatim would too: records are plain text, as with TRL.
+(`<|im_start|>`, `<|image_pad|>`, ...) are added tokens of tokenizer.json. Only the template's own text is
+encoded with them parsed; a record's text never is (`encode`: the tokenizer's `encode_special_tokens`), so a
+prompt or response that contains `<|image_pad|>` or `<|im_end|>` verbatim cannot forge an image slot or close
+its turn: it is text, as the characters it is made of.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from megatron_po.data.records import image_size, open_rgb
 from megatron_po.models.families import HF_FAMILIES
 
 
@@ -47,7 +49,10 @@ class HFTokenizer:
         self.pad_id = self._tok.token_to_id(pad) if pad else None
         if self.pad_id is None:
             self.pad_id = 0  # padded positions are never attended to from real ones nor supervised
-        self.response_end_ids = self.encode(self.family.RESPONSE_SUFFIX)
+        self.response_end_ids = self._template(self.family.RESPONSE_SUFFIX)
+        # the added tokens the chat layout is made of (turn markers, image slots and their delimiters)
+        layout = self._template(self.family.format_prompt("x", [1], system="x") + self.family.RESPONSE_SUFFIX)
+        self._structural = set(self._tok.get_added_tokens_decoder()).intersection(layout) | {self.image_id}
 
     @property
     def files(self) -> list[Path]:
@@ -56,16 +61,39 @@ class HFTokenizer:
         weights = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
         return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.endswith(weights))
 
-    def encode(self, text: str) -> list[int]:
+    def _plain(self, text: str):
+        """A record's text: special-token strings are text, never their ids."""
+        self._tok.encode_special_tokens = True
+        try:
+            enc = self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = False
+        forged = self._structural.intersection(enc.ids)
+        if forged:  # a layout token the tokenizer does not mark special: its string still maps to it
+            names = sorted(self._tok.id_to_token(i) for i in forged)
+            raise ValueError(f"text contains the chat layout's token(s) {names}, which this tokenizer cannot "
+                             "encode as text (not marked special in tokenizer.json)")
+        return enc
+
+    def _template(self, text: str) -> list[int]:
+        """The chat template's own text: its special tokens are parsed."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a record's text (no special token is ever produced from it)."""
+        return self._plain(text).ids
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._plain(text)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
-        """The templated user turn with its images' token slots expanded, and the generation prompt."""
-        return self.encode(self.family.format_prompt(prompt, image_tokens, system=None))
+        """The templated user turn with its images' token slots expanded, and the generation prompt; the template
+        around the prompt is encoded with its special tokens, the prompt itself as plain text (the template puts
+        a special token or a newline on both sides of it, where the pre-tokenizer splits anyway)."""
+        marker = "\x00PROMPT\x00"
+        before, after = self.family.format_prompt(marker, image_tokens, system=None).split(marker)
+        return self._template(before) + self.encode(prompt) + self._template(after)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -85,13 +113,11 @@ class HFImages:
         self.preprocessor_config = tokenizer.preprocessor_config
 
     def num_tokens(self, path: Path) -> int:
-        with Image.open(path) as im:
-            width, height = im.size
+        width, height = image_size(path)
         return self.family.image_num_tokens(width, height, self.preprocessor_config, self.hf_config)
 
     def load(self, path: Path) -> dict:
-        with Image.open(path) as im:
-            return self.family.preprocess_images([im.convert("RGB")], self.preprocessor_config, self.hf_config)
+        return self.family.preprocess_images([open_rgb(path)], self.preprocessor_config, self.hf_config)
 
     def collate(self, parts: list[dict]) -> dict:
         return self.family.collate_images(parts)

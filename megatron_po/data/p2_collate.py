@@ -186,9 +186,10 @@ class P2Dataset(PreferenceDataset):
 
     def __init__(self, records: Sequence[P2Record], image_root: Path, tokenizer: Tokenizer,
                  collate_cfg: CollateConfig, image_size: int, calib_reference: str = "rejected",
-                 source: Path | None = None):
+                 source: Path | None = None, images_outside_root: bool = False):
         super().__init__(records, image_root, tokenizer, collate_cfg, image_size,
-                         collator=P2Collator(tokenizer, collate_cfg, calib_reference), source=source)
+                         collator=P2Collator(tokenizer, collate_cfg, calib_reference), source=source,
+                         images_outside_root=images_outside_root)
         for record in self.records:
             check_bbox(record, self.image_root)
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_po.data.records import (RecordError, check_distinct, open_rgb, parse_meta, parse_object, read_jsonl,
-                                      require_text, to_tensor)
+from megatron_po.data.records import (RecordError, check_distinct, image_size, open_rgb, parse_meta, parse_object,
+                                      read_jsonl, require_text, to_tensor)
 
 ROBUST_PROMPT = ("Strictly answer the following question according to the facts of the image, and control the "
                  "length of the output. Based on this, answer the question: {question}")
@@ -257,8 +257,7 @@ def check_bbox(record: P2Record, root: Path) -> None:
     """Raises RecordError (at the record's ``file:line``) if its bbox leaves its image; reads the header only."""
     if record.focus is None or record.focus.bbox is None:
         return
-    with Image.open(_resolve(record.image, root)) as im:
-        width, height = im.size
+    width, height = image_size(_resolve(record.image, root))
     left, top, right, bottom = record.focus.bbox
     if right > width or bottom > height:
         raise RecordError(f"{record.source or record.id}: field 'focus.bbox' {list(record.focus.bbox)} leaves the "

@@ -50,11 +50,16 @@ PROCESSOR_DEFAULTS = {
 def processor_settings(preprocessor_config: dict) -> dict:
     """The image processor's effective settings from a preprocessor_config.json dict.
 
-    As in transformers 4.57.1, `min_pixels` / `max_pixels` decide the size bounds; a `size` dict alone is ignored
-    (Qwen2VLImageProcessor.__init__ drops it), so it is ignored here too.
+    `min_pixels` / `max_pixels` decide the size bounds when the file has them (transformers 4.x writes them);
+    transformers 5.x writes the bounds as `size: {shortest_edge, longest_edge}` (in pixels) only, and those are
+    then read: a bound the file sets never falls back to the default.
     """
     s = dict(PROCESSOR_DEFAULTS)
     s.update({k: v for k, v in preprocessor_config.items() if k in PROCESSOR_DEFAULTS and v is not None})
+    size = preprocessor_config.get("size") or {}
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if preprocessor_config.get(key) is None and size.get(edge) is not None:
+            s[key] = int(size[edge])
     return s
 
 

@@ -99,6 +99,8 @@ def parse_object(line: str, where: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{where}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -155,16 +157,23 @@ def read_jsonl(path: Path, parse: Callable[[str, str], Any]) -> list:
     path = Path(path)
     records: list = []
     first_line_of_id: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a bare UnicodeDecodeError
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{where}: not UTF-8 text (byte {e.start} of the line: {raw[e.start:e.start + 1]!r})"
+                                  ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             record = parse(line, where)
             if record.id in first_line_of_id:
                 raise RecordError(f"{where}: field 'id' {record.id!r} repeats line {first_line_of_id[record.id]}")
             first_line_of_id[record.id] = lineno
             records.append(record)
+    if not records:
+        raise RecordError(f"{path}: no records (the file is empty or has blank lines only)")
     return records
 
 
@@ -199,6 +208,22 @@ def resolve_image(record: PreferenceRecord, image_root: Path) -> Path:
     """The record's image path; relative paths are taken relative to ``image_root`` (the JSONL's directory)."""
     p = Path(record.image)
     return p if p.is_absolute() else Path(image_root) / p
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header; a file PIL refuses (unreadable, a decompression bomb) is named.
+
+    Raises:
+        FileNotFoundError, RecordError: as `open_rgb`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise RecordError(f"cannot read image {path}: {e}") from e
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -47,7 +47,7 @@ from megatron_po.data.internvl3_processor import CHAT_TEMPLATE, RESPONSE_SUFFIX,
 from megatron_po.models.internvl3_vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.base import VLMBase, to_device
 from megatron_po.models.families import VisionFootprint
-from megatron_po.models.lm import build_language_model, lm_shape_from_hf
+from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
 from megatron_po.models.specs import LMShape
 from megatron_po.models.vlm import padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
@@ -115,7 +115,7 @@ def check_config(hf_config: dict) -> None:
 
 
 def _text_config(hf_config: dict) -> dict:
-    text = hf_config.get("text_config") or {}
+    text = rope_fields(hf_config.get("text_config") or {})  # transformers 4.x or 5.x RoPE fields
     if text.get("model_type", "qwen2") != "qwen2":
         raise ValueError(f"InternVL with a {text.get('model_type')!r} LLM is not supported (Qwen2 / Qwen2.5 only)")
     scaling = text.get("rope_scaling") or {}

@@ -45,8 +45,33 @@ class LanguageModel(GPTModel):
         return self.output_layer.weight
 
 
+def rope_fields(text: dict) -> dict:
+    """`text` with RoPE in transformers 4.x fields: 5.x writes `rope_parameters` ({rope_type, rope_theta,
+    mrope_section, factor, ...}) where 4.x had `rope_theta` and `rope_scaling`. Both layouts are read; a value the
+    file sets is never replaced by a default, and the two layouts must agree where a file has both."""
+    params = text.get("rope_parameters")
+    if not params:
+        return text
+    out = dict(text)
+    theta = params.get("rope_theta")
+    if theta is not None:
+        if text.get("rope_theta") is not None and float(text["rope_theta"]) != float(theta):
+            raise ValueError(f"rope_theta {text['rope_theta']} and rope_parameters.rope_theta {theta} disagree")
+        out["rope_theta"] = theta
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind != "default" or "mrope_section" in scaling:
+        old = text.get("rope_scaling") or {}
+        if any(old[k] != scaling[k] for k in old.keys() & scaling.keys()):
+            raise ValueError(f"rope_scaling {old} and rope_parameters {params} disagree")
+        out["rope_scaling"] = scaling
+    return out
+
+
 def lm_shape_from_hf(text: dict, init_method_std: float = 0.02) -> LMShape:
-    """Decoder shape from a Hugging Face Qwen2 / Qwen2.5 text config (the `text_config` of a VLM)."""
+    """Decoder shape from a Hugging Face Qwen2 / Qwen2.5 text config (the `text_config` of a VLM; transformers
+    4.x or 5.x fields)."""
+    text = rope_fields(text)
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     if head_dim * heads != text["hidden_size"]:

@@ -32,7 +32,7 @@ from megatron_po.data.qwen2_5_vl_processor import (  # noqa: F401  (re-exported:
 from megatron_po.data import qwen2_5_vl_processor as processor
 from megatron_po.models.base import VLMBase, to_device
 from megatron_po.models.families import VisionFootprint
-from megatron_po.models.lm import build_language_model, lm_shape_from_hf
+from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
 from megatron_po.models.qwen2_5_vl_vision import PatchMerger, VisionShape, VisionTower
 from megatron_po.models.specs import LMShape, build_lm_config
 from megatron_po.models.vlm import padded_vocab_size
@@ -58,7 +58,8 @@ def text_config(hf_config: dict) -> dict:
     """The decoder's config: `text_config` when present (what HF reads then), else the flat hub layout."""
     text = hf_config.get("text_config")
     text = dict(text) if text is not None else dict(hf_config)
-    return {**TEXT_DEFAULTS, **text}
+    # 5.x keeps RoPE in rope_parameters: read into 4.x fields before any default could stand in for them
+    return {**TEXT_DEFAULTS, **rope_fields(text)}
 
 
 def vision_shape(hf_config: dict) -> VisionShape:
@@ -70,7 +71,8 @@ def mrope_section(hf_config: dict) -> list[int]:
     rope = text.get("rope_scaling") or {}
     section = rope.get("mrope_section")
     if not section or len(section) != 3:
-        raise ValueError("Qwen2.5-VL config: rope_scaling.mrope_section (3 ints) is required")
+        raise ValueError("Qwen2.5-VL config: rope_scaling.mrope_section (transformers 5.x: "
+                         "rope_parameters.mrope_section), 3 ints, is required")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "mrope"):
         raise ValueError(f"Qwen2.5-VL config: rope scaling {kind!r} is not supported (only plain M-RoPE)")

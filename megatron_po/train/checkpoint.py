@@ -26,8 +26,10 @@ def _model_sd(policy, prefix: str = "model."):
     return policy.sharded_state_dict(prefix=prefix)
 
 
-def save_checkpoint(root: Path, step: int, policy, optimizer, trainer_state: dict) -> Path:
-    """Saves model + optimizer shards and trainer state; all ranks call it."""
+def save_checkpoint(root: Path, step: int, policy, optimizer, trainer_state: dict,
+                    conversion: Optional[tuple[Path, dict]] = None) -> Path:
+    """Saves model + optimizer shards and trainer state; all ranks call it. `conversion` (HF families: the hf/
+    directory and the conversion record) makes the checkpoint exportable by itself (tools/convert_hf.py)."""
     path = root / f"iter_{step:07d}"
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)  # dist_checkpointing requires an existing directory
@@ -37,6 +39,10 @@ def save_checkpoint(root: Path, step: int, policy, optimizer, trainer_state: dic
     dist_checkpointing.save(sd, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
+        if conversion is not None:
+            from megatron_po.convert.core import write_conversion
+
+            write_conversion(path, *conversion)
         (path / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         tmp = root / (LATEST + ".tmp")
         tmp.write_text(path.name)

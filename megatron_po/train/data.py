@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_po.config import Config
 from megatron_po.data.collate import CollateConfig, PreferenceDataset
+from megatron_po.data.formats import read_preference_file
 from megatron_po.data.p2_collate import P2Dataset
 from megatron_po.data.packing import balance_over_dp, pack_rows
 from megatron_po.data.p2_records import iter_p2_texts, read_p2_records
@@ -95,15 +96,16 @@ def pad_to_multiple_of(cfg: Config) -> int:
 
 
 def _log_kept(path: Path, ds: PreferenceDataset) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         logger.warning("data %s: %d samples kept; skipped %s", path.name, len(ds), dict(ds.skipped))
 
 
 def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
     """Preference pairs from `train_path` (or the given records of it)."""
-    records = read_records(train_path) if records is None else records
+    records = read_preference_file(train_path, cfg.data.format) if records is None else records
     ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
-                           images=_images(tokenizer), source=train_path)
+                           images=_images(tokenizer), source=train_path,
+                           images_outside_root=cfg.data.images_outside_root)
     _log_kept(train_path, ds)
     return ds
 
@@ -114,7 +116,8 @@ def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: in
     objective's calib_reference."""
     records = read_p2_records(train_path) if records is None else records
     ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
-                   calib_reference=objective.cfg.calib_reference, source=train_path)
+                   calib_reference=objective.cfg.calib_reference, source=train_path,
+                   images_outside_root=cfg.data.images_outside_root)
     _log_kept(train_path, ds)
     return ds
 
@@ -125,6 +128,17 @@ def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp:
     if takes_p2_records(objective):
         return build_p2_dataset(cfg, train_path, tokenizer, tp, objective)
     return build_dataset(cfg, train_path, tokenizer, tp)
+
+
+def check_data(cfg: Config, objective: Objective) -> str:
+    """`--dry-run`'s data check, in this process: reads every record and decodes every image of the user's
+    training file (data.source=jsonl) as training would, before any job starts; a one-line summary."""
+    if cfg.data.source != "jsonl":
+        return "data: the embedded synthetic task (generated at the first launch)"
+    train_path, tok_path = prepare_data(cfg, objective)
+    ds = build_train_dataset(cfg, train_path, build_tokenizer(cfg, tok_path), cfg.parallel.tp, objective)
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(ds.skipped.items()))
+    return f"data {train_path}: {len(ds)} samples kept, skipped: {skipped}"
 
 
 def build_eval_datasets(cfg: Config, tokenizer: Tokenizer, tp: int) -> dict[str, PreferenceDataset]:
@@ -148,7 +162,7 @@ def build_eval_datasets(cfg: Config, tokenizer: Tokenizer, tp: int) -> dict[str,
             continue
         if not path.is_file():
             raise FileNotFoundError(f"eval: no such file {path}")
-        records = read_records(path)[: cfg.eval.max_pairs if name == "eval" else None]
+        records = read_preference_file(path)[: cfg.eval.max_pairs if name == "eval" else None]
         out[name] = build_dataset(cfg, path, tokenizer, tp, records=records)
     return out
 

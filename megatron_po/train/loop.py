@@ -93,6 +93,27 @@ def live_reference(policy, reference, groups: ParallelGroups) -> LiveReference:
                                                   frozen=True))
 
 
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """megatron's LR (and weight-decay) schedule: `optim.lr_schedule` cosine (the default), linear (TRL's and
+    transformers' default: from `optim.lr` after warm-up to `optim.min_lr` at the last step) or constant, after a
+    linear warm-up of `optim.warmup_steps` steps (or `warmup_fraction` of the run)."""
+    o, steps = cfg.optim, cfg.train.train_steps
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_fraction * steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=steps,
+        lr_decay_style=o.lr_schedule,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+
+
 def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective, policy: VLMModel,
                       reference: Optional[ReferenceSource]) -> TrainState:
     """DDP, optimizer and LR schedule around the policy, and the preference step; `reference` provides the
@@ -135,20 +156,7 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
         use_gloo_process_groups=False,
         pg_collection=groups.pg_collection,
     )
-    steps = cfg.train.train_steps
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=int(o.warmup_fraction * steps),
-        lr_decay_steps=steps,
-        lr_decay_style="cosine",
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=steps,
-        wd_incr_style="constant",
-    )
+    scheduler = build_scheduler(cfg, optimizer)
     lm_cfg.finalize_model_grads_func = finalize_model_grads
     lm_cfg.no_sync_func = ddp.no_sync
     lm_cfg.grad_scale_func = optimizer.scale_loss
@@ -235,6 +243,13 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
     ckpt_root = out / "checkpoints"
+    conversion = None  # HF families: each checkpoint carries hf/ and conversion.json (exportable as it is)
+    if cfg.model.family != "tiny_vlm":
+        from megatron_po.convert.core import conversion_record
+
+        conversion = (Path(cfg.model.hf_path), conversion_record(
+            Path(cfg.checkpoint.init_from), Path(cfg.model.hf_path), cfg.model.family,
+            torch.bfloat16 if cfg.model.params_dtype == "bf16" else torch.float32))
     start = 0
     eval_baselines: dict = {}
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
@@ -292,7 +307,7 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
                     "objective_state": state.step.objective_state,
                     "eval_baselines": {ev.name: ev.baseline for ev in eval_sets},
                 }
-                ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state)
+                ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state, conversion)
             if exiting and not done:
                 if groups.is_logging_rank:
                     logger.warning("exit_interval: stopping after step %d (resume by relaunching)", it + 1)
