@@ -289,6 +289,9 @@ class TrainConfig:
     micro_batch_size: int = 2
     """Pairs per forward pass on one DP rank."""
     train_steps: int = 20
+    epochs: int = 0
+    """> 0: train this many passes over the kept samples instead (train_steps = epochs x full global batches per
+    epoch, set once the data is read; it is what the LR schedule and the progress use)."""
     seed: int = 1234
     log_interval: int = 1
     progress_bar: bool = True
@@ -300,6 +303,8 @@ class TrainConfig:
         for name in ("global_batch_size", "micro_batch_size", "train_steps", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
@@ -330,7 +335,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
-        if self.optim.warmup_steps >= self.train.train_steps:
+        if self.optim.warmup_steps >= self.train.train_steps and not self.train.epochs:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be < train.train_steps="
                               f"{self.train.train_steps}")
         if self.data.packing and self.parallel.cp > 1:

@@ -156,3 +156,14 @@ def test_a_job_says_once_that_te_and_apex_are_missing(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert [ln for ln in bad.stderr.splitlines() if ln.strip()] == [
         ln for ln in bad.stderr.splitlines() if ln.startswith("config error: objective 'acpo' has no hyper-parameter")]
+
+
+def test_epochs_set_the_steps_from_the_data():
+    from megatron_po.train.loop import with_epochs
+
+    cfg = load_config(None, ["train.epochs=2", "train.global_batch_size=8", "train.micro_batch_size=2",
+                             "optim.warmup_steps=3"])
+    assert with_epochs(cfg, 24).train.train_steps == 6 and cfg.train.train_steps == 20  # the given cfg untouched
+    assert with_epochs(load_config(None, []), 24).train.train_steps == 20  # epochs=0: train_steps as given
+    with pytest.raises(ValueError, match="warmup_steps=3 must be < the 2 steps of train.epochs=1"):
+        with_epochs(load_config(None, ["train.epochs=1", "train.global_batch_size=8", "optim.warmup_steps=3"]), 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -229,6 +230,18 @@ def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, p
     return live_reference(policy, reference_model, groups)
 
 
+def with_epochs(cfg: Config, num_samples: int) -> Config:
+    """`cfg` with train.train_steps = train.epochs passes over the kept samples (when epochs > 0): the sampler's
+    global batches per epoch times the epochs."""
+    if not cfg.train.epochs:
+        return cfg
+    steps = cfg.train.epochs * build_sampler(cfg, num_samples, 0, 1).steps_per_epoch
+    if cfg.optim.warmup_steps >= steps:
+        raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be < the {steps} steps of "
+                         f"train.epochs={cfg.train.epochs}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_steps=steps))
+
+
 def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> dict:
     """Trains `objective` (built from cfg.objective by the driver) according to `cfg`; returns the last step's
     metrics."""
@@ -236,6 +249,7 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
     train_path, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
     ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size, objective)
+    cfg = with_epochs(cfg, len(ds))
     eval_datasets = build_eval_datasets(cfg, tokenizer, groups.tp_size)
     policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
     reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds, **eval_datasets})
