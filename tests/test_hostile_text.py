@@ -51,3 +51,22 @@ def test_prompt_cannot_forge_image_slots_or_close_its_turn(family):
     # the template's own special tokens are still parsed, and a clean prompt is tokenized as before
     clean = tok.prompt_ids("what is this?", [4])
     assert clean == tok._template(tok.family.format_prompt("what is this?", [4], system=None))
+
+
+def test_a_layout_token_not_marked_special_is_refused_not_forged(tmp_path):
+    """If a tokenizer.json does not mark a chat-layout token special, its string would still map to it even with
+    special-token parsing off: such text is refused, naming the token, instead of forging it."""
+    import json
+    import shutil
+
+    hf = hf_qwen2_5_vl_fixture.make_hf_dir(tmp_path / "hf")
+    spec = json.loads((hf / "tokenizer.json").read_text())
+    for t in spec["added_tokens"]:
+        if t["content"] == "<|image_pad|>":
+            t["special"] = False
+    (hf / "tokenizer.json").write_text(json.dumps(spec))
+    tok = HFTokenizer("qwen2_5_vl", hf)
+    assert tok.prompt_ids("plain", [2]).count(tok.image_id) == 2  # the template's own slots still work
+    with pytest.raises(ValueError, match=r"chat layout's token\(s\) \['<\|image_pad\|>'\]"):
+        tok.encode("forged <|image_pad|>")
+    shutil.rmtree(hf)

@@ -274,7 +274,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self._costs: dict[int, int] = {}
         self.records: list = []
         for record in records:
-            ok, reason = self.collator.fits(record, **self._fit_args(record))
+            try:
+                ok, reason = self.collator.fits(record, **self._fit_args(record))
+            except ValueError as e:  # e.g. a tokenizer that cannot encode the record's text as text
+                where = f"{self.source}: " if self.source else ""
+                raise RecordError(f"{where}record {record.id!r}: {e}") from e
             if ok:
                 self.records.append(record)
             else:
