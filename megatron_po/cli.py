@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from megatron_po.config import Config, ConfigError, config_to_dict, load_config
@@ -34,25 +33,20 @@ def _parse(argv: list[str], prog: str) -> argparse.Namespace:
 
 
 def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
-    """Validates the config; with a world size, also the layout, and prints the memory plan of each rank (for
-    the Transformer-Engine spec unless model.spec=local: the GPU job's, wherever the dry run runs)."""
+    """Validates the config; with a world size, also the layout and the data (read and decoded as training would),
+    and prints the memory plan of each rank (for the Transformer-Engine spec unless model.spec=local: the GPU
+    job's, wherever the dry run runs)."""
     if args.world_size is None:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron_po.train.data import check_data
-    if not args.json:
-        print(check_data(cfg, objective))
-    with warnings.catch_warnings():  # megatron's import-time notes (no Apex, no TE) say nothing about a plan
-        warnings.simplefilter("ignore")
-        from megatron_po.memory_plan import MissingShapes, build_plan, format_plan
-        from megatron_po.train.data import takes_p2_records
+    from megatron_po.memory_plan import MissingShapes, build_plan, format_plan
+    from megatron_po.train.data import check_data, takes_p2_records
 
     dp = cfg.validate_world(args.world_size)
     if not args.json:
         par = cfg.parallel
         print(f"layout ok: world={args.world_size} tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}")
+        print(check_data(cfg, objective))
     rows = args.rows or (6 if takes_p2_records(objective) else 2) * cfg.train.micro_batch_size
     try:
         plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,

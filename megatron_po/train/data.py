@@ -135,6 +135,8 @@ def check_data(cfg: Config, objective: Objective) -> str:
     training file (data.source=jsonl) as training would, before any job starts; a one-line summary."""
     if cfg.data.source != "jsonl":
         return "data: the embedded synthetic task (generated at the first launch)"
+    if not cfg.data.train_path:
+        return "data: data.train_path not given here: not checked (give it to read and check the data)"
     train_path, tok_path = prepare_data(cfg, objective)
     ds = build_train_dataset(cfg, train_path, build_tokenizer(cfg, tok_path), cfg.parallel.tp, objective)
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(ds.skipped.items()))
