@@ -15,7 +15,8 @@ activations are counted per token from the tensors each layer saves for backward
                 packing), times the layers of the stage, times the micro-batches in flight under 1F1B (pp - stage,
                 at most the micro-batches of a step), with recompute applied; plus the backward working set
                 (without full recompute: two whole layers, calibrated by benchmarks/bench_memory_plan.py; with
-                it: the replayed layer and its attention scores' gradient) and, on the local spec, the attention mask ([rows, S, S] when packed)
+                it: the replayed layer and its attention scores' gradient) and, on the local spec, the attention
+                mask ([rows, S, S] when packed)
   log-probs     the last stage's log-prob stage: fused = two [chunk, V/tp] fp32 buffers, the response hidden
                 states and the output weight's transient fp32 gradient; logits = [rows * S, V/tp] logits with an
                 fp32 log-softmax and its gradient
@@ -25,9 +26,10 @@ activations are counted per token from the tensors each layer saves for backward
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (keep the headroom `fits` asks for),
 and on CPU the interpreter and libraries (the validation benchmark measures RSS above its start).
 
-Activation coefficients (elements per token per layer; h hidden, f ffn, a heads, d head dim, k = a/groups * d...
-see `_layer_elements`) were read off the local spec with saved-tensor hooks and are checked the same way by a
-test; the TE spec's are derived from its kernels (flash attention keeps no [s, s] scores) and need a GPU to check.
+Activation coefficients (elements per token per layer, see `_layer_elements`) were read off the local spec with
+saved-tensor hooks and are checked the same way by a test; the TE spec's are derived from its kernels (flash
+attention keeps no [s, s] scores) and need a GPU to check. The backward working set on top of the saved tensors
+is calibrated by benchmarks/bench_memory_plan.py.
 """
 
 from __future__ import annotations
