@@ -10,7 +10,8 @@ Without CUDA it prints one line saying it skipped and exits 0, before megatron i
 Model: tiny_vlm with the Qwen2.5-7B decoder (hidden 3584, ffn 18944, 28 heads, 4 query groups, vocabulary 152,064,
 untied output layer) cut to `--layers` (4 fit one 80 GB H100 with a live reference; `--full` = 28 needs several
 GPUs, e.g. --tp 8), the default small ViT (224 px: 256 image slots), bf16, TE spec, packing (one THD row per
-micro-batch with cu_seqlens; `--no-packing` for padded rows). Models, DDP, optimizer and step come from megatron_po.train.loop as in
+micro-batch with cu_seqlens; `--no-packing` for padded rows). Models, DDP, optimizer and step come from
+megatron_po.train.loop as in
 bench_step.py; objective acpo with its defaults (per-pair alpha: no statistics pass); `--reference cache`
 precomputes the cache, untimed, and builds no reference model. key=value config overrides come last.
 
@@ -18,7 +19,7 @@ Data: pairs of one image, `--prompt` prompt tokens and two responses of log-norm
 in [10, `--max-response`]), as JSONL with a generated tokenizer of the full vocabulary. A DP rank's share of a step
 is `--micro-batches` micro-batches, each filled first-fit from the next 32 pairs up to one row of `--max-seq`
 tokens (unpacked: rows x longest), ranks trimmed to equal pair counts (the trainer needs them), and made by the
-trainer's collator and pack_rows as train/data.step_micro_batches does. Every step has new pairs.
+trainer's own `make_micro_batch` (train/data.py), as step_micro_batches does. Every step has new pairs.
 
 Columns: ms/step (median after `--warmup`, the slowest rank; IQR), real tokens per step, padding efficiency (real /
 processed positions), real tokens/s per GPU and in total, model TFLOP/s per GPU, MFU = that / `--peak-tflops`
@@ -192,24 +193,21 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
     import torch.distributed as dist
 
     from megatron_po.config import load_config
-    from megatron_po.data.packing import pack_rows
-    from megatron_po.models.specs import use_te_spec
     from megatron_po.data.tokenizer import Tokenizer
     from megatron_po.objectives import build_objective
     from megatron_po.parallel.groups import init_parallel, teardown
-    from megatron_po.train.batch import MicroBatch
-    from megatron_po.train.data import build_train_dataset, to_device
+    from megatron_po.train.data import build_train_dataset, make_micro_batch
     from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step
     from megatron_po.train.precompute import precompute_reference
 
     logging.getLogger("megatron_po").setLevel(logging.ERROR)
     cfg = load_config(None, base)
-    out, packing, world = Path(args.output_dir), cfg.data.packing, int(os.environ.get("WORLD_SIZE", 1))
+    out, world = Path(args.output_dir), int(os.environ.get("WORLD_SIZE", 1))
     dp = cfg.validate_world(world)
     groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
     rank, gpu = dist.get_rank(), groups.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    prefix, pad = 3 + cfg.model.vision.num_patches + args.prompt, groups.tp_size if cfg.parallel.sp else 1
+    prefix = 3 + cfg.model.vision.num_patches + args.prompt
     plan = plan_steps(args, args.warmup + args.steps, dp, prefix)
     rows, cached = [], False
     try:
@@ -218,22 +216,17 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
         dist.barrier()
         objective = build_objective("acpo", {})
         tokenizer = Tokenizer(out / "tokenizer.model")
-        ds = build_train_dataset(cfg, out / "train.jsonl", tokenizer, groups.tp_size, objective)
+        ds = build_train_dataset(cfg, out / "train.jsonl", tokenizer, objective)
         planned = [2 * (prefix + 1) + c + r for step in plan for mb in step for _, c, r in mb]
         if len(ds) != len(planned) or any(ds.cost(i) != n for i, n in enumerate(planned)):
             raise RuntimeError("the tokenized pairs do not have the planned lengths")
 
         def step_batches(step: int) -> tuple[list, Mix]:
-            """This rank's micro-batches (made as train/data.step_micro_batches makes them), the global batch's mix."""
+            """This rank's micro-batches (the trainer's make_micro_batch on the planned groups), the global mix."""
             first = plan[step][0][0][0]  # sample_index: positions in the step's global batch
             batches, mix = [], Mix()
             for group in plan[step][groups.dp_rank * args.micro_batches:(groups.dp_rank + 1) * args.micro_batches]:
-                batch = ds.collator([ds[i] for i, _, _ in group])
-                if packing:
-                    batch = pack_rows(batch, cfg.model.max_seq_length, pad, tokenizer.pad_id)
-                mb = MicroBatch.from_collated(to_device(batch, groups.device))
-                if packing and use_te_spec(cfg.model):
-                    mb = mb.as_thd()  # one THD row with cu_seqlens, as the trainer lays packed rows out for TE
+                mb = make_micro_batch(ds, [i for i, _, _ in group], groups, packing=cfg)
                 mb.sample_index = torch.tensor([i - first for i, _, _ in group], device=groups.device)
                 r = mb.rows
                 seqs = torch.bincount(r.sequence_ids[r.sequence_ids >= 0]) if r.packed else r.lengths

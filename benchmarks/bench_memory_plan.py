@@ -96,7 +96,7 @@ def run_config(name: str, args) -> None:
         objective = build_objective(cfg.objective.name, {})
         train_path, tok_path = prepare_data(cfg, objective)
         tokenizer = Tokenizer(tok_path)
-        ds = build_train_dataset(cfg, train_path, tokenizer, groups.tp_size, objective)
+        ds = build_train_dataset(cfg, train_path, tokenizer, objective)
         if cfg.reference.source == "cache":
             precompute_reference(cfg, objective, groups)
         peak, rows, length = measure(cfg, objective, groups, tokenizer, ds, args.steps, args.seq, PeakRSS())

@@ -245,8 +245,7 @@ def main() -> int:
                     if objective.inputs not in datasets:
                         train_path, tok_path = prepare_data(cfg, objective)
                         tokenizer = Tokenizer(tok_path)
-                        datasets[objective.inputs] = build_train_dataset(cfg, train_path, tokenizer,
-                                                                         groups.tp_size, objective)
+                        datasets[objective.inputs] = build_train_dataset(cfg, train_path, tokenizer, objective)
                     ds = datasets[objective.inputs]
                     if source == "cache":
                         precompute_reference(cfg, objective, groups)

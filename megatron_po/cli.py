@@ -39,7 +39,7 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
     if args.world_size is None:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return
-    from megatron_po.memory_plan import MissingShapes, build_plan, format_plan
+    from megatron_po.memory_plan import MissingShapes, build_plan, format_plan, rows_per_micro_batch
     from megatron_po.train.data import check_data, takes_p2_records
 
     dp = cfg.validate_world(args.world_size)
@@ -47,7 +47,7 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
         par = cfg.parallel
         print(f"layout ok: world={args.world_size} tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}")
         print(check_data(cfg, objective))
-    rows = args.rows or (6 if takes_p2_records(objective) else 2) * cfg.train.micro_batch_size
+    rows = args.rows or rows_per_micro_batch(cfg, 6 if takes_p2_records(objective) else 2)
     try:
         plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,
                           needs_reference=objective.needs_reference, te=cfg.model.spec != "local")

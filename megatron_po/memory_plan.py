@@ -156,6 +156,12 @@ def _layer_elements(cfg: Config, lm: LMShape, te: bool, recompute: bool) -> tupl
     return (6 * h + 2) / sp + 4 * d + attn + mlp, 0.0
 
 
+ROWS = [  # (label, RankPlan field): the terms of a rank's total, in print order
+        ("weights (policy)", "weights_policy"), ("weights (reference)", "weights_reference"),
+        ("gradients (fp32)", "gradients"), ("optimizer", "optimizer"), ("activations", "activations"),
+        ("log-prob stage", "logprob_stage"), ("vision tower", "vision"), ("attention mask", "attention_mask")]
+
+
 @dataclass
 class RankPlan:
     """Bytes one rank of a pipeline stage holds at its peak (a training step's backward)."""
@@ -175,8 +181,7 @@ class RankPlan:
 
     @property
     def total(self) -> float:
-        return (self.weights_policy + self.weights_reference + self.gradients + self.optimizer + self.activations
-                + self.logprob_stage + self.vision + self.attention_mask)
+        return sum(getattr(self, key) for _, key in ROWS)
 
 
 @dataclass
@@ -209,7 +214,7 @@ class MemoryPlan:
 
 
 def rows_per_micro_batch(cfg: Config, objective_rows: int = 2) -> int:
-    """Sequences of a micro-batch: chosen and rejected per pair (P2-DPO: its branches, see the objective)."""
+    """Sequences of a micro-batch: chosen and rejected per pair (P2-DPO: its six branches)."""
     return objective_rows * cfg.train.micro_batch_size
 
 
@@ -236,6 +241,11 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
     row_tokens = row_tokens or m.max_seq_length
     tokens = rows * row_tokens // par.cp  # this rank's tokens of one micro-batch (before SP)
     reference_model = needs_reference and cfg.reference.source == "model"
+    sp = par.tp if par.sp else 1
+    act, fp32 = _layer_elements(cfg, lm, te, recompute=m.recompute == "selective")
+    per_layer = tokens * (act * act_bytes + fp32 * 4)
+    act, fp32 = _layer_elements(cfg, lm, te, recompute=False)
+    whole_layer = tokens * (act * act_bytes + fp32 * 4)  # every intermediate, as when replayed
     stages = []
     for stage, layers in enumerate(par.stage_layers(lm.num_layers)):
         first, last = stage == 0, stage == par.pp - 1
@@ -249,11 +259,6 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
         optim = (12 if m.params_dtype == "bf16" else 8) * p.trainable
         r.optimizer = optim / dp if par.use_distributed_optimizer else optim
         in_flight = min(par.pp - stage, micro_batches)
-        act, fp32 = _layer_elements(cfg, lm, te, recompute=m.recompute == "selective")
-        per_layer = tokens * (act * act_bytes + fp32 * 4)
-        act, fp32 = _layer_elements(cfg, lm, te, recompute=False)
-        whole_layer = tokens * (act * act_bytes + fp32 * 4)  # every intermediate, as when replayed
-        sp = par.tp if par.sp else 1
         if m.recompute == "full":
             unit = m.recompute_num_layers
             if m.recompute_method == "uniform":
@@ -297,11 +302,6 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
         stages.append(r)
     return MemoryPlan(world_size, par.tp, par.pp, par.cp, dp, micro_batches, rows, row_tokens,
                       device_memory_gb, headroom, stages)
-
-
-ROWS = [("weights (policy)", "weights_policy"), ("weights (reference)", "weights_reference"),
-        ("gradients (fp32)", "gradients"), ("optimizer", "optimizer"), ("activations", "activations"),
-        ("log-prob stage", "logprob_stage"), ("vision tower", "vision"), ("attention mask", "attention_mask")]
 
 
 def format_plan(plan: MemoryPlan, cfg: Config) -> str:

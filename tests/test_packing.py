@@ -151,7 +151,7 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_train=8", "data.num_eval=2", "data.packing=true"])
     train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}))
     tokenizer = Tokenizer(tok_path)
-    ds = build_dataset(cfg, train_path, tokenizer, tp=1)
+    ds = build_dataset(cfg, train_path, tokenizer)
     batch = pack_rows(ds.collator([ds[i] for i in range(4)]), cfg.model.max_seq_length, 1, tokenizer.pad_id)
     mb = MicroBatch.from_collated(to_device(batch, groups.device))
     assert mb.rows.shape[0] > 1

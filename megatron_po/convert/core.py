@@ -42,6 +42,13 @@ CONVERSION_FILE = "conversion.json"
 PREFIX = "model."  # same as train/checkpoint.py: a converted checkpoint is a valid `init_from`
 logger = logging.getLogger("megatron_po")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16"}
+"""safetensors' dtype strings -> DTYPES names (the dtypes a HF checkpoint converts from as it is)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the DTYPES name conversion.json records."""
+    return str(dtype).removeprefix("torch.")
 
 
 class ConversionError(ValueError):
@@ -194,7 +201,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
         raise ConversionError(f"{hf_dir}: {e}") from None
     stored = {hf.dtype(n) for n in hf.names()}
     if dtype == "auto":
-        target = {"F32": torch.float32, "BF16": torch.bfloat16}.get(stored.pop() if len(stored) == 1 else "")
+        name = SAFETENSORS_DTYPES.get(next(iter(stored)) if len(stored) == 1 else "")
+        target = DTYPES.get(name)
         if target is None:
             raise ConversionError(f"{hf_dir}: stored dtypes {sorted(stored)}: pass dtype=float32 or bfloat16")
     else:
@@ -218,10 +226,10 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
     for f in hf_dir.iterdir():
         if HF_SIDE_FILES.match(f.name):
             shutil.copy2(f, side / f.name)
-    source_dtype = {"F32": "float32", "BF16": "bfloat16"}.get(next(iter(stored)) if len(stored) == 1 else "")
+    source_dtype = SAFETENSORS_DTYPES.get(next(iter(stored)) if len(stored) == 1 else "")
     (out / CONVERSION_FILE).write_text(json.dumps(
-        {"family": fam.name, "source": str(hf_dir.resolve()), "dtype": str(target).removeprefix("torch."),
-         "source_dtype": source_dtype or str(target).removeprefix("torch.")}, indent=1))
+        {"family": fam.name, "source": str(hf_dir.resolve()), "dtype": dtype_name(target),
+         "source_dtype": source_dtype or dtype_name(target)}, indent=1))
     return out
 
 
@@ -231,8 +239,8 @@ def conversion_record(init_from: Path, hf_path: Path, family: str, params_dtype:
     OUTPUT_DIR/checkpoints/iter_N` needs nothing else."""
     found = [p / CONVERSION_FILE for p in (Path(init_from), Path(hf_path).parent) if (p / CONVERSION_FILE).is_file()]
     meta = json.loads(found[0].read_text()) if found else {"family": family, "source": str(hf_path)}
-    meta.setdefault("source_dtype", meta.get("dtype", str(params_dtype).removeprefix("torch.")))
-    return dict(meta, dtype=str(params_dtype).removeprefix("torch."))
+    meta.setdefault("source_dtype", meta.get("dtype", dtype_name(params_dtype)))
+    return dict(meta, dtype=dtype_name(params_dtype))
 
 
 def write_conversion(ckpt_dir: Path, hf_path: Path, record: dict) -> None:
@@ -279,18 +287,17 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
     export = EXPORT_DTYPES[dtype] or DTYPES[meta.get("source_dtype", meta["dtype"])]
     if torch.finfo(export).bits < torch.finfo(saved).bits:
         logger.warning("megatron-to-hf: the checkpoint holds %s weights; exporting %s rounds them (--dtype fp32 "
-                       "keeps them)", str(saved).removeprefix("torch."), str(export).removeprefix("torch."))
-    dtype = saved
+                       "keeps them)", dtype_name(saved), dtype_name(export))
     module = fam.load()
     rules = module.hf_rules(hf_config)  # written back in the family's default layout
     with single_process_parallel() as groups:
-        sd = _meta_sharded_state_dict(fam, hf_config, dtype, groups)
+        sd = _meta_sharded_state_dict(fam, hf_config, saved, groups)
         entries = _tensor_entries(sd)
         missing = sorted(set(entries) - {r.megatron for r in rules})
         if missing:
             raise ConversionError(f"{len(missing)} megatron tensor(s) have no HF rule, e.g. {missing[:3]}")
         for e in entries.values():
-            e.data = torch.empty(_shape_of(e), dtype=dtype)
+            e.data = torch.empty(_shape_of(e), dtype=saved)
         _empty_dir(out)
         loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     shard: dict[str, torch.Tensor] = {}

@@ -27,7 +27,8 @@ class LanguageModel(GPTModel):
     packed_thd: bool = False
     """Packed rows come as one THD row with cu_seqlens (TE attention), not as rows with a block-diagonal mask."""
 
-    def configure_logprobs(self, model: ModelConfig) -> "LanguageModel":
+    def configure(self, model: ModelConfig) -> "LanguageModel":
+        """What the trainer's step reads off the language model: the log-prob path and the packed layout."""
         self.output_hidden = model.logprobs == "fused"
         self.logprob_chunk_tokens = model.logprob_chunk_tokens
         self.packed_thd = use_te_spec(model)
@@ -128,4 +129,4 @@ def build_language_model(
         post_process=groups.is_last_stage,
         pg_collection=groups.pg_collection,
     )
-    return lm.configure_logprobs(model)
+    return lm.configure(model)

@@ -91,7 +91,7 @@ class VLMModel(VLMBase):
             post_process=groups.is_last_stage,
             pg_collection=groups.pg_collection,
         )
-        self.language_model.configure_logprobs(model)
+        self.language_model.configure(model)
         self.freeze_as_configured(model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

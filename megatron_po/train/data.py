@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -80,7 +80,7 @@ def _images(tokenizer):
     return HFImages(tokenizer) if isinstance(tokenizer, HFTokenizer) else None
 
 
-def _collate_cfg(cfg: Config, tp: int) -> CollateConfig:
+def _collate_cfg(cfg: Config) -> CollateConfig:
     return CollateConfig(
         max_length=cfg.model.max_seq_length,
         num_image_tokens=cfg.model.vision.num_patches,
@@ -100,34 +100,34 @@ def _log_kept(path: Path, ds: PreferenceDataset) -> None:
         logger.warning("data %s: %d samples kept; skipped %s", path.name, len(ds), dict(ds.skipped))
 
 
-def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, records=None) -> PreferenceDataset:
+def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, records=None) -> PreferenceDataset:
     """Preference pairs from `train_path` (or the given records of it)."""
     records = read_preference_file(train_path, cfg.data.format) if records is None else records
-    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
+    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg), cfg.model.vision.image_size,
                            images=_images(tokenizer), source=train_path,
                            images_outside_root=cfg.data.images_outside_root)
     _log_kept(train_path, ds)
     return ds
 
 
-def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int, objective: Objective,
+def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, objective: Objective,
                      records=None) -> P2Dataset:
     """P2-DPO samples from `train_path` (or the given records of it); the reference's calibration rows follow the
     objective's calib_reference."""
     records = read_p2_records(train_path) if records is None else records
-    ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg, tp), cfg.model.vision.image_size,
+    ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg), cfg.model.vision.image_size,
                    calib_reference=objective.cfg.calib_reference, source=train_path,
                    images_outside_root=cfg.data.images_outside_root)
     _log_kept(train_path, ds)
     return ds
 
 
-def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, tp: int,
+def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer,
                         objective: Objective) -> PreferenceDataset:
     """The training set in the form the objective takes (pairs or P2-DPO samples)."""
     if takes_p2_records(objective):
-        return build_p2_dataset(cfg, train_path, tokenizer, tp, objective)
-    return build_dataset(cfg, train_path, tokenizer, tp)
+        return build_p2_dataset(cfg, train_path, tokenizer, objective)
+    return build_dataset(cfg, train_path, tokenizer)
 
 
 def check_data(cfg: Config, objective: Objective) -> str:
@@ -138,12 +138,12 @@ def check_data(cfg: Config, objective: Objective) -> str:
     if not cfg.data.train_path:
         return "data: data.train_path not given here: not checked (give it to read and check the data)"
     train_path, tok_path = prepare_data(cfg, objective)
-    ds = build_train_dataset(cfg, train_path, build_tokenizer(cfg, tok_path), cfg.parallel.tp, objective)
+    ds = build_train_dataset(cfg, train_path, build_tokenizer(cfg, tok_path), objective)
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(ds.skipped.items()))
     return f"data {train_path}: {len(ds)} samples kept, skipped: {skipped}"
 
 
-def build_eval_datasets(cfg: Config, tokenizer: Tokenizer, tp: int) -> dict[str, PreferenceDataset]:
+def build_eval_datasets(cfg: Config, tokenizer: Tokenizer) -> dict[str, PreferenceDataset]:
     """Held-out preference pairs ("eval") and yes/no probe records ("probe") for `eval.interval > 0` (else none)."""
     from megatron_po.data.synthetic import generate_probe_set
 
@@ -165,7 +165,7 @@ def build_eval_datasets(cfg: Config, tokenizer: Tokenizer, tp: int) -> dict[str,
         if not path.is_file():
             raise FileNotFoundError(f"eval: no such file {path}")
         records = read_preference_file(path)[: cfg.eval.max_pairs if name == "eval" else None]
-        out[name] = build_dataset(cfg, path, tokenizer, tp, records=records)
+        out[name] = build_dataset(cfg, path, tokenizer, records=records)
     return out
 
 
@@ -184,12 +184,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
             else v for k, v in batch.items()}
 
 
+def make_micro_batch(ds: PreferenceDataset, indices: list[int], groups, packing: Optional[Config] = None) -> MicroBatch:
+    """Dataset samples `indices` as one micro-batch on this rank: collated, with `packing` (a config with
+    data.packing) packed into rows of model.max_seq_length (one THD row on the TE spec), this CP rank's share."""
+    batch = ds.collator([ds[i] for i in indices])
+    pack = packing is not None and packing.data.packing
+    if pack:
+        batch = pack_rows(batch, packing.model.max_seq_length, pad_to_multiple_of(packing),
+                          ds.collator.tokenizer.pad_id)
+    mb = MicroBatch.from_collated(to_device(batch, groups.device)).cp_shard(groups.cp_size, groups.cp_rank)
+    # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
+    return mb.as_thd() if pack and use_te_spec(packing.model) else mb
+
+
 def micro_batches(ds: PreferenceDataset, indices: list[list[int]], groups) -> Iterator[MicroBatch]:
-    """Micro-batches of the given dataset indices, unpacked, collated lazily (images load on demand); this CP
-    rank's share of their rows."""
+    """Micro-batches of the given dataset indices, unpacked, collated lazily (images load on demand)."""
     for idx in indices:
-        mb = MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in idx]), groups.device))
-        yield mb.cp_shard(groups.cp_size, groups.cp_rank)
+        yield make_micro_batch(ds, idx, groups)
 
 
 def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSampler, step: int,
@@ -207,16 +218,10 @@ def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSam
     else:
         share = len(order) // groups.dp_size
         mine = list(range(groups.dp_rank * share, (groups.dp_rank + 1) * share))
-    pad_multiple = pad_to_multiple_of(cfg)
     out = []
     for start in range(0, len(mine), cfg.train.micro_batch_size):
         positions = mine[start:start + cfg.train.micro_batch_size]
-        batch = ds.collator([ds[order[p]] for p in positions])
-        if cfg.data.packing:
-            batch = pack_rows(batch, cfg.model.max_seq_length, pad_multiple, ds.collator.tokenizer.pad_id)
-        mb = MicroBatch.from_collated(to_device(batch, groups.device)).cp_shard(groups.cp_size, groups.cp_rank)
-        if cfg.data.packing and use_te_spec(cfg.model):
-            mb = mb.as_thd()  # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
+        mb = make_micro_batch(ds, [order[p] for p in positions], groups, packing=cfg)
         mb.sample_index = torch.tensor(positions, device=groups.device)
         out.append(mb)
     return out

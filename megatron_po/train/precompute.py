@@ -71,9 +71,9 @@ def precompute_reference(cfg: Config, objective: Objective, groups: ParallelGrou
     path = Path(cfg.reference.cache_path)
     train_path, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
-    datasets = {"train": build_train_dataset(cfg, train_path, tokenizer, groups.tp_size, objective)}
+    datasets = {"train": build_train_dataset(cfg, train_path, tokenizer, objective)}
     if objective.inputs == "pairs":  # held-out pairs are scored with the objective, hence with the reference
-        datasets.update((k, v) for k, v in build_eval_datasets(cfg, tokenizer, groups.tp_size).items()
+        datasets.update((k, v) for k, v in build_eval_datasets(cfg, tokenizer).items()
                         if k in CACHED_SPLITS)
     components = key_components(cfg, objective, datasets)
     if dist.get_rank() == 0:

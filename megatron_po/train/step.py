@@ -114,9 +114,13 @@ def stage_output(model, mb: MicroBatch, rows: Rows, tower: Tower) -> torch.Tenso
 def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, groups: ParallelGroups) -> SeqLogps:
     """Per-row sums of response log-probs and, for pair batches, per-sentence sums of the chosen rows (fp64),
     summed over the CP group (each CP rank holds part of every row: parallel/context.py)."""
-    logps = token_logps_sums(token_logps(model, output, rows.labels, groups.tp), rows, mb)
-    return SeqLogps(reduce_over_cp(logps.seq, groups.cp),
-                    None if logps.segments is None else reduce_over_cp(logps.segments, groups.cp))
+    return sum_over_cp(token_logps_sums(token_logps(model, output, rows.labels, groups.tp), rows, mb), groups.cp)
+
+
+def sum_over_cp(logps: SeqLogps, cp_group) -> SeqLogps:
+    """Each CP rank's partial sums summed over the CP group (parallel/context.reduce_over_cp)."""
+    return SeqLogps(reduce_over_cp(logps.seq, cp_group),
+                    None if logps.segments is None else reduce_over_cp(logps.segments, cp_group))
 
 
 def token_logps_sums(per_token: torch.Tensor, rows: Rows, mb: MicroBatch) -> SeqLogps:

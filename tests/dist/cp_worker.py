@@ -29,13 +29,13 @@ from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.models.vlm import build_vlm, padded_vocab_size
 from megatron_po.objectives import build_objective
 from megatron_po.objectives.common import ObjectiveContext
-from megatron_po.parallel.context import counts_on_one_cp_rank, cp_positions, reduce_over_cp
+from megatron_po.parallel.context import counts_on_one_cp_rank, cp_positions
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.train.batch import MicroBatch, SeqLogps
 from megatron_po.train.data import build_dataset, pad_to_multiple_of, prepare_data, to_device
 from megatron_po.train.inputs import loss_inputs
 from megatron_po.train.rows import forward_rows, token_logps
-from megatron_po.train.step import Tower, image_embeds, token_logps_sums
+from megatron_po.train.step import Tower, image_embeds, sum_over_cp, token_logps_sums
 
 CP = 2
 
@@ -67,7 +67,7 @@ def main(out_dir: str) -> None:
         train_path, tok_path = prepare_data(cfg, objective)
         tokenizer = Tokenizer(tok_path)
         groups = init_parallel(ParallelConfig(), seed=3)  # model layout: one rank (CP itself needs TE attention)
-        ds = build_dataset(cfg, train_path, tokenizer, tp=1)
+        ds = build_dataset(cfg, train_path, tokenizer)
         assert pad_to_multiple_of(cfg) == 2 * CP
         mb = MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in range(4)]), groups.device))
         vocab = padded_vocab_size(tokenizer.vocab_size, 1)
@@ -90,8 +90,7 @@ def main(out_dir: str) -> None:
         pos = cp_positions(mb.rows.shape[1], CP, rank)
         mine = full_tok[:, pos].clone().requires_grad_(True)
         local = token_logps_sums(mine, shard.rows, shard)
-        policy = SeqLogps(reduce_over_cp(local.seq, cp_group),
-                          None if local.segments is None else reduce_over_cp(local.segments, cp_group))
+        policy = sum_over_cp(local, cp_group)  # the trainer's own reduction (train/step.sequence_logps)
         cp_pair, cp_samples = loss_of(objective, shard, policy, ref_full)
         cp_pair.sum().backward()
 

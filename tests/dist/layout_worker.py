@@ -460,7 +460,7 @@ def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed
             cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label)
             obj = build_objective(objective, params)
             precompute_reference(cfg, obj, groups)
-            full[label] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, 2, obj)
+            full[label] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, obj)
                            if objective == "p2_dpo" else ds)
     destroy_parallel()
     return todo, full
@@ -478,7 +478,7 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
              if not only or label in only
              for mode in (() if label in NO_STEP0 else ("same",)) + tuple(extra)]
     # every layout pads to a multiple of 2 so all of them share one dataset object (per record kind)
-    ds = build_dataset(make_cfg(out, "tp2_sp", "dpo", {}), train_path, tokenizer, 2)
+    ds = build_dataset(make_cfg(out, "tp2_sp", "dpo", {}), train_path, tokenizer)
     datasets = {}
     for label, objective, params, _ in OBJECTIVE_CASES:
         if objective == "p2_dpo" and (not only or label in only):
@@ -490,7 +490,7 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
             kinds = [(r.focus is not None, r.robust is not None) for r in records]
             picked = [kinds.index((True, True)), len(kinds) - 1 - kinds[::-1].index((True, True)),
                       kinds.index((True, False)), kinds.index((False, True))]
-            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, 2, p2_obj, [records[i] for i in picked])
+            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, p2_obj, [records[i] for i in picked])
     seed = base.train.seed
     # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)

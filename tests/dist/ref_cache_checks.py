@@ -63,8 +63,8 @@ def main(out: Path) -> None:
 
     def datasets(c):
         tok = build_tokenizer(c, prepare_data(c, objective)[1])
-        return {"train": build_train_dataset(c, train_path, tok, 1, objective),
-                **build_eval_datasets(c, tok, 1)}
+        return {"train": build_train_dataset(c, train_path, tok, objective),
+                **build_eval_datasets(c, tok)}
 
     def check(c) -> str:
         try:
