@@ -28,7 +28,12 @@ setup(
     extras_require={
         # GPU image only (docker/): never install these on a CPU machine, they break megatron imports there
         "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
-        "hf": ["transformers==4.57.1"],
+        # conversion parity tests and tools/hf_parity.py run against transformers itself (5.x; 4.x configs and
+        # checkpoints stay readable: the converter reads config.json, not transformers' classes)
+        "hf": ["transformers==5.23.0"],
+        # data.format=hf: Hugging Face datasets on disk (save_to_disk directories, parquet, arrow)
+        "data": ["datasets==5.2.0"],
+        "wandb": ["wandb==0.31.0"],  # train.wandb_project
         "dev": ["pytest==9.2.0"],
     },
     entry_points={"console_scripts": ["megatron-po=megatron_po.cli:main"]},

@@ -1,5 +1,6 @@
 # Sourced by launch/demo.sh and launch/test.sh: creates .venv (if absent) and installs the pinned package into it.
-# EXTRAS picks setup.py extras (test.sh: dev,hf — the HF conversion tests need transformers); constraints.txt
+# EXTRAS picks setup.py extras (test.sh: dev,hf,data — the HF conversion tests need transformers, the
+# Hugging Face dataset reader needs datasets); constraints.txt
 # pins every transitive dependency to the versions CI is measured with.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

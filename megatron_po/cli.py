@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -73,9 +74,7 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
             dry_run(cfg, objective, args)
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:  # RecordError is a ValueError
-        print(f"{'data' if isinstance(e, (RecordError, FileNotFoundError)) else 'config'} error: {e}",
-              file=sys.stderr)
-        return 2
+        return _refuse("data" if isinstance(e, (RecordError, FileNotFoundError)) else "config", e)
 
     import torch.distributed as dist
 
@@ -90,9 +89,20 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
             logger.warning("Transformer-Engine and Apex are not installed: megatron-core's local layers, torch norms "
                            "and torch optimizers are used (expected on CPU; the GPU image has both)")
         work(cfg, objective, init_parallel(cfg.parallel, seed=cfg.train.seed))
+    except (RecordError, FileNotFoundError, ConfigError) as e:
+        # found by every rank alike while the data and the model are prepared, before the first step
+        return _refuse("config" if isinstance(e, ConfigError) else "data", e)
     finally:
         teardown()
     return 0
+
+
+def _refuse(kind: str, e: Exception) -> int:
+    """One line for the job (from global rank 0 under torchrun, which starts every rank with the same input), exit
+    code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{kind} error: {e}", file=sys.stderr)
+    return 2
 
 
 def _train(cfg: Config, objective, groups) -> None:

@@ -8,6 +8,7 @@ with `yaml.safe_load` (no eval of config text).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from megatron_po.models.families import FAMILY_NAMES
+from megatron_po.families import FAMILIES, FAMILY_NAMES
 
 
 class ConfigError(ValueError):
@@ -87,9 +88,6 @@ class VisionConfig:
     hidden_size: int = 64
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
-    frozen: bool = True
-    """Freeze the vision tower (ACPO trains the LLM only)."""
-
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
@@ -121,8 +119,13 @@ class ModelConfig:
     vocabulary). Padded up to a multiple of 128 (not 128 * tp as Megatron does: log-probs stay layout-free)."""
     max_seq_length: int = 160
     """Longest pair sequence (prompt + image tokens + response); longer pairs are skipped and counted."""
-    projector_frozen: bool = True
-    """Freeze the MLP projector (ACPO trains the LLM only)."""
+    freeze_vit: bool = True
+    """Freeze the vision tower (ACPO trains the LLM only). The three freeze_* switches mean the same parts in every
+    family, named as Megatron-SWIFT names them."""
+    freeze_aligner: bool = True
+    """Freeze the projector between the tower and the LLM (MLP / pixel-shuffle MLP / patch merger)."""
+    freeze_llm: bool = False
+    """Freeze the language model (embedding, decoder, output layer): trains the tower and/or projector only."""
     spec: str = "auto"
     """Layer spec: 'auto' (Transformer-Engine on GPU when installed, else local), 'te', 'local'."""
     params_dtype: str = "fp32"
@@ -150,8 +153,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILY_NAMES:
             raise ConfigError(f"model.family {self.family!r} unknown; known: {list(FAMILY_NAMES)}")
-        if (self.family == "tiny_vlm") == bool(self.hf_path):
-            raise ConfigError("model.hf_path is required by HF families and meaningless for tiny_vlm")
+        if FAMILIES[self.family].from_hf != bool(self.hf_path):
+            raise ConfigError("model.hf_path is required by HF families and meaningless for the others "
+                              f"(model.family={self.family})")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
         if self.spec not in ("auto", "te", "local"):
@@ -180,10 +184,13 @@ class DataConfig:
     the objective: preference pairs, or P2-DPO samples (data/p2_records.py) for objective p2_dpo, for which the
     synthetic task writes p2_train.jsonl."""
     train_path: str = ""
-    """JSONL of training records (source=jsonl): preference pairs, or P2-DPO samples for objective p2_dpo."""
+    """Training records (source=jsonl): preference pairs in any `format`, or P2-DPO samples (our JSONL) for
+    objective p2_dpo."""
     format: str = "auto"
-    """Preference pairs' file format (data/formats.py): 'jsonl' (ours), 'trl' (TRL's prompt/chosen/rejected as
-    strings or messages, with `images`), or 'auto' (from the first record's keys)."""
+    """Preference data's format (data/formats.py): 'jsonl' (ours), 'trl' (TRL's prompt/chosen/rejected as strings
+    or messages, with `images`; JSON lines or array), 'mpo' (InternVL's MPO/MMPR meta file or annotation jsonl),
+    'hf' (a Hugging Face dataset directory, parquet or arrow file; needs the [data] extra), or 'auto' (from the
+    path and the first record's keys)."""
     tokenizer_path: str = ""
     """SentencePiece model. Empty with source=synthetic: trained on the synthetic text at preparation."""
     num_train: int = 512
@@ -201,8 +208,8 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in ("synthetic", "jsonl"):
             raise ConfigError(f"data.source must be synthetic|jsonl, got {self.source!r}")
-        if self.format not in ("auto", "jsonl", "trl"):
-            raise ConfigError(f"data.format must be auto|jsonl|trl, got {self.format!r}")
+        if self.format not in ("auto", "jsonl", "trl", "mpo", "hf"):
+            raise ConfigError(f"data.format must be auto|jsonl|trl|mpo|hf, got {self.format!r}")
 
 
 @dataclass
@@ -298,6 +305,11 @@ class TrainConfig:
     exit_interval: int = 0
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval): for job time
     limits; the next launch resumes. 0 = run to train_steps."""
+    wandb_project: str = ""
+    """Also log every step's metrics to this Weights & Biases project (the `[wandb]` extra; WANDB_MODE=offline
+    and the other WANDB_* variables work as usual). Empty: metrics.jsonl and TensorBoard only."""
+    wandb_run_name: str = ""
+    """The W&B run's name (default: output_dir's name). A resumed run continues the same W&B run."""
 
     def __post_init__(self):
         for name in ("global_batch_size", "micro_batch_size", "train_steps", "log_interval"):
@@ -305,6 +317,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.wandb_project needs the wandb package: pip install -e '.[wandb]'")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
@@ -342,15 +356,17 @@ class Config:
             # TODO(megatron_po): THD rows split per sequence (TE's thd partitioning) and M-RoPE tables to match
             raise ConfigError("data.packing with parallel.cp > 1 is not supported: megatron's M-RoPE slices its "
                               "rotary table by whole rows under context parallelism, not per packed sequence")
-        if self.model.family == "tiny_vlm":  # HF families: checked when the model reads its config.json
+        m = self.model
+        if m.freeze_llm and m.freeze_vit and m.freeze_aligner:
+            raise ConfigError("model.freeze_llm, freeze_vit and freeze_aligner are all true: nothing would train")
+        if m.freeze_llm and self.parallel.pp > 1:
+            raise ConfigError("model.freeze_llm=true with parallel.pp > 1: the stages after the first hold only "
+                              "frozen decoder layers and would have nothing to train")
+        if not FAMILIES[m.family].from_hf:  # shapes are config fields (HF: checked when config.json is read)
             self.parallel.stage_layers(self.model.num_layers)
-        if self.model.family != "tiny_vlm":
-            if not self.checkpoint.init_from:
-                raise ConfigError(f"model.family={self.model.family} needs checkpoint.init_from: a checkpoint "
-                                  "converted with tools/convert_hf.py (HF families never train from random weights)")
-            if self.objective.name == "p2_dpo":
-                # TODO(megatron_po): P2 batches stack tiny_vlm image tensors; HF processor dicts not yet
-                raise ConfigError("objective.name=p2_dpo supports model.family=tiny_vlm only so far")
+        elif not self.checkpoint.init_from:
+            raise ConfigError(f"model.family={self.model.family} needs checkpoint.init_from: a checkpoint "
+                              "converted with tools/convert_hf.py (HF families never train from random weights)")
 
     def validate_world(self, world_size: int) -> int:
         """Checks the layout against the world size; returns the data-parallel size."""

@@ -34,15 +34,13 @@ is calibrated by benchmarks/bench_memory_plan.py.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from megatron_po.config import Config
-from megatron_po.models.families import HF_FAMILIES, VisionFootprint
-from megatron_po.models.specs import LMShape, lm_shape_of, use_te_spec
-from megatron_po.models.vlm import padded_vocab_size
+from megatron_po.families import family_spec
+from megatron_po.models.family import VisionFootprint
+from megatron_po.models.specs import LMShape, use_te_spec
 
 GiB = 1024**3
 
@@ -58,37 +56,10 @@ class ModelShape:
     vision: VisionFootprint
 
 
-def tiny_vision_footprint(cfg: Config) -> VisionFootprint:
-    """tiny_vlm's ViT (megatron layers, TP-sharded) and MLP projector (gated like the decoder's MLP)."""
-    v, m = cfg.model.vision, cfg.model
-    hv, fv = v.hidden_size, v.ffn_hidden_size
-    # per layer: qkv and fc1 (weight + bias) and the proj/fc2 weights split over TP; their biases and norms not
-    sharded = v.num_layers * (3 * hv * hv + 3 * hv + hv * hv + hv * fv + fv + fv * hv)
-    replicated = v.num_layers * (2 * hv + 4 * hv) + 2 * hv + 3 * v.patch_size**2 * hv + hv + v.num_patches * hv
-    projector = hv * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size
-    return VisionFootprint(tower_sharded=sharded, tower_replicated=replicated, projector_sharded=projector,
-                           projector_replicated=0, hidden=hv, ffn=fv, heads=v.num_attention_heads,
-                           layers=v.num_layers, patches_per_pair=v.num_patches, attention_span=v.num_patches,
-                           image_tokens_per_pair=v.num_patches)
-
-
 def model_shape(cfg: Config) -> ModelShape:
-    """The decoder and vision shapes of `cfg.model`: tiny_vlm's fields, or an HF family's config.json (and
-    preprocessor_config.json, for the image tokens of a pair) under model.hf_path; no weights are read."""
-    tp = cfg.parallel.tp
-    if cfg.model.family == "tiny_vlm":
-        vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab_size
-        return ModelShape(lm_shape_of(cfg.model, vocab), padded_vocab_size(vocab, tp), tiny_vision_footprint(cfg))
-    root = Path(cfg.model.hf_path)
-    if not (root / "config.json").is_file():
-        raise MissingShapes(f"model.hf_path={root}: no config.json to read the shapes from (a converted checkpoint's "
-                         "hf/ directory, or the published shapes in launch/configs/shapes/)")
-    hf_config = json.loads((root / "config.json").read_text())
-    pre = root / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else {}
-    family = HF_FAMILIES[cfg.model.family].load()
-    lm, vision = family.memory_footprint(hf_config, preprocessor, cfg.model.max_seq_length)
-    return ModelShape(lm, padded_vocab_size(lm.vocab_size, tp), vision)
+    """The decoder and vision shapes of `cfg.model`, from the config and the files it names alone (no weights are
+    read): the family's spec says how."""
+    return family_spec(cfg.model.family).model_shape(cfg)
 
 
 # ---- parameters ----------------------------------------------------------------------------------------------------
@@ -120,7 +91,8 @@ def stage_params(cfg: Config, shape: ModelShape, stage: int, layers: int) -> Sta
         n += embedding if (not lm.tie_embeddings or par.pp > 1) else 0
     tower = (vis.tower_sharded / tp + vis.tower_replicated) if first else 0.0
     projector = (vis.projector_sharded / tp + vis.projector_replicated) if first else 0.0
-    trainable = n + (0 if cfg.model.vision.frozen else tower) + (0 if cfg.model.projector_frozen else projector)
+    m = cfg.model
+    trainable = (0 if m.freeze_llm else n) + (0 if m.freeze_vit else tower) + (0 if m.freeze_aligner else projector)
     return StageParams(n, tower, projector, trainable)
 
 
@@ -253,7 +225,7 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
         r = RankPlan(stage, layers, f"pp_rank {stage}" if par.pp > 1 else "every rank")
         r.weights_policy = (p.lm + p.vision + p.projector) * act_bytes
         if reference_model:
-            own_tower = 0.0 if (m.vision.frozen and m.projector_frozen) else p.vision + p.projector
+            own_tower = 0.0 if (m.freeze_vit and m.freeze_aligner) else p.vision + p.projector
             r.weights_reference = (p.lm + own_tower) * act_bytes
         r.gradients = p.trainable * 4
         optim = (12 if m.params_dtype == "bf16" else 8) * p.trainable
@@ -293,7 +265,7 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
             embeds = micro_batches * tr.micro_batch_size * vis.image_tokens_per_pair * lm.hidden_size * act_bytes
             patches = tr.micro_batch_size * vis.patches_per_pair
             per_vlayer = patches * (10 * vis.hidden + 3 * vis.ffn / par.tp + vis.heads * vis.attention_span) * 4
-            trained = not m.vision.frozen
+            trained = not m.freeze_vit
             r.vision = embeds * (2 if reference_model and trained else 1) + per_vlayer * (
                 vis.layers * in_flight if trained else 1)
         r.details = {"params_lm": p.lm, "params_vision": p.vision, "params_projector": p.projector,

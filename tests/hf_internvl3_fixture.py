@@ -7,6 +7,8 @@ processor's processor_config.json / chat template. Variants:
     "vit300m": InternViT-300M style tower (LayerNorm, qkv bias), tied embeddings;
     "vit6b": InternViT-6B style tower (RMSNorm, qk-norm, no qkv bias, final LayerNorm, mask token), untied
         embeddings, dynamic NTK rope scaling (as InternVL3's llm_config has).
+Tying is set on the InternVLConfig and its text_config alike, as the real -hf configs have it (transformers 5 ties
+by the former, default true; 4.x by the latter).
 Every weight is drawn at random (HF's init leaves norms at 1, positions and class token at 0, layer scale
 constant: a parity test on such weights would not see half the mistakes it is meant to catch).
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import hf_processors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -117,18 +121,19 @@ def _randomize(model, seed: int) -> None:
 def make_checkpoint(path: str | Path, variant: str = "vit300m", seed: int = 0) -> Path:
     """Writes the tiny checkpoint directory; returns it."""
     import torch
-    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
 
     path = Path(path)
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     cfg = InternVLConfig(vision_config=vision_config(variant), text_config=text_config(variant),
-                         image_token_id=image_token_id, image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5)
+                         image_token_id=image_token_id, image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5,
+                         tie_word_embeddings=text_config(variant)["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg).eval()
     _randomize(model, seed)
     model.save_pretrained(path)
-    GotOcr2ImageProcessor(**PREPROCESSOR).save_pretrained(path)
+    GotOcr2ImageProcessorPil(**PREPROCESSOR).save_pretrained(path)  # either backend writes the same file
     tokenizer.save_pretrained(path)
     # what InternVLProcessor.save_pretrained adds (it cannot be built here: its video processor needs torchvision)
     (path / "processor_config.json").write_text(json.dumps(
@@ -137,29 +142,19 @@ def make_checkpoint(path: str | Path, variant: str = "vit300m", seed: int = 0) -
     return path
 
 
+def image_processor_class(backend: str):
+    """transformers 5's GotOcr2 image processor of `backend` ("torchvision" or "pil")."""
+    return hf_processors.image_processor_class("GotOcr2ImageProcessor", backend)
+
+
 def processor(path: str | Path):
-    """transformers' InternVLProcessor over the directory's tokenizer and image processor (no video processor)."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyInternVLProcessor(InternVLProcessor):
-        attributes = ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor, tokenizer, image_seq_length, chat_template):
-            # InternVLProcessor.__init__ minus the video processor argument
-            self.image_seq_length = image_seq_length
-            self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
-            self.start_image_token_id = tokenizer.start_image_token_id
-            self.end_image_token_id = tokenizer.end_image_token_id
-            self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
-            self.image_token_id = tokenizer.context_image_token_id
-            self.image_ids = [self.image_token_id, self.start_image_token_id, self.end_image_token_id]
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+    """transformers' InternVLProcessor for `path`, images only (tests/hf_processors.py)."""
+    from transformers import InternVLProcessor
 
     path = Path(path)
-    return ImageOnlyInternVLProcessor(
-        GotOcr2ImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-        read_json(path, "processor_config.json")["image_seq_length"], (path / "chat_template.jinja").read_text())
+    return hf_processors.image_only_processor(
+        InternVLProcessor, path, image_seq_length=read_json(path, "processor_config.json")["image_seq_length"],
+        chat_template=(path / "chat_template.jinja").read_text())
 
 
 def load_hf(path: str | Path):

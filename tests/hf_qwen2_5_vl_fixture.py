@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import hf_processors
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Qwen2.5-VL-*-Instruct's chat_template.json (public), verbatim
@@ -93,7 +95,7 @@ def build_tokenizer(out: Path):
 def make_hf_dir(out: Path, tie: bool = False, seed: int = 0) -> Path:
     """Writes the tiny model + tokenizer + processor files to `out` and returns it."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     out = Path(out)
     tokenizer, ids = build_tokenizer(out)
@@ -117,7 +119,7 @@ def make_hf_dir(out: Path, tie: bool = False, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     kwargs = {k: v for k, v in PREPROCESSOR.items() if k not in ("image_processor_type", "processor_class")}
-    Qwen2VLImageProcessor(**kwargs).save_pretrained(out)
+    Qwen2VLImageProcessorPil(**kwargs).save_pretrained(out)  # either backend writes the same file
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=1))
     return out
 
@@ -126,7 +128,7 @@ def load_hf_model(path: Path):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32,
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
 
 
@@ -139,28 +141,22 @@ def make_images(seed: int = 0, sizes=((60, 90), (120, 47), (200, 210))):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for h, w in sizes]
 
 
+def image_processor_class(backend: str):
+    """transformers 5's Qwen2-VL image processor of `backend` ("torchvision" or "pil")."""
+    return hf_processors.image_processor_class("Qwen2VLImageProcessor", backend)
+
+
 def load_processor(path: Path):
-    """transformers' Qwen2_5_VLProcessor for `path`, images only.
+    """transformers' Qwen2_5_VLProcessor for `path`, images only (tests/hf_processors.py)."""
+    from transformers import Qwen2_5_VLProcessor
 
-    Its video processor needs torchvision, which the project does not install; nothing here passes videos, so
-    the processor is built without one (the image and text paths are transformers' own code, unchanged).
-    """
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
-
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyProcessor(image_processor=AutoImageProcessor.from_pretrained(path, use_fast=False),
-                              tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None,
-                              chat_template=CHAT_TEMPLATE)
+    return hf_processors.image_only_processor(Qwen2_5_VLProcessor, path, chat_template=CHAT_TEMPLATE)
 
 
 def to_module_layout(src: Path, out: Path) -> Path:
     """A copy of `src` with the tensor names of transformers' modules (model.visual.*, model.language_model.*),
-    the layout transformers v5 writes; transformers 4.57.1 still loads it (its key mapping leaves it alone)."""
+    the in-memory state_dict of transformers >= 4.52 (save_pretrained of 4.57.1 and 5.x writes the hub names);
+    transformers loads it like the hub layout."""
     import re
     import shutil
 

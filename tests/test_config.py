@@ -87,8 +87,6 @@ def test_dry_run_cli_validates_without_processes(tmp_path):
     ({"family": "qwen2_5_vl"}, {}, "model.hf_path is required"),
     ({"family": "tiny_vlm", "hf_path": "x"}, {}, "model.hf_path is required"),
     ({"family": "internvl3", "hf_path": "x"}, {}, "needs checkpoint.init_from"),
-    ({"family": "internvl3", "hf_path": "x"}, {"checkpoint": {"init_from": "c"}, "objective": {"name": "p2_dpo"}},
-     "p2_dpo supports model.family=tiny_vlm only"),
     ({"family": "llava"}, {}, "model.family 'llava' unknown"),
 ])
 def test_hf_family_settings_are_checked(model, extra, match):

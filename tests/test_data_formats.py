@@ -1,5 +1,6 @@
-"""Preference data in TRL's format, read unchanged (data.format=trl|auto): string and conversational records give
-the records our own format gives; what is not supported yet is refused naming file:line."""
+"""Preference data in the formats users hold, read unchanged (data.format=auto|jsonl|trl|mpo|hf): each gives the
+records our own format gives; images may be several per prompt, placed where the record puts them; what cannot
+be read is refused naming file:line (or file row N)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from megatron_po.data.formats import read_preference_file
-from megatron_po.data.records import RecordError, read_records
+from megatron_po.data.collate import CollateConfig, PairCollator, PreferenceDataset
+from megatron_po.data.formats import data_files, detect_format, read_preference_file
+from megatron_po.data.records import EmbeddedImage, RecordError, iter_texts, read_records
 from megatron_po.data.synthetic import generate_synthetic_dataset
+from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
+
+P = 16  # tiny_vlm image slots per image
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +26,18 @@ def ours(tmp_path_factory) -> Path:
     return out / "train.jsonl"
 
 
+@pytest.fixture(scope="module")
+def tok(ours) -> Tokenizer:
+    return Tokenizer(train_tokenizer(iter_texts(read_records(ours)), ours.parent / "spm", vocab_size=256))
+
+
 def _write(path: Path, objs: list) -> Path:
     path.write_text("".join(json.dumps(o) + "\n" for o in objs))
     return path
+
+
+def _key(records) -> list:
+    return [([str(i) for i in r.images], r.prompt, r.chosen, r.rejected) for r in records]
 
 
 def _as_trl(record, conversational: bool) -> dict:
@@ -35,21 +50,56 @@ def _as_trl(record, conversational: bool) -> dict:
             "images": [record.image]}
 
 
+def _prompt_ids(tok, record) -> list[int]:
+    return PairCollator(tok, CollateConfig(400, P))._encode(record)[0]
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
 @pytest.mark.parametrize("conversational", [False, True])
 @pytest.mark.parametrize("fmt", ["auto", "trl"])
-def test_trl_records_read_like_ours(ours, conversational, fmt):
+def test_trl_records_read_like_ours(ours, tok, conversational, fmt):
     records = read_records(ours)
     trl = _write(ours.parent / f"trl_{conversational}.jsonl", [_as_trl(r, conversational) for r in records])
     got = read_preference_file(trl, fmt)
-    assert [(r.image, r.prompt, r.chosen, r.rejected) for r in got] == [
-        (r.image, r.prompt, r.chosen, r.rejected) for r in records]
+    assert _key(got) == _key(records)
+    assert [_prompt_ids(tok, r) for r in got] == [_prompt_ids(tok, r) for r in records]
     assert [r.id for r in got] == [f"line-{i}" for i in range(1, len(records) + 1)]
     assert read_preference_file(ours, "auto") == records  # ours still auto-detected as ours
 
 
+def test_trl_json_array_reads_like_jsonl(ours):
+    records = read_records(ours)
+    array = ours.parent / "trl_array.json"
+    array.write_text(json.dumps([_as_trl(r, True) for r in records]))
+    assert detect_format(array) == "trl"
+    assert _key(read_preference_file(array)) == _key(records)
+
+
+def test_interleaved_images_sit_where_the_message_puts_them(ours, tok):
+    first = read_records(ours)[0]
+    record = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Left:"}, {"type": "image"},
+                                                      {"type": "text", "text": "right:"}, {"type": "image"},
+                                                      {"type": "text", "text": "which is red?"}]}],
+              "chosen": "The left one.", "rejected": "The right one.", "images": [first.image, first.image]}
+    (got,) = read_preference_file(_write(ours.parent / "two.jsonl", [record]))
+    assert got.image_offsets == [5, 11] and got.prompt == "Left:right:which is red?"
+    ids = _prompt_ids(tok, got)
+    slots = [i for i, t in enumerate(ids) if t == tok.image_id]
+    assert len(slots) == 2 * P
+    # text, P slots, text, P slots, text: the slots are two runs with the middle text between them
+    left, right = tok.encode("Left:"), tok.encode("right:")
+    assert ids[2:2 + len(left)] == left and slots[0] == 2 + len(left)
+    assert ids[slots[P - 1] + 1: slots[P - 1] + 1 + len(right)] == right and slots[P] == slots[P - 1] + 1 + len(right)
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"images": ["a.png", "b.png"]}, "2 images: one image per prompt is supported so far"),
-    ({"images": [{"bytes": "..."}]}, "field 'images' must be a list of image paths"),
+    ({"images": ["a.png", "b.png"], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                                "text": "q"}]}]},
+     "the prompt has 1 image parts for 2 image"),
+    ({"images": [3]}, "field 'images' must be an image path or a non-empty list of images"),
+    ({"images": []}, "field 'images' must be an image path or a non-empty list"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "multi-turn"),
     ({"chosen": "same", "rejected": "same"}, "identical"),
 ])
@@ -61,17 +111,155 @@ def test_unsupported_trl_records_name_file_and_line(ours, tmp_path, change, mess
 
 
 def test_auto_names_what_it_saw(tmp_path):
-    path = _write(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(RecordError, match=rf"{path}:1: data.format=auto: keys \['answer', 'question'\]"):
+    path = _write(tmp_path / "x.jsonl", [{"query": "q", "answer": "a"}])
+    with pytest.raises(RecordError, match=rf"{path}:1: data.format=auto: keys \['answer', 'query'\]"):
         read_preference_file(path)
+
+
+# ------------------------------------------------------------------------------------------------ MPO
+
+
+def _mpo_layout(ours: Path, tmp_path: Path) -> Path:
+    """A meta file naming two datasets with their own image roots, as InternVL's MPO data is laid out."""
+    records = read_records(ours)
+    for name, part in (("shapes_a", records[:3]), ("shapes_b", records[3:])):
+        (tmp_path / name / "images").mkdir(parents=True)
+        for r in part:
+            (tmp_path / name / "images" / Path(r.image).name).write_bytes((ours.parent / r.image).read_bytes())
+        _write(tmp_path / f"{name}.jsonl", [{"image": Path(r.image).name, "question": "<image>\n" + r.prompt,
+                                             "chosen": r.chosen, "rejected": r.rejected} for r in part])
+    meta = {"shapes_a": {"root": "shapes_a/images", "annotation": "shapes_a.jsonl", "repeat_time": 1},
+            "shapes_b": {"root": str(tmp_path / "shapes_b" / "images"), "annotation": "shapes_b.jsonl",
+                         "repeat_time": 2}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path / "meta.json"
+
+
+def test_mpo_meta_reads_every_dataset_with_its_root(ours, tok, tmp_path):
+    records = read_records(ours)
+    meta = _mpo_layout(ours, tmp_path)
+    assert detect_format(meta) == "mpo"
+    got = read_preference_file(meta)
+    assert [r.id for r in got] == ["shapes_a/line-1", "shapes_a/line-2", "shapes_a/line-3", "shapes_b/line-1",
+                                   "shapes_b/line-2", "shapes_b/line-3", "shapes_b/line-1#1", "shapes_b/line-2#1",
+                                   "shapes_b/line-3#1"]
+    assert [(r.prompt, r.chosen) for r in got[:6]] == [(r.prompt, r.chosen) for r in records]
+    # `<image>\n` is where the template puts the image: at the start here, as images-first
+    assert [_prompt_ids(tok, r) for r in got[:6]] == [_prompt_ids(tok, r) for r in records]
+    ds = PreferenceDataset(got, meta.parent, tok, CollateConfig(160, P), 32)
+    assert ds.image_files(got[0]) == [tmp_path / "shapes_a" / "images" / Path(records[0].image).name]
+    assert data_files(meta) == [meta, tmp_path / "shapes_a.jsonl", tmp_path / "shapes_b.jsonl"]
+    # an annotation file alone: its directory is the image root
+    alone = read_preference_file(tmp_path / "shapes_a.jsonl")
+    assert [r.id for r in alone] == ["line-1", "line-2", "line-3"] and alone[0].image_root is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"question": "<image>\n<image>\nq"}, "2 <image> placeholders for 1 image"),
+    ({"question": "<image>\n"}, "no text besides its <image> placeholders"),
+    ({"image": None}, "field 'image' must be an image path"),
+])
+def test_bad_mpo_records_name_file_and_line(tmp_path, change, message):
+    good = {"image": "x.png", "question": "<image>\nWhat is it?", "chosen": "a", "rejected": "b"}
+    path = _write(tmp_path / "ann.jsonl", [good, dict(good, **change)])
+    with pytest.raises(RecordError, match=rf"{path}:2: .*{message}"):
+        read_preference_file(path, "mpo")
+
+
+def test_mpo_meta_with_a_missing_annotation_file_names_it(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": "img", "annotation": "nope.jsonl"}}))
+    with pytest.raises(RecordError, match=r"dataset 'd': annotation file not found: .*nope.jsonl"):
+        read_preference_file(tmp_path / "meta.json")
+
+
+# ------------------------------------------------------------------------------------ Hugging Face datasets
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _hf_table(ours: Path, layout: str):
+    """Our records as a `datasets.Dataset` with embedded image bytes: RLAIF-V's columns, or TRL's with a list."""
+    datasets = pytest.importorskip("datasets")
+    records = read_records(ours)
+    image = {"bytes": None, "path": None}
+    if layout == "rlaif_v":
+        features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                      "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
+                                      "idx": datasets.Value("int64")})
+        rows = {"image": [dict(image, bytes=_png(ours.parent / r.image)) for r in records],
+                "question": [r.prompt for r in records], "chosen": [r.chosen for r in records],
+                "rejected": [r.rejected for r in records], "idx": list(range(len(records)))}
+    else:
+        features = datasets.Features({"images": datasets.List(datasets.Image()), "prompt": datasets.Value("string"),
+                                      "chosen": datasets.Value("string"), "rejected": datasets.Value("string")})
+        rows = {"images": [[dict(image, bytes=_png(ours.parent / r.image))] for r in records],
+                "prompt": [r.prompt for r in records], "chosen": [r.chosen for r in records],
+                "rejected": [r.rejected for r in records]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.mark.parametrize("layout", ["rlaif_v", "trl"])
+def test_hf_datasets_on_disk_read_like_ours(ours, tok, tmp_path, layout):
+    records = read_records(ours)
+    table = _hf_table(ours, layout)
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    for path in (tmp_path / "train.parquet", tmp_path / "saved"):
+        got = read_preference_file(path)
+        assert [(r.prompt, r.chosen, r.rejected) for r in got] == [(r.prompt, r.chosen, r.rejected) for r in records]
+        assert [r.id for r in got] == [f"row-{i}" for i in range(len(records))]
+        assert all(isinstance(r.images[0], EmbeddedImage) for r in got)
+        assert str(got[2].images[0]) == f"{path} row 2 image 0"
+        # the embedded bytes decode to the very pixels of the files
+        ds = PreferenceDataset(got, tmp_path, tok, CollateConfig(160, P), 32, source=path,
+                               data_files=data_files(path))
+        theirs = PreferenceDataset(records, ours.parent, tok, CollateConfig(160, P), 32)
+        assert all((ds[i][1] == theirs[i][1]).all() for i in range(len(records)))
+        assert ds.image_files(got[0]) == [] and ds.data_files and all(p.is_file() for p in ds.data_files)
+
+
+def test_hf_dataset_problems_are_named(ours, tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = _hf_table(ours, "rlaif_v")
+    rows = table.cast_column("image", datasets.Image(decode=False)).to_list()
+    rows[3]["image"]["bytes"] = b"\x89PNG\r\n\x1a\n broken"
+    broken = tmp_path / "broken.parquet"
+    datasets.Dataset.from_list(rows, features=table.features).to_parquet(str(broken))
+    with pytest.raises(RecordError, match=rf"cannot read image {broken} row 3 image 0"):
+        PreferenceDataset(read_preference_file(broken), tmp_path, tok, CollateConfig(160, P), 32)
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(RecordError, match=r"a DatasetDict with splits \['train'\]: point data.train_path at one"):
+        read_preference_file(tmp_path / "dd")
+    other = datasets.Dataset.from_dict({"text": ["a"]})
+    other.to_parquet(str(tmp_path / "other.parquet"))
+    with pytest.raises(RecordError, match=r"columns \['text'\] are neither TRL's"):
+        read_preference_file(tmp_path / "other.parquet")
+
+
+# ------------------------------------------------------------------------------------------------ multi-image
+
+
+def test_several_images_per_pair_collate_in_order(ours, tok, tmp_path):
+    records = read_records(ours)
+    two = [json.loads(line) for line in ours.read_text().splitlines()]
+    two[1]["image"] = [records[1].image, records[2].image]  # our format takes a list too
+    path = _write(ours.parent / "multi.jsonl", two)
+    got = read_preference_file(path)
+    ds = PreferenceDataset(got, path.parent, tok, CollateConfig(200, P), 32)
+    batch = ds.collator([ds[i] for i in range(3)])
+    assert batch["images"].shape[0] == 4  # 1 + 2 + 1 images, pair order
+    assert batch["row_images"] == [[0], [1, 2], [3], [0], [1, 2], [3]]
+    assert batch["image_token_mask"].sum(1).tolist() == [P * n for n in (1, 2, 1, 1, 2, 1)]
+    assert ds[1][1].shape[0] == 2 and torch.equal(batch["images"][1:3], ds[1][1])
+    with pytest.raises(RecordError, match=r"record 'x': image_offsets \[0\] are not 2 ordered offsets"):
+        type(got[0])("x", ["a.png", "b.png"], "q", "a", "b", image_offsets=[0])
 
 
 def test_dry_run_reads_a_trl_file(ours, tmp_path):
     import subprocess
     import sys
-
-    from megatron_po.data.records import iter_texts
-    from megatron_po.data.tokenizer import train_tokenizer
 
     records = read_records(ours)
     trl = _write(ours.parent / "trl_dry.jsonl", [_as_trl(r, True) for r in records])

@@ -1,7 +1,9 @@
 """Checkpoints saved by transformers 5.x read like 4.x ones (issue 10): RoPE in `rope_parameters`, the Qwen2.5-VL
 processor's pixel bounds in `size` only. A value the file sets is never replaced by a default (before, 5.x's
 `rope_parameters.rope_theta` was read as 1e6 and `size`'s bounds as the processor defaults, silently), and the
-converter's refusals are one `error:` line."""
+converter's refusals are one `error:` line.
+
+The fixtures are written by transformers 5 itself; `as_4x` gives the same config in 4.x's layout."""
 
 from __future__ import annotations
 
@@ -19,20 +21,24 @@ import hf_internvl3_fixture  # noqa: E402
 import hf_qwen2_5_vl_fixture  # noqa: E402
 from conftest import REPO  # noqa: E402
 
-from megatron_po.data.qwen2_5_vl_processor import processor_settings  # noqa: E402
+from megatron_po.models.qwen2_5_vl.processor import processor_settings  # noqa: E402
 from megatron_po.models import internvl3, qwen2_5_vl  # noqa: E402
 from megatron_po.models.lm import lm_shape_from_hf  # noqa: E402
 
 
-def as_5x(config: dict) -> dict:
-    """A 4.x config.json dict in transformers 5.x's layout: rope_theta / rope_scaling -> rope_parameters."""
+def as_4x(config: dict) -> dict:
+    """A 5.x config.json dict in transformers 4.x's layout: rope_parameters -> rope_theta / rope_scaling (none when
+    plain RoPE), no RoPE fields in the vision config."""
     out = json.loads(json.dumps(config))
-    for section in (out, out.get("text_config") or {}):
-        if "rope_theta" in section or "rope_scaling" in section:
-            params = dict(section.pop("rope_scaling", None) or {"rope_type": "default"})
-            params.pop("type", None)
-            params["rope_theta"] = section.pop("rope_theta", 1_000_000.0)
-            section["rope_parameters"] = params
+    out.pop("rope_parameters", None)
+    (out.get("vision_config") or {}).pop("rope_parameters", None)
+    text = out.get("text_config") or {}
+    if "rope_parameters" in text:
+        params = dict(text.pop("rope_parameters"))
+        text["rope_theta"] = params.pop("rope_theta")
+        plain = params.get("rope_type", "default") == "default" and "mrope_section" not in params
+        text["rope_scaling"] = None if plain else params
+    out["transformers_version"] = "4.57.1"
     return out
 
 
@@ -41,10 +47,16 @@ def qwen(tmp_path_factory) -> Path:
     return hf_qwen2_5_vl_fixture.make_hf_dir(tmp_path_factory.mktemp("qwen") / "hf")
 
 
+@pytest.fixture(scope="module")
+def internvl_6b(tmp_path_factory) -> Path:
+    # untied embeddings, and an LLM with dynamic NTK scaling
+    return hf_internvl3_fixture.make_checkpoint(tmp_path_factory.mktemp("internvl") / "hf", "vit6b")
+
+
 def test_qwen_5x_config_reads_like_4x(qwen):
-    c4 = json.loads((qwen / "config.json").read_text())
-    c5 = as_5x(c4)
-    assert not {"rope_theta", "rope_scaling"} & set(c5["text_config"])
+    c5 = json.loads((qwen / "config.json").read_text())
+    c4 = as_4x(c5)
+    assert not {"rope_theta", "rope_scaling"} & set(c5["text_config"]) and "rope_parameters" not in c4["text_config"]
     assert qwen2_5_vl.lm_shape(c5) == qwen2_5_vl.lm_shape(c4)
     assert qwen2_5_vl.lm_shape(c5).rotary_base == 10_000.0  # the file's, not the 1e6 default
     assert qwen2_5_vl.mrope_section(c5) == qwen2_5_vl.mrope_section(c4)
@@ -52,11 +64,12 @@ def test_qwen_5x_config_reads_like_4x(qwen):
     assert qwen2_5_vl.lm_shape(c5).rotary_base == 5e5
 
 
-def test_internvl_5x_config_reads_like_4x(tmp_path):
-    hf = hf_internvl3_fixture.make_checkpoint(tmp_path / "hf", "vit6b")  # its LLM has dynamic NTK scaling
-    c4 = json.loads((hf / "config.json").read_text())
-    c5 = as_5x(c4)
+def test_internvl_5x_config_reads_like_4x(internvl_6b):
+    c5 = json.loads((internvl_6b / "config.json").read_text())
+    c4 = as_4x(c5)
+    assert "rope_parameters" in c5["text_config"] and c4["text_config"]["rope_scaling"]["rope_type"] == "dynamic"
     internvl3.check_config(c5)
+    internvl3.check_config(c4)
     assert lm_shape_from_hf(internvl3._text_config(c5)) == lm_shape_from_hf(internvl3._text_config(c4))
     assert internvl3._text_config(c5)["rope_scaling"]["rope_type"] == "dynamic"
 
@@ -74,22 +87,43 @@ def test_qwen_processor_bounds_from_size_only():
     assert (s4["min_pixels"], s4["max_pixels"]) == (100, 200)  # 4.x: the explicit fields decide
 
 
-def test_converter_takes_a_5x_checkpoint_and_refuses_in_one_line(qwen, tmp_path):
+def test_internvl_tying_follows_the_version_that_wrote_the_config(internvl_6b):
+    """transformers 5 ties InternVL's lm_head by the top-level tie_word_embeddings (default true), 4.x by
+    text_config's: where the two disagree, the writer's version decides, as it decided what was saved."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    c5 = dict(json.loads((internvl_6b / "config.json").read_text()), tie_word_embeddings=True)  # text: untied
+    assert c5["transformers_version"].startswith("5.") and not c5["text_config"]["tie_word_embeddings"]
+    assert internvl3.tied_embeddings(c5)
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(InternVLConfig(**c5))
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # what transformers 5 builds
+    assert not internvl3.tied_embeddings(dict(c5, transformers_version="4.57.1"))
+    assert lm_shape_from_hf(internvl3._text_config(c5)).tie_embeddings
+    assert not internvl3.tied_embeddings(dict(c5, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("layout", ["5.x", "4.x"])
+def test_converter_takes_a_5x_or_4x_checkpoint_and_refuses_in_one_line(qwen, tmp_path, layout):
     tool = str(REPO / "tools" / "convert_hf.py")
-    five = tmp_path / "five"
-    shutil.copytree(qwen, five)
-    c5 = as_5x(json.loads((qwen / "config.json").read_text()))
-    (five / "config.json").write_text(json.dumps(c5))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(qwen, ckpt)
+    config = json.loads((qwen / "config.json").read_text())
     pre = json.loads((qwen / "preprocessor_config.json").read_text())
-    for key in ("min_pixels", "max_pixels"):
-        pre.pop(key)
-    (five / "preprocessor_config.json").write_text(json.dumps(pre))
-    ok = subprocess.run([sys.executable, tool, "hf-to-megatron", str(five), str(tmp_path / "m5")],
+    assert "min_pixels" not in pre and pre["size"]["longest_edge"] == 28 * 28 * 40  # 5.x: the bounds in size only
+    if layout == "4.x":
+        config = as_4x(config)
+        pre = dict(pre, min_pixels=pre["size"]["shortest_edge"], max_pixels=pre["size"]["longest_edge"])
+        (ckpt / "preprocessor_config.json").write_text(json.dumps(pre))
+    (ckpt / "config.json").write_text(json.dumps(config))
+    ok = subprocess.run([sys.executable, tool, "hf-to-megatron", str(ckpt), str(tmp_path / "m")],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    del c5["text_config"]["rope_parameters"]["mrope_section"]
-    (five / "config.json").write_text(json.dumps(c5))
-    bad = subprocess.run([sys.executable, tool, "hf-to-megatron", str(five), str(tmp_path / "bad")],
+    rope = config["text_config"]["rope_parameters" if layout == "5.x" else "rope_scaling"]
+    del rope["mrope_section"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    bad = subprocess.run([sys.executable, tool, "hf-to-megatron", str(ckpt), str(tmp_path / "bad")],
                          capture_output=True, text=True)
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "mrope_section" in lines[0]

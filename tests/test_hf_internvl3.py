@@ -1,4 +1,4 @@
-"""InternVL3: our megatron model, conversion, image tiling and chat layout against transformers 4.57.1.
+"""InternVL3: our megatron model, conversion, image tiling and chat layout against transformers 5.
 
 Tiny random checkpoints written by transformers (tests/hf_internvl3_fixture.py): an InternViT-300M style tower
 with tied embeddings and an InternViT-6B style one (RMSNorm, qk-norm, final LayerNorm) untied. The megatron side
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hf_internvl3_fixture as fx  # noqa: E402
 from conftest import REPO, run_python, run_torchrun  # noqa: E402
 
-from megatron_po.data import internvl3_processor as ip  # noqa: E402
+from megatron_po.models.internvl3 import processor as ip  # noqa: E402
 from megatron_po.models import internvl3 as fam  # noqa: E402
 
 WORKER = str(REPO / "tests" / "dist" / "hf_internvl3_worker.py")
@@ -68,7 +68,7 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("internvl3")
     for variant in fx.VARIANTS:
         fx.make_checkpoint(work / f"hf_{variant}", variant, seed=1)
-    # the same weights under the layout transformers maps the saved one to on load (and transformers 5 writes)
+    # the same weights under the layout transformers maps the saved one to on load (its in-memory state_dict)
     shutil.copytree(work / "hf_vit300m", work / "hf_modules")
     sd = load_file(str(work / "hf_vit300m" / "model.safetensors"))
     save_file({to_module_layout(k): v for k, v in sd.items()}, str(work / "hf_modules" / "model.safetensors"),
@@ -103,7 +103,9 @@ def _messages(images, question, answer, system):
 def case(work, processor, preprocessor_config, hf_config):
     """Our batch (written to WORK/case.pt for the worker), HF's ids for it, and HF's logits per variant."""
     images = make_images(0, IMAGE_SIZES)
-    ours_images = fam.preprocess_images(images, preprocessor_config, hf_config)
+    # the pixels of the processor's own backend, so that both models see the same ones
+    ours_images = fam.preprocess_images(images, preprocessor_config, hf_config,
+                                        backend=processor.image_processor.backend)
     rows, hf_ids = [], []
     for idx, question, answer, system in ROWS:
         text = ip.format_prompt(question, ours_images["num_tokens"][idx].tolist(), system) + answer + ip.RESPONSE_SUFFIX
@@ -125,8 +127,9 @@ def case(work, processor, preprocessor_config, hf_config):
         model, _ = fx.load_hf(work / f"hf_{variant}")
         with torch.no_grad():
             logits = [model(input_ids=e["input_ids"], pixel_values=e["pixel_values"]).logits[0] for e in hf_ids]
-            feats = {k: model.model.get_image_features(v).reshape(-1, model.config.text_config.hidden_size)
-                     for k, v in interp.items()}
+            # transformers 5 returns the vision output with the projected features as its pooler_output
+            hidden = model.config.text_config.hidden_size
+            feats = {k: model.model.get_image_features(v).pooler_output.reshape(-1, hidden) for k, v in interp.items()}
         refs[variant] = {"logits": logits, "interp": feats}
     return {"batch": batch, "lengths": [len(r) for r in rows], "hf_inputs": hf_ids, "images": images, "refs": refs}
 
@@ -298,7 +301,7 @@ def to_original(hf_config: dict, sd: dict) -> tuple[dict, dict]:
 def test_original_layout_gives_the_same_megatron_tensors_and_round_trips(work, variant):
     from safetensors.torch import load_file
 
-    from megatron_po.models.internvl3_vision import InternViTShape
+    from megatron_po.models.internvl3.vision import InternViTShape
 
     hf_config = fx.read_json(work / f"hf_{variant}", "config.json")
     hf = load_file(str(work / f"hf_{variant}" / "model.safetensors"))
@@ -330,34 +333,36 @@ TILING_SIZES = [(2, 5), (7, 4), (56, 56), (57, 113), (113, 57), (1000, 30), (30,
                 (224, 448), (999, 1001), (56, 168)]
 
 
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
 @pytest.mark.parametrize("min_max", [(1, 12), (1, 6), (2, 4), (3, 9), (1, 1)])
 @pytest.mark.parametrize("crop", [True, False])
-def test_preprocess_matches_got_ocr2_image_processor(preprocessor_config, min_max, crop):
-    from transformers import GotOcr2ImageProcessor
-
+def test_preprocess_matches_got_ocr2_image_processor(preprocessor_config, min_max, crop, backend):
     cfg = dict(preprocessor_config, min_patches=min_max[0], max_patches=min_max[1], crop_to_patches=crop)
-    hf = GotOcr2ImageProcessor(**{k: v for k, v in cfg.items() if k != "image_processor_type"})
+    hf = fx.image_processor_class(backend)(**{k: v for k, v in cfg.items() if k != "image_processor_type"})
     images = make_images(1, TILING_SIZES)
     ref = hf(images=images, return_tensors="pt")
-    ours = ip.preprocess(images, ip.TilingConfig.from_preprocessor_config(cfg, crop_to_patches=None), 4)
+    ours = ip.preprocess(images, ip.TilingConfig.from_preprocessor_config(cfg, crop_to_patches=None), 4, backend)
     assert ours["num_patches"].tolist() == ref["num_patches"].tolist()
     assert ours["pixel_values"].dtype == ref["pixel_values"].dtype == torch.float32
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
     assert ours["num_tokens"].tolist() == [4 * n for n in ref["num_patches"].tolist()]
 
 
-def test_preprocess_with_other_resample_and_no_crop(preprocessor_config):
-    from transformers import GotOcr2ImageProcessor
-
-    cfg = dict(preprocessor_config, resample=2, crop_to_patches=False)  # bilinear
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+@pytest.mark.parametrize("crop", [False, True])
+def test_preprocess_with_other_resample(preprocessor_config, crop, backend):
+    # transformers 5 crops with `resample` too (4.x: always bicubic)
+    cfg = dict(preprocessor_config, resample=2, crop_to_patches=crop)  # bilinear
     images = make_images(2, TILING_SIZES[:6])
-    ref = GotOcr2ImageProcessor(**cfg)(images=images, return_tensors="pt")
-    ours = ip.preprocess(images, ip.TilingConfig.from_preprocessor_config(cfg, crop_to_patches=None))
+    ref = fx.image_processor_class(backend)(**cfg)(images=images, return_tensors="pt")
+    ours = ip.preprocess(images, ip.TilingConfig.from_preprocessor_config(cfg, crop_to_patches=None),
+                         backend=backend)
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
 
 
 def test_grid_choice_and_its_tie_breaking_match_transformers():
-    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    # the PIL backend's module: the torchvision one's (the same function) does not import without torchvision
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
     ties = 0
     for h in range(8, 460, 9):
@@ -374,7 +379,7 @@ def test_preprocess_follows_the_processor(processor, preprocessor_config, hf_con
     checkpoints do), and expands each image to image_seq_length x tiles <IMG_CONTEXT> tokens."""
     assert preprocessor_config["crop_to_patches"] is False
     images = make_images(4, [(70, 150), (40, 40), (300, 20)])
-    ours = fam.preprocess_images(images, preprocessor_config, hf_config)
+    ours = fam.preprocess_images(images, preprocessor_config, hf_config, backend=processor.image_processor.backend)
     text = processor.apply_chat_template(_messages(images, "Hi", None, None), add_generation_prompt=True,
                                          tokenize=False)
     ref = processor(text=[text], images=images, return_tensors="pt")
@@ -397,8 +402,10 @@ def test_non_rgb_images_convert_like_transformers(processor, mode):
     im = rgb.convert(mode)
     if mode == "RGBA":
         im.putalpha(Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 60), dtype=np.uint8)))
+    # transformers 5 composites transparency onto white (4.x dropped the alpha channel)
     ref = processor.image_processor(images=[im], crop_to_patches=True, return_tensors="pt")
-    ours = ip.preprocess([im], ip.TilingConfig.from_preprocessor_config(processor.image_processor.to_dict()))
+    ours = ip.preprocess([im], ip.TilingConfig.from_preprocessor_config(processor.image_processor.to_dict()),
+                         backend=processor.image_processor.backend)
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
 
 
@@ -454,9 +461,9 @@ def test_position_ids_are_plain_and_what_transformers_uses(work, case, hf_config
 
 
 def test_family_contract_exports(hf_config):
-    from megatron_po.models.families import HF_FAMILIES, family_for_hf_config
+    from megatron_po.families import family_for_hf_config, family_spec
 
-    module = HF_FAMILIES["internvl3"].load()
+    module = family_spec("internvl3").hf
     for name in ("build", "hf_rules", "HF_IGNORED", "image_token_id", "preprocess_images", "position_ids",
                  "format_prompt", "RESPONSE_SUFFIX", "collate_images"):
         assert hasattr(module, name), name

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL family: conversion, preprocessing, M-RoPE positions and the chat prompt, checked against transformers.
+"""Qwen2.5-VL family: conversion, preprocessing, M-RoPE positions and the chat prompt, checked against transformers 5.
 
 The reference is a tiny random Qwen2.5-VL built offline with transformers (tests/hf_qwen2_5_vl_fixture.py).
 Logit parity runs the real converter (HF -> megatron checkpoint) and the family's model at TP=1 x DP=2, TP=2
@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 import hf_qwen2_5_vl_fixture as fx  # noqa: E402
 from conftest import REPO, run_python, run_torchrun  # noqa: E402
 
-from megatron_po.data import qwen2_5_vl_processor as qp  # noqa: E402
+from megatron_po.models.qwen2_5_vl import processor as qp  # noqa: E402
 from megatron_po.models import qwen2_5_vl as fam  # noqa: E402
 
 WORKER = str(REPO / "tests" / "dist" / "hf_qwen2_5_vl_worker.py")
@@ -82,8 +82,11 @@ def case(work, processor, preprocessor_config):
         per_image = imgs["pixel_values"].split((imgs["image_grid_thw"].prod(-1)).tolist())
         order = [i for row in ROW_IMAGES for i in row]
         with torch.no_grad():
+            # transformers 5 computes M-RoPE positions only when told which tokens are image tokens (its
+            # processor's mm_token_type_ids); without them every position is a text position
             return model(input_ids=input_ids, pixel_values=torch.cat([per_image[i] for i in order]),
-                         image_grid_thw=imgs["image_grid_thw"][order]).logits
+                         image_grid_thw=imgs["image_grid_thw"][order],
+                         mm_token_type_ids=(input_ids == fam.image_token_id(model.config.to_dict())).int()).logits
 
     out = {"input_ids": input_ids, "images": images, "row_images": ROW_IMAGES}
     for variant in ("untied", "tied"):
@@ -189,16 +192,24 @@ def test_flat_hub_config_reads_like_the_nested_one(hf_config):
     assert fam.mrope_section(flat) == fam.mrope_section(hf_config) == [2, 3, 3]
     assert fam.vision_shape(flat) == fam.vision_shape(hf_config)
     for cfg in (flat, dict(flat, tie_word_embeddings=True), hf_config):
-        text = Qwen2_5_VLConfig(**cfg).text_config
+        full = Qwen2_5_VLConfig(**cfg)
+        text = full.text_config
         shape = fam.lm_shape(cfg)
+        # transformers 5 keeps rope_theta in rope_parameters and tie_word_embeddings on the top-level config
         assert (shape.vocab_size, shape.hidden_size, shape.num_query_groups, shape.norm_epsilon, shape.rotary_base,
                 shape.tie_embeddings) == (text.vocab_size, text.hidden_size, text.num_key_value_heads,
-                                          text.rms_norm_eps, text.rope_theta, text.tie_word_embeddings)
+                                          text.rms_norm_eps, text.rope_parameters["rope_theta"],
+                                          full.tie_word_embeddings)
 
 
 def test_unsupported_configs_fail_with_the_field(hf_config):
     bad = json.loads(json.dumps(hf_config))
-    bad["text_config"]["rope_scaling"] = {"rope_type": "default"}
+    # transformers 5 writes the M-RoPE sections into rope_parameters (4.x: rope_scaling)
+    bad["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="mrope_section"):
+        fam.mrope_section(bad)
+    bad["text_config"] = {k: v for k, v in bad["text_config"].items() if k != "rope_parameters"}
+    bad["text_config"].update(rope_theta=10000.0, rope_scaling={"rope_type": "default"})  # the 4.x layout
     with pytest.raises(ValueError, match="mrope_section"):
         fam.mrope_section(bad)
     bad = json.loads(json.dumps(hf_config))
@@ -211,7 +222,8 @@ def test_unsupported_configs_fail_with_the_field(hf_config):
 
 
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    # the PIL backend's module: the torchvision one's (the same function) does not import without torchvision
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     sizes = [(h, w) for h in (1, 5, 27, 28, 29, 56, 100, 333, 1000, 4000) for w in (1, 14, 57, 280, 999, 3001)
              if max(h, w) / min(h, w) <= 200]
@@ -230,37 +242,38 @@ PREPROCESS_CASES = [  # (h, w, PIL mode)
     (20, 3000, "RGB"),    # extreme aspect ratio (150)
     (3001, 16, "RGB"),
     (64, 48, "L"),        # converted to RGB
-    (50, 70, "RGBA"),
+    (50, 70, "RGBA"),     # transformers 5 composites the transparency onto white
+    (37, 53, "RGB"),      # a size seen before: the torchvision backend resizes such images as one batch
 ]
 
 
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
 @pytest.mark.parametrize("pp_source", ["fixture", "hub_defaults"])
-def test_preprocess_matches_qwen2vl_image_processor(processor, preprocessor_config, pp_source):
+def test_preprocess_matches_qwen2vl_image_processor(processor, preprocessor_config, pp_source, backend):
     import numpy as np
     from PIL import Image
-    from transformers import Qwen2VLImageProcessor
 
     if pp_source == "fixture":
-        pp, hf_proc = preprocessor_config, processor.image_processor
+        pp = preprocessor_config
     else:  # Qwen2.5-VL's published preprocessor_config.json values
         pp = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
               "merge_size": 2, "image_mean": list(qp.OPENAI_CLIP_MEAN), "image_std": list(qp.OPENAI_CLIP_STD),
               "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
-        hf_proc = Qwen2VLImageProcessor(**{k: v for k, v in pp.items() if not k.endswith("_type")
-                                           and k != "processor_class"})
+    hf_proc = fx.image_processor_class(backend)(**{k: v for k, v in pp.items() if not k.endswith("_type")
+                                                   and k != "processor_class"})
     rng = np.random.default_rng(7)
     images = []
     for h, w, mode in PREPROCESS_CASES:
         channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
         px = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
         images.append(Image.fromarray(px[..., 0] if mode == "L" else px, mode))
-    ours = qp.preprocess_images(images, pp)
+    ours = qp.preprocess_images(images, pp, backend=backend)
     ref = hf_proc(images=images, return_tensors="pt")
     assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert ours["pixel_values"].dtype == ref["pixel_values"].dtype == torch.float32
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
     # per image, separately too (the batch above concatenates them)
-    one = qp.preprocess_images(images[3:4], pp)
+    one = qp.preprocess_images(images[3:4], pp, backend=backend)
     assert torch.equal(one["pixel_values"], hf_proc(images=images[3:4], return_tensors="pt")["pixel_values"])
     if pp_source == "fixture":
         # the processor expands each <|image_pad|> to as many tokens as num_tokens says
@@ -290,7 +303,9 @@ def test_position_ids_match_get_rope_index(work, case, hf_config, masked):
     ids, images = case["input_ids"], case["images"]
     order = [i for row in ROW_IMAGES for i in row]
     mask = (ids != fx.load_processor(work / "hf_untied").tokenizer.pad_token_id).long() if masked else None
-    ref, _ = model.model.get_rope_index(ids, images["image_grid_thw"][order], attention_mask=mask)
+    # transformers 5 finds the image spans from mm_token_type_ids (1 = image token), as its processor marks them
+    ref, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == fam.image_token_id(hf_config)).int(),
+                                        image_grid_thw=images["image_grid_thw"][order], attention_mask=mask)
     ours = fam.position_ids(hf_config, ids, images, ROW_IMAGES, attention_mask=mask)
     assert ours.shape == (3, *ids.shape) and ours.dtype == torch.long
     assert torch.equal(ours, ref)
@@ -324,9 +339,9 @@ def test_format_prompt_matches_chat_template_and_processor(processor, n_images, 
 
 
 def test_family_contract_exports(hf_config):
-    from megatron_po.models.families import HF_FAMILIES
+    from megatron_po.families import family_spec
 
-    module = HF_FAMILIES["qwen2_5_vl"].load()
+    module = family_spec("qwen2_5_vl").hf
     for name in ("build", "hf_rules", "HF_IGNORED", "image_token_id", "preprocess_images", "position_ids",
                  "format_prompt", "RESPONSE_SUFFIX"):
         assert hasattr(module, name), name

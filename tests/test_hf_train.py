@@ -63,11 +63,23 @@ def test_first_step_logps_match_transformers(run, tmp_path):
     """The converted weights' log-probs through the trainer's forward-only pass equal transformers' on the same
     pairs, laid out by our collator (chat template, image processor, image slots, M-RoPE), at TP=1, at TP=2 (the
     padded vocabulary's mask on the rank holding its tail), at PP=2 (a TP=1 conversion loaded by two stages) and
-    packed (several sequences per row: M-RoPE positions restarting, image slots)."""
+    packed (several sequences per row: M-RoPE positions restarting, image slots). Every other pair shows two
+    images placed inside its prompt (TRL's interleaved image parts), as the family's chat template lays them out."""
     family, hf, ckpt, out = run
     res = tmp_path / "logps.json"
+    data = out / "data"
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    trl = []
+    for i, r in enumerate(records):
+        images = [r["image"]] + ([records[i + 1]["image"]] if i % 2 == 0 and i + 1 < len(records) else [])
+        content = [{"type": "image"}, {"type": "text", "text": "First;"}] + (
+            [{"type": "image"}, {"type": "text", "text": " second. "}] if len(images) == 2 else []) + [
+            {"type": "text", "text": r["prompt"]}]
+        trl.append({"prompt": [{"role": "user", "content": content}], "chosen": r["chosen"],
+                    "rejected": r["rejected"], "images": images})
+    (data / "two_images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl))
     run_torchrun([str(REPO / "tests" / "dist" / "hf_train_logps.py"), family, str(hf), str(ckpt / "hf"),
-                  str(out / "data" / "train.jsonl"), str(res)])
+                  str(data / "two_images.jsonl"), str(res)])
     got = json.loads(res.read_text())
     print(family, {name: r["max_rel_err"] for name, r in got["layouts"].items()})
     assert got["num_pairs"] >= 4 and got["image_tokens"] > 0

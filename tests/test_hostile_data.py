@@ -111,3 +111,25 @@ def test_dry_run_reads_the_data_and_names_a_broken_image(data, tmp_path):
     bad = subprocess.run(common[:-1], capture_output=True, text=True)
     assert bad.returncode == 2 and f"data error: cannot read image {broken}" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_torchrun_job_with_a_broken_image_says_so_once(data, tmp_path):
+    """Under torchrun every rank finds the broken image while the data is prepared: the job prints one `data error:`
+    line (rank 0) and exits non-zero, without a traceback from each rank."""
+    import os
+    import subprocess
+    import sys
+
+    path = _copy(data[0], tmp_path / "d")
+    broken = path.parent / read_records(path)[2].image
+    broken.write_bytes(b"GIF89a")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_po.train",
+         f"output_dir={tmp_path / 'out'}", "data.source=jsonl", f"data.train_path={path}",
+         f"data.tokenizer_path={data[0] / 'spm.model'}", "train.global_batch_size=2", "train.micro_batch_size=1"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert run.returncode != 0
+    errors = [ln for ln in run.stderr.splitlines() if "data error:" in ln]
+    assert len(errors) == 1 and f"cannot read image {broken}" in errors[0], run.stderr[-3000:]
+    # torchrun itself reports the failed job (with its own frames); no rank shows a traceback of ours
+    assert 'megatron_po/' not in "".join(ln for ln in run.stderr.splitlines() if ln.lstrip().startswith("File "))

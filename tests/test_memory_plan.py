@@ -47,10 +47,11 @@ def _assert_counts(cfg, model) -> None:
     assert p.trainable == sum(t.numel() for t in model.parameters() if t.requires_grad)
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.num_query_groups=4", "model.vision.frozen=false",
-                                             "model.projector_frozen=false", "model.vocab_size=1000"]])
+@pytest.mark.parametrize("overrides", [[], ["model.num_query_groups=4", "model.freeze_vit=false",
+                                             "model.freeze_aligner=false", "model.vocab_size=1000"]])
 def test_parameters_equal_the_built_tiny_vlm(groups, overrides):
-    from megatron_po.models.vlm import build_vlm, padded_vocab_size
+    from megatron_po.models.tiny_vlm.model import build_vlm
+    from megatron_po.models.specs import padded_vocab_size
 
     cfg = load_config(None, overrides)
     shape = model_shape(cfg)
@@ -68,13 +69,13 @@ HF_CASES = {
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_parameters_equal_the_built_hf_families(groups, tmp_path, case):
     pytest.importorskip("transformers")
-    from megatron_po.models.families import HF_FAMILIES
+    from megatron_po.families import family_spec
 
     hf = HF_CASES[case](tmp_path / "hf")
     family = case.split("_vit")[0] if case.startswith("internvl3") else "qwen2_5_vl"
     cfg = load_config(None, [f"model.family={family}", f"model.hf_path={hf}", f"checkpoint.init_from={tmp_path}",
-                             "model.vision.frozen=false"])
-    model = HF_FAMILIES[family].load().build(json.loads((hf / "config.json").read_text()), cfg.model,
+                             "model.freeze_vit=false"])
+    model = family_spec(family).hf.build(json.loads((hf / "config.json").read_text()), cfg.model,
                                                cfg.parallel, groups)
     _assert_counts(cfg, model)
 
@@ -97,7 +98,7 @@ def test_published_shapes_equal_transformers_models(plan):
     cfg.parallel = ParallelConfig()  # the whole model on one rank
     shape = model_shape(cfg)
     unpadded = ModelShape(shape.lm, shape.lm.vocab_size, shape.vision)
-    cfg.model.vision.frozen = cfg.model.projector_frozen = False
+    cfg.model.freeze_vit = cfg.model.freeze_aligner = False
     p = stage_params(cfg, unpadded, 0, shape.lm.num_layers)
     assert p.trainable == _hf_meta_params(Path(cfg.model.hf_path))
 
@@ -147,7 +148,7 @@ def _saved_elements_per_token(model, tokens: int, seq: int) -> dict[str, float]:
     ["model.recompute=selective", "model.recompute_modules=core_attn,mlp"],
 ])
 def test_layer_activations_equal_saved_tensors(groups, overrides):
-    from megatron_po.models.vlm import build_vlm
+    from megatron_po.models.tiny_vlm.model import build_vlm
 
     cfg = load_config(None, ["model.max_seq_length=64", *overrides])
     seq = cfg.model.max_seq_length
@@ -159,7 +160,7 @@ def test_layer_activations_equal_saved_tensors(groups, overrides):
 
 
 def test_full_recompute_keeps_a_layer_input(groups):
-    from megatron_po.models.vlm import build_vlm
+    from megatron_po.models.tiny_vlm.model import build_vlm
 
     cfg = load_config(None, ["model.max_seq_length=64", "model.recompute=full"])
     model = build_vlm(cfg.model, cfg.parallel, 256, groups, seed=0)

@@ -141,7 +141,8 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     TE's cu_seqlens attention itself needs a GPU: tests/test_gpu.py)."""
     from megatron_po.config import load_config
     from megatron_po.data.tokenizer import Tokenizer
-    from megatron_po.models.vlm import build_vlm, padded_vocab_size
+    from megatron_po.models.tiny_vlm.model import build_vlm
+    from megatron_po.models.specs import padded_vocab_size
     from megatron_po.objectives import build_objective
     from megatron_po.train.batch import MicroBatch
     from megatron_po.train.data import build_dataset, prepare_data, to_device

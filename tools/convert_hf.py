@@ -23,7 +23,7 @@ from megatron_po.quiet import quiet_megatron_notes
 quiet_megatron_notes()  # before megatron is imported
 
 from megatron_po.convert.core import ConversionError, hf_to_megatron, megatron_to_hf  # noqa: E402
-from megatron_po.models.families import HF_FAMILIES  # noqa: E402
+from megatron_po.families import HF_FAMILY_NAMES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("hf-to-megatron")
     a.add_argument("hf_dir")
     a.add_argument("out_dir")
-    a.add_argument("--family", choices=sorted(HF_FAMILIES), help="refuse a checkpoint of another family")
+    a.add_argument("--family", choices=sorted(HF_FAMILY_NAMES), help="refuse a checkpoint of another family")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     b = sub.add_parser("megatron-to-hf")
     b.add_argument("ckpt_dir")

@@ -47,16 +47,14 @@ def main(argv=None) -> int:
     try:
         tok = HFTokenizer(fam.name, conv / "hf")
         handler = HFImages(tok)
-        parts = []
-        for f in args.image:
-            parts.append(handler.load(Path(f)))
+        parts = [handler.load([Path(f)]) for f in args.image]
         images = handler.collate(parts) if parts else None
         counts = [int(p["num_tokens"].sum()) for p in parts]
         ids = tok.prompt_ids(args.prompt, counts) + tok.encode(args.response)
         if args.sp and len(ids) % args.tp:
             ids += [tok.pad_id] * (args.tp - len(ids) % args.tp)  # SP shards the sequence evenly; pads come last
         tokens = torch.tensor([ids])
-        module = fam.load()
+        module = fam.spec().hf
         # logits out of the output layer: parity is checked on the whole vocabulary, not the trainer's log-probs
         model_cfg = ModelConfig(spec=args.spec, family=fam.name, hf_path=str(conv / "hf"), logprobs="logits")
         model = module.build(hf_config, model_cfg, ParallelConfig(tp=args.tp, sp=args.sp), groups).to(groups.device)
@@ -79,10 +77,14 @@ def main(argv=None) -> int:
             return 0
         from transformers import AutoModelForImageTextToText
 
-        hf = AutoModelForImageTextToText.from_pretrained(args.hf_dir, torch_dtype=torch.float32).eval()
+        hf = AutoModelForImageTextToText.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
         kw = {}
         if parts:
             kw = {k: images[k] for k in ("pixel_values", "image_grid_thw") if k in images}
+        if "image_grid_thw" in kw:
+            # Qwen2.5-VL in transformers 5 takes M-RoPE positions for image tokens only where mm_token_type_ids
+            # marks them (its processor's output); without it every position would be a text position
+            kw["mm_token_type_ids"] = (tokens == tok.image_id).int()
         with torch.no_grad():
             theirs = hf(input_ids=tokens, attention_mask=torch.ones_like(tokens), **kw).logits.float()
         err = float((ours - theirs).abs().max() / theirs.abs().max())

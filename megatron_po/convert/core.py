@@ -32,7 +32,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.convert.rules import Rule
-from megatron_po.models.families import Family, family_for_hf_config
+from megatron_po.families import FamilyEntry, family_for_hf_config
 
 HF_SIDE_FILES = re.compile(
     r"^(config\.json|generation_config\.json|preprocessor_config\.json|processor_config\.json|chat_template\.(json|jinja)|"
@@ -127,9 +127,9 @@ def _model_config(dtype: torch.dtype) -> ModelConfig:
     return ModelConfig(params_dtype="bf16" if dtype == torch.bfloat16 else "fp32", spec="local")
 
 
-def _meta_sharded_state_dict(family: Family, hf_config: dict, dtype: torch.dtype, groups) -> dict:
+def _meta_sharded_state_dict(family: FamilyEntry, hf_config: dict, dtype: torch.dtype, groups) -> dict:
     with torch.device("meta"):
-        module = family.load().build(hf_config, _model_config(dtype), ParallelConfig(backend="gloo"), groups)
+        module = family.spec().hf.build(hf_config, _model_config(dtype), ParallelConfig(backend="gloo"), groups)
     return module.sharded_state_dict(prefix=PREFIX)
 
 
@@ -207,7 +207,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
             raise ConversionError(f"{hf_dir}: stored dtypes {sorted(stored)}: pass dtype=float32 or bfloat16")
     else:
         target = DTYPES[dtype]
-    module = fam.load()
+    module = fam.spec().hf
     with single_process_parallel() as groups:
         sd = _meta_sharded_state_dict(fam, hf.config, target, groups)
         entries = _tensor_entries(sd)
@@ -253,7 +253,7 @@ def write_conversion(ckpt_dir: Path, hf_path: Path, record: dict) -> None:
     (Path(ckpt_dir) / CONVERSION_FILE).write_text(json.dumps(record, indent=1))
 
 
-def read_conversion(ckpt_dir: Path) -> tuple[Family, dict, dict]:
+def read_conversion(ckpt_dir: Path) -> tuple[FamilyEntry, dict, dict]:
     ckpt_dir = Path(ckpt_dir)
     meta_file, cfg_file = ckpt_dir / CONVERSION_FILE, ckpt_dir / "hf" / "config.json"
     if not meta_file.is_file() or not cfg_file.is_file():
@@ -288,7 +288,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
     if torch.finfo(export).bits < torch.finfo(saved).bits:
         logger.warning("megatron-to-hf: the checkpoint holds %s weights; exporting %s rounds them (--dtype fp32 "
                        "keeps them)", dtype_name(saved), dtype_name(export))
-    module = fam.load()
+    module = fam.spec().hf
     rules = module.hf_rules(hf_config)  # written back in the family's default layout
     with single_process_parallel() as groups:
         sd = _meta_sharded_state_dict(fam, hf_config, saved, groups)

@@ -1,6 +1,7 @@
 """Turning preference pairs into model tensors, and the dataset that feeds them.
 
-One pair becomes two rows that share one image::
+One pair becomes two rows that share its image (or images, each with its slots, before the prompt or where
+the record's ``image_offsets`` put them)::
 
     [bos] <|user|> <image> x num_image_tokens  prompt_ids  <|assistant|>  response_ids  <|end|>  [pad ...]
 
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_po.data.records import PreferenceRecord, RecordError, load_image, open_rgb, resolve_image
+from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, load_image, open_rgb,
+                                      record_image_root, resolve_images)
 from megatron_po.data.sentences import token_segments
 from megatron_po.data.tokenizer import Tokenizer
 
@@ -69,10 +71,10 @@ class CollateConfig:
                              f"num_image_tokens ({self.num_image_tokens}) and the 4 special tokens")
 
 
-def prompt_prefix(tokenizer: Tokenizer, prompt: str, num_images: int, num_image_tokens: int) -> list[int]:
-    """The chat-formatted user turn with `num_images` images of `num_image_tokens` slots each, in slot order
+def prompt_prefix(tokenizer: Tokenizer, prompt: str, image_tokens: Sequence[int], image_offsets=None) -> list[int]:
+    """The chat-formatted user turn with one image of ``image_tokens[k]`` slots per entry, in slot order
     (tokenizer.prompt_ids: our own chat markers, or a HF family's template, see data/hf_chat.py)."""
-    return tokenizer.prompt_ids(prompt, [num_image_tokens] * num_images)
+    return tokenizer.prompt_ids(prompt, list(image_tokens), image_offsets)
 
 
 def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]], pad_to_multiple_of: int) -> dict:
@@ -116,11 +118,12 @@ class PairCollator:
         """HF families' image handler (data/hf_chat.HFImages): per-image token counts, collation of the
         processor outputs and M-RoPE positions. None: tiny_vlm's fixed-size image tensors."""
 
-    def _encode(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> tuple[list[int], ...]:
-        """(prefix ids, chosen ids, rejected ids) of one pair whose image takes `num_image_tokens` slots."""
-        n = self.cfg.num_image_tokens if num_image_tokens is None else num_image_tokens
-        return (prompt_prefix(self.tokenizer, record.prompt, 1, n), self.tokenizer.encode(record.chosen),
-                self.tokenizer.encode(record.rejected))
+    def _encode(self, record: PreferenceRecord, image_tokens: Sequence[int] | None = None) -> tuple[list[int], ...]:
+        """(prefix ids, chosen ids, rejected ids) of one pair whose images take `image_tokens` slots each (None:
+        the config's fixed count per image)."""
+        n = [self.cfg.num_image_tokens] * len(record.images) if image_tokens is None else image_tokens
+        return (prompt_prefix(self.tokenizer, record.prompt, n, record.image_offsets),
+                self.tokenizer.encode(record.chosen), self.tokenizer.encode(record.rejected))
 
     def _chosen_segments(self, record: PreferenceRecord, chosen_ids: list[int]) -> tuple[list[int], list[int]]:
         """(sentence index of every chosen token, indices of the record's sentences that kept a token)."""
@@ -140,34 +143,37 @@ class PairCollator:
             return "too_long"
         return ""
 
-    def num_tokens(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> int:
+    def num_tokens(self, record: PreferenceRecord, image_tokens: Sequence[int] | None = None) -> int:
         """Tokens of the pair's two rows (what packing balances and fills rows with)."""
-        prefix, chosen, rejected = self._encode(record, num_image_tokens)
+        prefix, chosen, rejected = self._encode(record, image_tokens)
         return 2 * (len(prefix) + len(self.tokenizer.response_end_ids)) + len(chosen) + len(rejected)
 
-    def fits(self, record: PreferenceRecord, num_image_tokens: int | None = None) -> tuple[bool, str]:
-        """Whether a pair can be collated as is (its image taking `num_image_tokens` slots, default the config's).
+    def fits(self, record: PreferenceRecord, image_tokens: Sequence[int] | None = None) -> tuple[bool, str]:
+        """Whether a pair can be collated as is (its images taking `image_tokens` slots each, default the
+        config's).
 
         Returns:
             ``(True, "")``, or ``(False, reason)`` with reason one of :data:`SKIP_REASONS`.
         """
-        reason = self._reason(record, *self._encode(record, num_image_tokens))
+        reason = self._reason(record, *self._encode(record, image_tokens))
         return not reason, reason
 
     def __call__(self, records_with_images: Sequence[tuple[PreferenceRecord, torch.Tensor]]) -> dict:
         """Collates B pairs.
 
         Args:
-            records_with_images: ``(record, image [3, H, W])`` for each pair; every pair must fit (see
-                :meth:`fits`).
+            records_with_images: ``(record, images)`` for each pair, images ``[3, H, W]`` (one) or ``[k, 3, H, W]``
+                (tiny_vlm), or a HF family's processor output for the record's k images; every pair must fit
+                (see :meth:`fits`).
 
         Returns:
             With S the longest row rounded up to ``pad_to_multiple_of``, rows [chosen 0..B-1; rejected 0..B-1]:
             ``tokens`` [2B, S] long, ``labels`` [2B, S] long (-100 unsupervised), ``loss_mask`` [2B, S] float,
-            ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [B, 3, H, W] float
-            (shared by a pair's two rows), ``row_images`` (list of 2B lists: the images of each row, here
-            ``[i]`` for both rows of pair i), ``chosen_lengths`` / ``rejected_lengths`` [B] long (supervised
-            tokens per row, ``<|end|>`` included), ``num_pairs`` int B, ``ids`` the B record ids.
+            ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [N, 3, H, W] float
+            (every pair's images in order, shared by a pair's two rows), ``row_images`` (list of 2B lists: the
+            images of each row, ``[i]`` for both rows of pair i when each pair has one), ``chosen_lengths`` /
+            ``rejected_lengths`` [B] long (supervised tokens per row, ``<|end|>`` included), ``num_pairs`` int B,
+            ``ids`` the B record ids.
 
             Sentences of the chosen responses (:mod:`megatron_po.data.sentences`), with K_max the largest
             ``num_segments`` in the batch: ``chosen_segment_ids`` [B, S] long, aligned with ``labels[:B]``: the
@@ -188,7 +194,10 @@ class PairCollator:
         responses: list[list[int]] = [[] for _ in range(2 * b)]
         segments: list[tuple[list[int], list[int]]] = []
         end = list(tok.response_end_ids)
+        pair_images: list[list[int]] = []
         for i, (record, image) in enumerate(records_with_images):
+            first = pair_images[-1][-1] + 1 if pair_images else 0
+            pair_images.append(list(range(first, first + len(record.images))))
             prefix, chosen, rejected = self._encode(record, _num_tokens(image))
             reason = self._reason(record, prefix, chosen, rejected)
             if reason:
@@ -202,9 +211,9 @@ class PairCollator:
         rows = layout_rows(tok, [(prefixes[r % b], responses[r]) for r in range(2 * b)], self.cfg.pad_to_multiple_of)
         seq_len = rows["tokens"].shape[1]
         lengths = rows["loss_mask"].sum(dim=1).long()
-        row_images = [[i % b] for i in range(2 * b)]  # each pair's two rows show its one image
+        row_images = [pair_images[i % b] for i in range(2 * b)]  # a pair's two rows show its images
         if self.images is None:
-            images = torch.stack([image for _, image in records_with_images]).float()
+            images = torch.cat([image.reshape(-1, *image.shape[-3:]) for _, image in records_with_images]).float()
         else:
             images = self.images.collate([image for _, image in records_with_images])
             rows["position_ids"] = self.images.position_ids(rows["tokens"], images, row_images)
@@ -233,9 +242,9 @@ class PairCollator:
         }
 
 
-def _num_tokens(image) -> int | None:
-    # HF families' images are processor dicts that know their token count; tiny_vlm's are fixed-size tensors
-    return int(image["num_tokens"].sum()) if isinstance(image, dict) else None
+def _num_tokens(image) -> list[int] | None:
+    # HF families' images are processor dicts that know their token counts; tiny_vlm's are fixed-size tensors
+    return [int(n) for n in image["num_tokens"]] if isinstance(image, dict) else None
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -252,7 +261,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         image_size: side in pixels images are resized to.
         collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
         images: HF families' image handler (:class:`megatron_po.data.hf_chat.HFImages`); None for tiny_vlm.
-        source: the JSONL file the records come from (the reference cache hashes it).
+        source: the data file (or dataset directory) the records come from, named in messages.
+        data_files: the files whose bytes are the records (the reference cache hashes them); default ``[source]``.
         images_outside_root: accept image paths (absolute, or with ``..``) that leave ``image_root``.
 
     Raises:
@@ -263,9 +273,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
                  collate_cfg: CollateConfig, image_size: int, collator=None, images=None, source: Path | None = None,
-                 images_outside_root: bool = False):
+                 images_outside_root: bool = False, data_files: Sequence[Path] | None = None):
         self.source = source
         """The file the records were read from (None for records built in memory)."""
+        self.data_files = [Path(p) for p in data_files] if data_files is not None else [] if source is None else [
+            Path(source)]
+        """The files whose bytes the records are: a meta file and its annotation files, a dataset's files."""
         self.image_root = Path(image_root)
         self.image_size = image_size
         self.images = images
@@ -283,15 +296,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.records.append(record)
             else:
                 self.skipped[reason] += 1
-        root = self.image_root.resolve()
         for record in self.records:
-            for path in self.image_files(record):
-                if not images_outside_root and not path.resolve().is_relative_to(root):
-                    raise RecordError(f"image of record {record.id!r} is outside the data directory {root}: {path} "
+            root = self.record_root(record).resolve()
+            for image in self.record_images(record):
+                if (not images_outside_root and not isinstance(image, EmbeddedImage)
+                        and not image.resolve().is_relative_to(root)):
+                    raise RecordError(f"image of record {record.id!r} is outside the data directory {root}: {image} "
                                       "(data.images_outside_root=true allows it)")
                 # decoded once here: a missing, corrupt or truncated image stops the run before its first step,
                 # naming its path, instead of crashing at the step that loads it (and again after resume)
-                open_rgb(path)
+                open_rgb(image)
         logger.info("preference data: kept %d of %d pairs (skipped %s)", len(self.records), len(records),
                     ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if not self.records:
@@ -301,11 +315,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def _fit_args(self, record) -> dict:
         if self.images is None:
             return {}
-        # the token count follows from the image's size, read from the file header (pixels stay on disk)
-        path = resolve_image(record, self.image_root)
-        if not path.is_file():
-            raise FileNotFoundError(f"image of record {record.id!r} not found: {path}")
-        return {"num_image_tokens": self.images.num_tokens(path)}
+        # the token counts follow from the images' sizes, read from their headers (pixels stay on disk)
+        images = self.record_images(record)
+        for image in images:
+            if not isinstance(image, EmbeddedImage) and not image.is_file():
+                raise FileNotFoundError(f"image of record {record.id!r} not found: {image}")
+        return {"image_tokens": [self.images.num_tokens(image) for image in images]}
 
     def cost(self, i: int) -> int:
         """Tokens of sample i's rows (computed once, on first use: only packing asks)."""
@@ -314,14 +329,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self._costs[i] = self.collator.num_tokens(record, **self._fit_args(record))
         return self._costs[i]
 
+    def record_images(self, record: PreferenceRecord) -> list:
+        """Every image a record reads (files and embedded images), in order."""
+        return resolve_images(record, self.image_root)
+
+    def record_root(self, record: PreferenceRecord) -> Path:
+        """The directory the record's image files must stay inside."""
+        return record_image_root(record, self.image_root)
+
     def image_files(self, record: PreferenceRecord) -> list[Path]:
-        """The files a kept record reads, checked when the dataset is built."""
-        return [resolve_image(record, self.image_root)]
+        """The image files a kept record reads, checked when the dataset is built (embedded images are part of
+        the data files)."""
+        return [f for f in self.record_images(record) if not isinstance(f, EmbeddedImage)]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[PreferenceRecord, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[PreferenceRecord, torch.Tensor | dict]:
         record = self.records[i]
-        path = resolve_image(record, self.image_root)
-        return record, load_image(path, self.image_size) if self.images is None else self.images.load(path)
+        images = resolve_images(record, self.image_root)
+        if self.images is not None:
+            return record, self.images.load(images)
+        tensors = [load_image(image, self.image_size) for image in images]
+        return record, tensors[0] if len(tensors) == 1 else torch.stack(tensors)

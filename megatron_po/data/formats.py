@@ -1,34 +1,54 @@
-"""Preference files in the formats users hold, read unchanged into `PreferenceRecord`s (`data.format`).
+"""Preference data in the formats users hold, read unchanged into `PreferenceRecord`s (`data.format`).
 
-- ``jsonl``: ours (data/records.py): ``id``, ``image``, ``prompt``, ``chosen``, ``rejected``.
-- ``trl``: TRL's preference JSONL, as `DPOTrainer` takes it: ``prompt`` / ``chosen`` / ``rejected`` as strings or
-  conversational message lists (``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
-  ...}]}]``), ``images`` a list of paths (relative to the file). A record has no id in TRL: its line number is
-  its id (``line-17``), stable while the file is.
-- ``auto``: decided by the first record's keys; anything else is an error that says what it saw.
+- ``jsonl``: ours (data/records.py): ``id``, ``image`` (a path or a list), ``prompt``, ``chosen``, ``rejected``.
+- ``trl``: TRL's preference data as `DPOTrainer` takes it, in JSON lines or a JSON array: ``prompt`` / ``chosen`` /
+  ``rejected`` as strings or conversational message lists (``[{"role": "user", "content": [{"type": "image"},
+  {"type": "text", "text": ...}]}]``), ``images`` a list of paths relative to the file. Image parts place their
+  images in the prompt (interleaved, as the chat template lays them out); a string prompt has its images first. A
+  record without an id takes its line number (``line-17``), stable while the file is.
+- ``mpo``: InternVL's MPO / MMPR data. A meta JSON file names datasets, each ``{"root": image dir, "annotation":
+  jsonl file, "repeat_time": 1}`` (relative paths are relative to the meta file); an annotation line is
+  ``{"image": path or list, "question": ..., "chosen": ..., "rejected": ...}``, its ``<image>`` placeholders
+  marking where the images go. An annotation file alone is read with its own directory as the image root. Ids
+  are ``<dataset>/line-N`` (or ``<dataset>/<id>``), so datasets never collide.
+- ``hf``: a Hugging Face dataset on disk (a ``save_to_disk`` directory, or a parquet / arrow file) through the
+  ``datasets`` library (the ``[data]`` extra): TRL columns (``prompt``, ``chosen``, ``rejected``, ``images``) or
+  MPO / RLAIF-V columns (``question``, ``chosen``, ``rejected``, ``image``); images embedded as bytes (read
+  without copying them out) or as paths. Row ids are the ``id`` column or ``row-N``.
+- ``auto``: decided by the path (a directory, ``.parquet``, ``.arrow``: hf; a meta JSON: mpo) or the first
+  record's keys; anything else is an error that says what it saw.
 
-Every problem names ``file:line``. One image per prompt so far (the collator lays out one image per pair): a
-record with several is refused with that reason rather than trained on with one of them.
+Every problem names ``file:line`` (``file row N`` for a dataset); nothing is evaluated or unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
-from megatron_po.data.records import (PreferenceRecord, RecordError, check_distinct, parse_object, read_jsonl,
-                                      read_records)
+from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, check_distinct, collect_records,
+                                      parse_meta, parse_object, read_jsonl, read_records, require_text)
 
-FORMATS = ("auto", "jsonl", "trl")
+FORMATS = ("auto", "jsonl", "trl", "mpo", "hf")
+HF_SUFFIXES = (".parquet", ".arrow")
+MPO_PLACEHOLDER = re.compile(r"<image>\n?")
+"""InternVL's image placeholder in a question, with the newline its template writes after the image."""
 
 
-def _text_of(value, field: str, where: str, role: str) -> tuple[str, int]:
-    """(text, image placeholders) of a TRL field: a string, or a message list whose messages have `role`."""
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def _text_of(value, field: str, where: str, role: str) -> tuple[str, list[int]]:
+    """(text, character offset of each image part) of a TRL field: a string, or one turn of messages."""
     if isinstance(value, str):
-        return value, 0
+        return value, []
     if not isinstance(value, list) or not value:
         raise RecordError(f"{where}: field '{field}' must be a string or a non-empty list of messages")
-    texts, images = [], 0
+    text, offsets = "", []
     for m in value:
         if not isinstance(m, dict) or m.get("role") not in (role, "system"):
             raise RecordError(f"{where}: field '{field}': messages must be {{'role': '{role}', 'content': ...}} "
@@ -43,43 +63,236 @@ def _text_of(value, field: str, where: str, role: str) -> tuple[str, int]:
         for part in parts:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                text += part["text"]
             elif kind == "image":
-                images += 1
+                offsets.append(len(text))
             else:
                 raise RecordError(f"{where}: field '{field}': unsupported content part {part!r:.80}")
-    return "".join(texts), images
+    return text, offsets
 
 
-def parse_trl_line(line: str, where: str) -> PreferenceRecord:
-    obj = parse_object(line, where)
+def _image_offsets(offsets: list[int], num_images: int, where: str, what: str) -> list[int] | None:
+    """Placement of the images: where the placeholders are, or None (all first) without placeholders."""
+    if not offsets:
+        return None
+    if len(offsets) != num_images:
+        raise RecordError(f"{where}: the prompt has {len(offsets)} {what} for {num_images} image(s)")
+    return offsets
+
+
+def _images(value, where: str, field: str) -> list:
+    if isinstance(value, (str, EmbeddedImage)):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(p, EmbeddedImage) or (isinstance(p, str) and p.strip()) for p in value):
+        raise RecordError(f"{where}: field '{field}' must be an image path or a non-empty list of images, got "
+                          f"{value!r:.80}")
+    return value
+
+
+def trl_record(obj: dict, where: str, default_id: str) -> PreferenceRecord:
+    """A TRL preference record (a JSON object, or a dataset row with its images decoded to sources)."""
     for name in ("prompt", "chosen", "rejected"):
         if name not in obj:
             raise RecordError(f"{where}: missing field '{name}' (TRL preference format)")
-    prompt, placeholders = _text_of(obj["prompt"], "prompt", where, "user")
+    prompt, offsets = _text_of(obj["prompt"], "prompt", where, "user")
     chosen, _ = _text_of(obj["chosen"], "chosen", where, "assistant")
     rejected, _ = _text_of(obj["rejected"], "rejected", where, "assistant")
     for name, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise RecordError(f"{where}: field '{name}' is empty")
-    images = obj.get("images", [obj["image"]] if "image" in obj else [])
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise RecordError(f"{where}: field 'images' must be a list of image paths (embedded image bytes: use a "
-                          "Hugging Face dataset directory)")
-    if len(images) != 1:
-        raise RecordError(f"{where}: {len(images)} images: one image per prompt is supported so far")
-    if placeholders not in (0, 1):
-        raise RecordError(f"{where}: the prompt has {placeholders} image placeholders for 1 image")
+    field = "images" if "images" in obj else "image"
+    if field not in obj:
+        raise RecordError(f"{where}: no 'images' field (a preference pair needs an image)")
+    images = _images(obj[field], where, field)
     check_distinct(chosen, rejected, where)
-    return PreferenceRecord(id=str(obj.get("id", f"line-{where.rsplit(':', 1)[1]}")), image=images[0],
-                            prompt=prompt, chosen=chosen, rejected=rejected)
+    return PreferenceRecord(id=str(obj.get("id", default_id)), image=images, prompt=prompt, chosen=chosen,
+                            rejected=rejected, image_offsets=_image_offsets(offsets, len(images), where,
+                                                                            "image parts"))
+
+
+def parse_trl_line(line: str, where: str) -> PreferenceRecord:
+    return trl_record(parse_object(line, where), where, f"line-{where.rsplit(':', 1)[1]}")
+
+
+# ------------------------------------------------------------------------------------------------ MPO
+
+
+def mpo_record(obj: dict, where: str, record_id: str, image_root: str | None = None) -> PreferenceRecord:
+    """An MPO / MMPR annotation record (or a dataset row in its columns); `<image>` marks where images go."""
+    question = require_text(obj, "question", where)
+    chosen, rejected = require_text(obj, "chosen", where), require_text(obj, "rejected", where)
+    if "image" not in obj:
+        raise RecordError(f"{where}: no 'image' field (a preference pair needs an image)")
+    images = _images(obj["image"], where, "image")
+    prompt, offsets, last = "", [], 0
+    for m in MPO_PLACEHOLDER.finditer(question):
+        prompt += question[last:m.start()]
+        offsets.append(len(prompt))
+        last = m.end()
+    prompt += question[last:]
+    if not prompt.strip():
+        raise RecordError(f"{where}: field 'question' has no text besides its <image> placeholders")
+    check_distinct(chosen, rejected, where)
+    return PreferenceRecord(id=record_id, image=images, prompt=prompt, chosen=chosen,
+                            rejected=rejected, meta=parse_meta(obj, where), image_root=image_root,
+                            image_offsets=_image_offsets(offsets, len(images), where, "<image> placeholders"))
+
+
+def _mpo_annotation(path: Path, name: str, root: str | None) -> list[PreferenceRecord]:
+    def parse(line: str, where: str) -> PreferenceRecord:
+        obj = parse_object(line, where)
+        record_id = str(obj.get("id", f"line-{where.rsplit(':', 1)[1]}"))
+        return mpo_record(obj, where, f"{name}/{record_id}" if name else record_id, root)
+
+    return read_jsonl(path, parse)
+
+
+def _mpo_meta(path: Path) -> dict | None:
+    """The meta file's datasets if `path` is one (a JSON object of objects with 'annotation'), else None."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) and "annotation" in v for v in obj.values()):
+        return obj
+    return None
+
+
+def read_mpo(path: Path) -> list[PreferenceRecord]:
+    """Records of an MPO meta file (every dataset it names, repeated as its ``repeat_time`` says), or of one
+    annotation file."""
+    meta = _mpo_meta(path)
+    if meta is None:
+        return _mpo_annotation(path, "", None)
+    records = []
+    for name, entry in meta.items():
+        where = f"{path}: dataset {name!r}"
+        for key in ("annotation", "root"):
+            if not isinstance(entry.get(key), str):
+                raise RecordError(f"{where}: field '{key}' must be a path")
+        annotation, root = (Path(entry[k]) if Path(entry[k]).is_absolute() else path.parent / entry[k]
+                            for k in ("annotation", "root"))
+        if not annotation.is_file():
+            raise RecordError(f"{where}: annotation file not found: {annotation}")
+        part = _mpo_annotation(annotation, name, str(root))
+        records += _repeat(part, entry.get("repeat_time", 1), where)
+    if not records:
+        raise RecordError(f"{path}: no datasets")
+    return records
+
+
+def _repeat(records: list[PreferenceRecord], repeat_time: Any, where: str) -> list[PreferenceRecord]:
+    """InternVL's repeat_time: a seeded sample of that fraction below 1, whole copies (ids suffixed) above."""
+    if not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
+        raise RecordError(f"{where}: repeat_time must be a positive number, got {repeat_time!r}")
+    if repeat_time < 1:
+        keep = sorted(random.Random(0).sample(range(len(records)), k=int(len(records) * repeat_time)))
+        return [records[i] for i in keep]
+    copies = int(repeat_time)
+    if copies != repeat_time:
+        raise RecordError(f"{where}: repeat_time above 1 must be a whole number, got {repeat_time}")
+    return [r if k == 0 else replace(r, id=f"{r.id}#{k}") for k in range(copies) for r in records]
+
+
+# ------------------------------------------------------------------------------------ Hugging Face datasets
+
+
+def _load_hf(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise RecordError(f"{path}: data.format=hf reads Hugging Face datasets with the `datasets` library: "
+                          "pip install -e '.[data]'") from None
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            raise RecordError(f"{path}: a DatasetDict with splits {sorted(ds)}: point data.train_path at one "
+                              "split's directory")
+    elif path.suffix == ".parquet":
+        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    else:
+        ds = datasets.Dataset.from_file(str(path), in_memory=True)
+    # image columns as their stored bytes or paths: decoded once, by us, when the dataset is built
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            ds = ds.cast_column(name, type(feature)(datasets.Image(decode=False)))
+    return ds
+
+
+def _hf_image(value, where: str):
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes"):
+            return EmbeddedImage(value["bytes"], where)
+        if value.get("path"):
+            return value["path"]
+        raise RecordError(f"{where}: the image has neither bytes nor a path")
+    return value
+
+
+def read_hf(path: Path) -> list[PreferenceRecord]:
+    """Records of a Hugging Face dataset on disk (TRL or MPO / RLAIF-V columns)."""
+    ds = _load_hf(path)
+    columns = set(ds.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns:
+        make: Callable = trl_record
+    elif {"question", "chosen", "rejected"} <= columns:
+        make = mpo_record
+    else:
+        raise RecordError(f"{path}: columns {sorted(columns)} are neither TRL's (prompt, chosen, rejected, images) "
+                          "nor MPO's (question, chosen, rejected, image)")
+
+    def parsed():
+        for i, row in enumerate(ds):
+            where = f"{path} row {i}"
+            for field in ("image", "images"):
+                if field in row:
+                    value = row[field]
+                    row[field] = ([_hf_image(v, f"{where} image {k}") for k, v in enumerate(value)]
+                                  if isinstance(value, list) else _hf_image(value, f"{where} image 0"))
+            yield where, i, make(row, where, str(row.get("id", f"row-{i}")))
+
+    return collect_records(parsed(), path, "row", "the dataset is empty")
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def _read_json_array(path: Path) -> list[PreferenceRecord]:
+    try:
+        items = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: not a JSON array of records ({e})") from None
+    except RecursionError:
+        raise RecordError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(items, list):
+        raise RecordError(f"{path}: not a JSON array of records")
+
+    def parsed():
+        for i, obj in enumerate(items):
+            where = f"{path} record {i}"
+            if not isinstance(obj, dict):
+                raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, i, trl_record(obj, where, f"record-{i}")
+
+    return collect_records(parsed(), path, "record", "an empty JSON array")
 
 
 def detect_format(path: Path) -> str:
-    """`jsonl` (ours) or `trl`, from the first record's keys; an error naming what was seen otherwise."""
-    with Path(path).open("rb") as f:
+    """The format of `path` (see the module docstring); an error naming what was seen otherwise."""
+    path = Path(path)
+    if path.is_dir() or path.suffix in HF_SUFFIXES:
+        return "hf"
+    if path.suffix == ".json" and _mpo_meta(path) is not None:
+        return "mpo"
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
+                if raw.lstrip()[:1] == b"[":
+                    return "trl"  # a JSON array: TRL's json files
                 try:
                     obj = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -89,15 +302,40 @@ def detect_format(path: Path) -> str:
                     return "jsonl"
                 if {"prompt", "chosen", "rejected"} <= keys:
                     return "trl"
+                if {"question", "chosen", "rejected"} <= keys:
+                    return "mpo"
                 raise RecordError(f"{path}:{lineno}: data.format=auto: keys {sorted(keys)} are neither ours (id, "
-                                  "image, prompt, chosen, rejected) nor TRL's (prompt, chosen, rejected, images)")
+                                  "image, prompt, chosen, rejected), TRL's (prompt, chosen, rejected, images) nor "
+                                  "MPO's (question, chosen, rejected, image)")
     return "jsonl"
 
 
 def read_preference_file(path: Path, fmt: str = "auto") -> list[PreferenceRecord]:
-    """The records of a preference file in `fmt` (see the module docstring)."""
+    """The records of preference data in `fmt` (see the module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data: no such file or directory {path}")
     if fmt == "auto":
         fmt = detect_format(path)
-    return read_records(path) if fmt == "jsonl" else read_jsonl(path, parse_trl_line)
+    if fmt == "hf":
+        return read_hf(path)
+    if fmt == "mpo":
+        return read_mpo(path)
+    if fmt == "trl":
+        return _read_json_array(path) if path.read_bytes().lstrip()[:1] == b"[" else read_jsonl(path, parse_trl_line)
+    return read_records(path)
+
+
+def data_files(path: Path, fmt: str = "auto") -> list[Path]:
+    """The files whose bytes are the data at `path` (what the reference cache hashes): the file itself, an MPO
+    meta file's annotation files, a dataset directory's files."""
+    path = Path(path)
+    if path.is_dir():  # the records' bytes (state.json holds a fingerprint that changes with every save)
+        return sorted(path.rglob("*.arrow"))
+    meta = _mpo_meta(path) if fmt in ("auto", "mpo") and path.suffix == ".json" else None
+    if meta is None:
+        return [path]
+    return [path] + [Path(e["annotation"]) if Path(e["annotation"]).is_absolute() else path.parent / e["annotation"]
+                     for e in meta.values()]

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_po.data.records import image_size, open_rgb
-from megatron_po.models.families import HF_FAMILIES
+from megatron_po.data.records import ImageFile, image_size, open_rgb, prompt_parts
+from megatron_po.families import family_spec
 
 
 class HFTokenizer:
     """A HF family's tokenizer and chat layout.
 
     Args:
-        family: a key of HF_FAMILIES.
+        family: the name of an HF family (megatron_po/families.py).
         hf_path: directory with tokenizer.json, config.json and preprocessor_config.json (a converted
             checkpoint's hf/ directory, or the original HF directory).
     """
@@ -33,7 +33,7 @@ class HFTokenizer:
     def __init__(self, family: str, hf_path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
 
-        self.family = HF_FAMILIES[family].load()
+        self.family = family_spec(family).hf
         self.path = Path(hf_path)
         for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
             if not (self.path / name).is_file():
@@ -87,13 +87,18 @@ class HFTokenizer:
         enc = self._plain(text)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
 
-    def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
-        """The templated user turn with its images' token slots expanded, and the generation prompt; the template
-        around the prompt is encoded with its special tokens, the prompt itself as plain text (the template puts
-        a special token or a newline on both sides of it, where the pre-tokenizer splits anyway)."""
+    def prompt_ids(self, prompt: str, image_tokens: list[int], image_offsets=None) -> list[int]:
+        """The templated user turn with its images' token slots expanded (before the prompt, or at its character
+        `image_offsets`, as the chat template lays out an interleaved message), and the generation prompt. The
+        template's text is encoded with its special tokens, the prompt's as plain text (the template puts a
+        special token or a newline on both sides of each part, where the pre-tokenizer splits anyway)."""
         marker = "\x00PROMPT\x00"
-        before, after = self.family.format_prompt(marker, image_tokens, system=None).split(marker)
-        return self._template(before) + self.encode(prompt) + self._template(after)
+        before, after = self.family.format_prompt(marker, [], system=None).split(marker)
+        ids = self._template(before)
+        for k, part in enumerate(prompt_parts(prompt, len(image_tokens), image_offsets)):
+            ids += self._template(self.family.image_span(image_tokens[k - 1])) if k else []
+            ids += self.encode(part) if part else []
+        return ids + self._template(after)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -112,12 +117,17 @@ class HFImages:
         self.hf_config = tokenizer.hf_config
         self.preprocessor_config = tokenizer.preprocessor_config
 
-    def num_tokens(self, path: Path) -> int:
-        width, height = image_size(path)
+    def num_tokens(self, image: ImageFile) -> int:
+        return self.num_tokens_of_size(*image_size(image))
+
+    def num_tokens_of_size(self, width: int, height: int) -> int:
         return self.family.image_num_tokens(width, height, self.preprocessor_config, self.hf_config)
 
-    def load(self, path: Path) -> dict:
-        return self.family.preprocess_images([open_rgb(path)], self.preprocessor_config, self.hf_config)
+    def load(self, images: list[ImageFile]) -> dict:
+        return self.load_pils([open_rgb(f) for f in images])
+
+    def load_pils(self, pils: list) -> dict:
+        return self.family.preprocess_images(pils, self.preprocessor_config, self.hf_config)
 
     def collate(self, parts: list[dict]) -> dict:
         return self.family.collate_images(parts)

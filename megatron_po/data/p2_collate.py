@@ -18,6 +18,10 @@ micro-batch — of any image condition — go through one policy forward; ``p2_r
 sample i, -1 where the sample lacks the branch. Under calib_reference="rejected" the reference scores other
 responses on the calibration rows: the batch then carries ``ref_rows``, a second view with the same rows, images
 and order, whose calibration rows hold y_l^f.
+
+HF families (``images`` given) process each condition with the family's processor at its own size, so I_crop
+takes the slots its crop's size gives; I_noise is the VCD noise on the processor's normalised pixels, as VCD
+noises the vision tower's input tensor.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 import torch
 
 from megatron_po.data.collate import CollateConfig, PreferenceDataset, layout_rows, prompt_prefix
-from megatron_po.data.p2_records import P2Record, check_bbox, image_files, load_p2_images
+from megatron_po.data.p2_records import (P2Record, check_bbox, condition_sizes, image_files, load_p2_images,
+                                         load_p2_pils, vcd_noise)
 from megatron_po.data.tokenizer import Tokenizer
 
 P2_TERMS: tuple[str, ...] = ("focus_chosen", "focus_rejected", "calib_aug", "calib_deg", "robust_chosen",
@@ -47,45 +52,51 @@ class P2Collator:
             "chosen" (y_w^f), as ``P2DPOConfig.calib_reference``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, calib_reference: str = "rejected"):
+    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, calib_reference: str = "rejected", images=None):
         if calib_reference not in ("rejected", "chosen"):
             raise ValueError(f"calib_reference must be 'rejected' or 'chosen', got {calib_reference!r}")
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.calib_reference = calib_reference
+        self.images = images
+        """HF families' image handler (data/hf_chat.HFImages); None: tiny_vlm's fixed-size tensors."""
 
-    def _rows(self, record: P2Record) -> dict[str, tuple[list[int], tuple[str, ...], list[int], list[int]]]:
-        """term -> (prefix ids, image keys, policy response ids, reference response ids), responses + <|end|>."""
-        tok, p = self.tokenizer, self.cfg.num_image_tokens
+    def _rows(self, record: P2Record, image_tokens: dict[str, int] | None = None
+              ) -> dict[str, tuple[list[int], tuple[str, ...], list[int], list[int]]]:
+        """term -> (prefix ids, image keys, policy response ids, reference response ids), responses + <|end|>;
+        `image_tokens`: slots of each condition (None: the config's fixed count for all)."""
+        tok = self.tokenizer
+        n = image_tokens or {k: self.cfg.num_image_tokens for k in ("image", "crop", "deg", "noise")}
+        prefix = lambda prompt, *keys: prompt_prefix(tok, prompt, [n[k] for k in keys])  # noqa: E731
         rows = {}
         if record.focus is not None:
             y_w = tok.encode(record.focus.chosen) + tok.response_end_ids
             y_l = tok.encode(record.focus.rejected) + tok.response_end_ids
             y_ref = y_l if self.calib_reference == "rejected" else y_w
-            rows["focus_chosen"] = (prompt_prefix(tok, record.prompt, 1, p), ("image",), y_w, y_w)
-            rows["focus_rejected"] = (prompt_prefix(tok, record.prompt, 1, p), ("image",), y_l, y_l)
+            rows["focus_chosen"] = (prefix(record.prompt, "image"), ("image",), y_w, y_w)
+            rows["focus_rejected"] = (prefix(record.prompt, "image"), ("image",), y_l, y_l)
             # the calibration prompt is the plain question under both image conditions (§9.1)
-            rows["calib_aug"] = (prompt_prefix(tok, record.prompt, 2, p), ("image", "crop"), y_w, y_ref)
-            rows["calib_deg"] = (prompt_prefix(tok, record.prompt, 1, p), ("deg",), y_w, y_ref)
+            rows["calib_aug"] = (prefix(record.prompt, "image", "crop"), ("image", "crop"), y_w, y_ref)
+            rows["calib_deg"] = (prefix(record.prompt, "deg"), ("deg",), y_w, y_ref)
         if record.robust is not None:
-            prefix = prompt_prefix(tok, record.robust.prompt, 1, p)
+            robust_prefix = prefix(record.robust.prompt, "noise")
             y_w = tok.encode(record.robust.chosen) + tok.response_end_ids
             y_l = tok.encode(record.robust.rejected) + tok.response_end_ids
-            rows["robust_chosen"] = (prefix, ("noise",), y_w, y_w)
-            rows["robust_rejected"] = (prefix, ("noise",), y_l, y_l)
+            rows["robust_chosen"] = (robust_prefix, ("noise",), y_w, y_w)
+            rows["robust_rejected"] = (robust_prefix, ("noise",), y_l, y_l)
         return rows
 
-    def num_tokens(self, record: P2Record) -> int:
+    def num_tokens(self, record: P2Record, image_tokens: dict[str, int] | None = None) -> int:
         """Tokens of the sample's policy rows (what packing balances and fills rows with)."""
-        return sum(len(prefix) + len(y) for prefix, _, y, _ in self._rows(record).values())
+        return sum(len(prefix) + len(y) for prefix, _, y, _ in self._rows(record, image_tokens).values())
 
-    def fits(self, record: P2Record) -> tuple[bool, str]:
+    def fits(self, record: P2Record, image_tokens: dict[str, int] | None = None) -> tuple[bool, str]:
         """Whether every row of the sample fits as is (a sample is kept whole or dropped, never truncated).
 
         Returns:
             ``(True, "")`` or ``(False, reason)``, reason one of ``collate.SKIP_REASONS``.
         """
-        reason = self._reason(self._rows(record))
+        reason = self._reason(self._rows(record, image_tokens))
         return not reason, reason
 
     def _reason(self, rows: dict) -> str:
@@ -106,11 +117,13 @@ class P2Collator:
         """Collates B samples.
 
         Args:
-            samples: ``(record, load_p2_images(record, ...))`` for each sample; every sample must fit.
+            samples: ``(record, conditions)`` for each sample (`P2Dataset.__getitem__`: ``[3, H, W]`` tensors, or a
+                HF family's processor output per condition); every sample must fit.
 
         Returns:
             The policy's rows (``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``image_token_mask``
-            [R, S], ``row_images``), ``images`` [N, 3, H, W] (each condition once per sample), ``p2_rows`` [6, B]
+            [R, S], ``row_images``), ``images`` [N, 3, H, W] or the family's collated processor output (each
+            condition once per sample), ``p2_rows`` [6, B]
             long (row of each term, order ``P2_TERMS``, -1 = branch absent), ``has_focus`` / ``has_robust`` [B]
             bool, ``clip_crop_score`` / ``clip_image_score`` [B] float32 (NaN where not given), ``num_pairs`` B,
             ``ids`` (the B record ids),
@@ -124,7 +137,8 @@ class P2Collator:
         b = len(samples)
         per_sample, images, image_index = [], [], []
         for record, conditions in samples:
-            rows = self._rows(record)
+            counts = {k: int(v["num_tokens"].sum()) for k, v in conditions.items()} if self.images else None
+            rows = self._rows(record, counts)
             reason = self._reason(rows)
             if reason:
                 raise ValueError(f"sample {record.id!r} cannot be collated ({reason}); "
@@ -149,10 +163,11 @@ class P2Collator:
                     row_images.append([image_index[i][k] for k in keys])
 
         records = [record for record, _ in samples]
+        images = torch.stack(images).float() if self.images is None else self.images.collate(images)
         batch = {
-            **layout_rows(self.tokenizer, policy, self.cfg.pad_to_multiple_of),
+            **self._layout(policy, images, row_images),
             "row_images": row_images,
-            "images": torch.stack(images).float(),
+            "images": images,
             "p2_rows": p2_rows,
             "has_focus": torch.tensor([r.focus is not None for r in records]),
             "has_robust": torch.tensor([r.robust is not None for r in records]),
@@ -163,9 +178,14 @@ class P2Collator:
             values = [getattr(r, name) for r in records]
             batch[name] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
         if reference != policy:
-            batch["ref_rows"] = {**layout_rows(self.tokenizer, reference, self.cfg.pad_to_multiple_of),
-                                 "row_images": row_images}
+            batch["ref_rows"] = {**self._layout(reference, images, row_images), "row_images": row_images}
         return batch
+
+    def _layout(self, rows: list, images, row_images: list[list[int]]) -> dict:
+        out = layout_rows(self.tokenizer, rows, self.cfg.pad_to_multiple_of)
+        if self.images is not None:  # M-RoPE positions follow each row's images
+            out["position_ids"] = self.images.position_ids(out["tokens"], images, row_images)
+        return out
 
 
 class P2Dataset(PreferenceDataset):
@@ -186,16 +206,33 @@ class P2Dataset(PreferenceDataset):
 
     def __init__(self, records: Sequence[P2Record], image_root: Path, tokenizer: Tokenizer,
                  collate_cfg: CollateConfig, image_size: int, calib_reference: str = "rejected",
-                 source: Path | None = None, images_outside_root: bool = False):
+                 source: Path | None = None, images_outside_root: bool = False, images=None):
         super().__init__(records, image_root, tokenizer, collate_cfg, image_size,
-                         collator=P2Collator(tokenizer, collate_cfg, calib_reference), source=source,
-                         images_outside_root=images_outside_root)
+                         collator=P2Collator(tokenizer, collate_cfg, calib_reference, images), images=images,
+                         source=source, images_outside_root=images_outside_root)
         for record in self.records:
             check_bbox(record, self.image_root)
 
-    def image_files(self, record: P2Record) -> list[Path]:
+    def _fit_args(self, record: P2Record) -> dict:
+        if self.images is None:
+            return {}
+        check_bbox(record, self.image_root)  # the crop's size decides its slots: a bbox off the image is named
+        return {"image_tokens": {k: self.images.num_tokens_of_size(*size)
+                                 for k, size in condition_sizes(record, self.image_root).items()}}
+
+    def record_images(self, record: P2Record) -> list[Path]:
         return image_files(record, self.image_root)
 
-    def __getitem__(self, i: int) -> tuple[P2Record, dict[str, torch.Tensor]]:
+    def record_root(self, record: P2Record) -> Path:
+        return self.image_root
+
+    def __getitem__(self, i: int) -> tuple[P2Record, dict]:
         record = self.records[i]
-        return record, load_p2_images(record, self.image_root, self.image_size)
+        if self.images is None:
+            return record, load_p2_images(record, self.image_root, self.image_size)
+        pils = load_p2_pils(record, self.image_root)
+        out = {k: self.images.load_pils([pils[k]]) for k in ("image", "crop", "deg") if k in pils}
+        if record.robust is not None:
+            noised = vcd_noise(out["image"]["pixel_values"], record.robust.noise_step, record.robust.noise_seed)
+            out["noise"] = {**out["image"], "pixel_values": noised}
+        return record, out

@@ -264,16 +264,39 @@ def check_bbox(record: P2Record, root: Path) -> None:
                           f"{width}x{height} image")
 
 
+def load_p2_pils(record: P2Record, root: Path) -> dict[str, Image.Image]:
+    """The record's decoded image conditions at their own sizes: ``image`` (I), and ``crop`` (I_crop) and ``deg``
+    (I_deg) with a focus branch (given files, or made from the bbox)."""
+    image = open_rgb(_resolve(record.image, root))
+    out = {"image": image}
+    f = record.focus
+    if f is not None:
+        out["crop"] = open_rgb(_resolve(f.crop_image, root)) if f.crop_image else image.crop(f.bbox)
+        out["deg"] = open_rgb(_resolve(f.deg_image, root)) if f.deg_image else degrade(image, f.bbox)
+    return out
+
+
+def condition_sizes(record: P2Record, root: Path) -> dict[str, tuple[int, int]]:
+    """(width, height) of each image condition the record's rows show, from file headers and the bbox."""
+    width, height = image_size(_resolve(record.image, root))
+    out = {"image": (width, height)}
+    f = record.focus
+    if f is not None:
+        if f.crop_image:
+            out["crop"] = image_size(_resolve(f.crop_image, root))
+        else:
+            left, top, right, bottom = f.bbox
+            out["crop"] = (right - left, bottom - top)
+        out["deg"] = image_size(_resolve(f.deg_image, root)) if f.deg_image else (width, height)
+    if record.robust is not None:
+        out["noise"] = (width, height)
+    return out
+
+
 def load_p2_images(record: P2Record, root: Path, image_size: int) -> dict[str, torch.Tensor]:
     """The record's image conditions as ``[3, image_size, image_size]`` tensors: ``image`` (I), and ``crop``
     (I_crop) and ``deg`` (I_deg) with a focus branch, ``noise`` (I_noise) with a robust branch."""
-    image = open_rgb(_resolve(record.image, root))
-    out = {"image": to_tensor(image, image_size)}
-    f = record.focus
-    if f is not None:
-        crop = open_rgb(_resolve(f.crop_image, root)) if f.crop_image else image.crop(f.bbox)
-        deg = open_rgb(_resolve(f.deg_image, root)) if f.deg_image else degrade(image, f.bbox)
-        out["crop"], out["deg"] = to_tensor(crop, image_size), to_tensor(deg, image_size)
+    out = {k: to_tensor(im, image_size) for k, im in load_p2_pils(record, root).items()}
     if record.robust is not None:
         out["noise"] = vcd_noise(out["image"], record.robust.noise_step, record.robust.noise_seed)
     return out

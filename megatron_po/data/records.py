@@ -3,7 +3,8 @@
 One JSON object per line (blank lines are skipped)::
 
     {"id": "train-00000",                 # str, non-empty, unique within the file
-     "image": "images/train_00000.png",   # str: relative to the JSONL file's directory, or absolute
+     "image": "images/train_00000.png",   # str: relative to the JSONL file's directory, or absolute; or a
+                                          # non-empty list of them (several images, shown before the prompt)
      "prompt": "What colour is the square?",
      "chosen": "The square is red.",      # str, non-empty
      "rejected": "The square is blue.",   # str, non-empty, != chosen
@@ -25,11 +26,13 @@ the data path unpickles.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -44,14 +47,38 @@ class RecordError(ValueError):
     """A preference record (or its image) that cannot be used; the message says where and why."""
 
 
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image stored in the data file itself (a Hugging Face dataset's image bytes), named for messages."""
+
+    data: bytes
+    name: str
+    """Where it comes from, e.g. ``train.parquet row 17 image 0``."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+ImageSource = Union[str, EmbeddedImage]
+"""An image as a record names it: a path (relative to the record's image root, or absolute) or the bytes."""
+ImageFile = Union[Path, EmbeddedImage]
+"""An image resolved for reading: a file path, or the bytes."""
+
+
 @dataclass
 class PreferenceRecord:
-    """One preference pair about one image."""
+    """One preference pair about one image, or several (shown in order: before the prompt, or at
+    ``image_offsets``)."""
 
     id: str
     """Unique within its file."""
-    image: str
-    """Path as written in the file: relative to the file's directory (see :func:`resolve_image`) or absolute."""
+    image: ImageSource | list[ImageSource]
+    """As written in the file: a path relative to the image root (see :func:`resolve_image`) or absolute,
+    embedded bytes, or a non-empty list of these."""
     prompt: str
     chosen: str
     """The preferred response."""
@@ -64,18 +91,44 @@ class PreferenceRecord:
     :func:`megatron_po.data.sentences.split_sentences`."""
     chosen_sentence_similarity: list[float] | None = None
     """One precomputed image-text similarity per sentence of ``chosen`` (ASPO's S_i); None: not given."""
+    image_offsets: list[int] | None = None
+    """Where each image sits in ``prompt`` (character offsets, non-decreasing): the chat template places the image
+    there, as an interleaved message does. None: every image before the prompt text."""
+    image_root: str | None = None
+    """Directory of this record's relative image paths (an MPO meta file's per-dataset ``root``). None: the data
+    file's directory."""
 
     def __post_init__(self):
         # records built in code get the same checks as records read from a file
         problem = _sentence_fields_problem(self.chosen, self.chosen_sentence_spans, self.chosen_sentence_similarity)
+        if not problem and not self.images:
+            problem = "no image"
+        offsets = self.image_offsets
+        if not problem and offsets is not None and (
+                len(offsets) != len(self.images) or any(not 0 <= a <= b <= len(self.prompt)
+                                                        for a, b in zip(offsets, offsets[1:] + [len(self.prompt)]))):
+            problem = f"image_offsets {offsets} are not {len(self.images)} ordered offsets into the prompt"
         if problem:
             raise RecordError(f"record {self.id!r}: {problem}")
+
+    @property
+    def images(self) -> list[ImageSource]:
+        """The record's images in order (one or more)."""
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
+
 
     def sentence_spans(self) -> list[tuple[int, int]]:
         """The sentences of ``chosen``: the given spans, else the splitter's."""
         if self.chosen_sentence_spans is not None:
             return [(int(a), int(b)) for a, b in self.chosen_sentence_spans]
         return split_sentences(self.chosen)
+
+
+def prompt_parts(prompt: str, num_images: int, image_offsets=None) -> list[str]:
+    """The prompt cut at its images: ``num_images + 1`` texts, image k between parts k and k + 1 (every image
+    before the text when ``image_offsets`` is None)."""
+    cuts = [0, *(image_offsets if image_offsets is not None else [0] * num_images), len(prompt)]
+    return [prompt[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def _sentence_fields_problem(chosen: str, spans: Any, similarity: Any) -> str:
@@ -134,10 +187,22 @@ def check_distinct(chosen: str, rejected: str, where: str, prefix: str = "") -> 
         raise RecordError(f"{where}: fields '{prefix}chosen' and '{prefix}rejected' are identical")
 
 
+def parse_image_field(obj: dict, name: str, where: str) -> list[str]:
+    """A record's image field: a non-empty path string or a non-empty list of them."""
+    value = obj.get(name)
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise RecordError(f"{where}: field '{name}' must be an image path or a non-empty list of image paths, "
+                          f"got {value!r:.80}")
+    return paths
+
+
 def _parse_line(line: str, where: str) -> PreferenceRecord:
     obj = parse_object(line, where)
+    images = parse_image_field(obj, "image", where)
     for name in REQUIRED_FIELDS:
-        require_text(obj, name, where)
+        if name != "image":
+            require_text(obj, name, where)
     meta = parse_meta(obj, where)
     check_distinct(obj["chosen"], obj["rejected"], where)
     spans, similarity = obj.get("chosen_sentence_spans"), obj.get("chosen_sentence_similarity")
@@ -145,36 +210,46 @@ def _parse_line(line: str, where: str) -> PreferenceRecord:
     if problem:
         raise RecordError(f"{where}: {problem}")
     return PreferenceRecord(
-        id=obj["id"], image=obj["image"], prompt=obj["prompt"], chosen=obj["chosen"], rejected=obj["rejected"],
+        id=obj["id"], image=images[0] if isinstance(obj["image"], str) else images, prompt=obj["prompt"],
+        chosen=obj["chosen"], rejected=obj["rejected"],
         meta=meta,
         chosen_sentence_spans=None if spans is None else [(a, b) for a, b in spans],
         chosen_sentence_similarity=None if similarity is None else [float(x) for x in similarity],
     )
 
 
+def collect_records(parsed: Iterable[tuple[str, int, Any]], path: Path, unit: str, empty: str) -> list:
+    """The records of ``(where, position, record)`` in order: an id that repeats names both places (``unit`` N),
+    none at all is an error saying ``empty``."""
+    records: list = []
+    first: dict[str, int] = {}
+    for where, position, record in parsed:
+        if record.id in first:
+            raise RecordError(f"{where}: field 'id' {record.id!r} repeats {unit} {first[record.id]}")
+        first[record.id] = position
+        records.append(record)
+    if not records:
+        raise RecordError(f"{path}: no records ({empty})")
+    return records
+
+
 def read_jsonl(path: Path, parse: Callable[[str, str], Any]) -> list:
     """Parses every non-blank line of a JSONL file with ``parse(line, "path:line")``; ids must not repeat."""
     path = Path(path)
-    records: list = []
-    first_line_of_id: dict[str, int] = {}
-    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a bare UnicodeDecodeError
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RecordError(f"{where}: not UTF-8 text (byte {e.start} of the line: {raw[e.start:e.start + 1]!r})"
-                                  ) from None
-            if not line.strip():
-                continue
-            record = parse(line, where)
-            if record.id in first_line_of_id:
-                raise RecordError(f"{where}: field 'id' {record.id!r} repeats line {first_line_of_id[record.id]}")
-            first_line_of_id[record.id] = lineno
-            records.append(record)
-    if not records:
-        raise RecordError(f"{path}: no records (the file is empty or has blank lines only)")
-    return records
+
+    def parsed():
+        with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a bare UnicodeDecodeError
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecordError(f"{where}: not UTF-8 text (byte {e.start} of the line: "
+                                      f"{raw[e.start:e.start + 1]!r})") from None
+                if line.strip():
+                    yield where, lineno, parse(line, where)
+
+    return collect_records(parsed(), path, "line", "the file is empty or has blank lines only")
 
 
 def read_records(path: Path) -> list[PreferenceRecord]:
@@ -204,43 +279,65 @@ def iter_texts(records: Iterable[PreferenceRecord]) -> Iterator[str]:
         yield r.rejected
 
 
-def resolve_image(record: PreferenceRecord, image_root: Path) -> Path:
-    """The record's image path; relative paths are taken relative to ``image_root`` (the JSONL's directory)."""
-    p = Path(record.image)
-    return p if p.is_absolute() else Path(image_root) / p
+def record_image_root(record: PreferenceRecord, data_root: Path) -> Path:
+    """The directory the record's relative image paths are relative to (and must stay inside)."""
+    return Path(record.image_root) if record.image_root is not None else Path(data_root)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header; a file PIL refuses (unreadable, a decompression bomb) is named.
+def resolve_images(record: PreferenceRecord, data_root: Path) -> list[ImageFile]:
+    """The record's images, relative paths taken relative to its image root (default ``data_root``, the data
+    file's directory); embedded images as they are."""
+    root = record_image_root(record, data_root)
+    return [src if isinstance(src, EmbeddedImage) else Path(src) if Path(src).is_absolute() else root / src
+            for src in record.images]
+
+
+def resolve_image(record: PreferenceRecord, data_root: Path) -> ImageFile:
+    """The record's first image (see :func:`resolve_images`)."""
+    return resolve_images(record, data_root)[0]
+
+
+def _open(source: ImageFile) -> Image.Image:
+    if isinstance(source, EmbeddedImage):
+        return Image.open(io.BytesIO(source.data))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return Image.open(path)
+
+
+_PIL_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError)
+
+
+def image_size(source: ImageFile) -> tuple[int, int]:
+    """(width, height) from the image's header; an image PIL refuses (unreadable, a decompression bomb) is named.
 
     Raises:
         FileNotFoundError, RecordError: as `open_rgb`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
+        with _open(source) as im:
             return im.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise RecordError(f"cannot read image {path}: {e}") from e
+    except FileNotFoundError:
+        raise
+    except _PIL_ERRORS as e:
+        raise RecordError(f"cannot read image {source}: {e}") from e
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Decodes an image file to an RGB PIL image at its own size.
+def open_rgb(source: ImageFile) -> Image.Image:
+    """Decodes an image (a file, or embedded bytes) to an RGB PIL image at its own size.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (the message names it).
-        RecordError: PIL cannot decode the file (the message names it).
+        FileNotFoundError: the file does not exist (the message names it).
+        RecordError: PIL cannot decode the image (the message names its file, or its row of the data file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
+        with _open(source) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise RecordError(f"cannot read image {path}: {e}") from e
+    except FileNotFoundError:
+        raise
+    except _PIL_ERRORS as e:
+        raise RecordError(f"cannot read image {source}: {e}") from e
 
 
 def to_tensor(im: Image.Image, image_size: int) -> torch.Tensor:
@@ -252,7 +349,7 @@ def to_tensor(im: Image.Image, image_size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
+def load_image(path: ImageFile, image_size: int) -> torch.Tensor:
     """Loads an image as RGB and resizes it to a square.
 
     Args:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megatron_po.data.records import prompt_parts
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -137,10 +139,14 @@ class Tokenizer:
         out = self._sp.encode(text, out_type="offset_mapping", return_bytes=False)
         return [int(i) for i in out["ids"]], [(int(s), int(e)) for s, e in out["offsets"]]
 
-    def prompt_ids(self, prompt: str, image_tokens: Sequence[int]) -> list[int]:
-        """``[bos] <|user|> <image> x sum(image_tokens) prompt_ids <|assistant|>``: the images' slots in order."""
-        return [self.bos_id, self.user_id] + [self.image_id] * sum(image_tokens) + self.encode(prompt) + [
-            self.assistant_id]
+    def prompt_ids(self, prompt: str, image_tokens: Sequence[int], image_offsets=None) -> list[int]:
+        """``[bos] <|user|> <image> x sum(image_tokens) prompt_ids <|assistant|>``: the images' slots in order,
+        before the prompt or at its character ``image_offsets``."""
+        ids = [self.bos_id, self.user_id]
+        for k, part in enumerate(prompt_parts(prompt, len(image_tokens), image_offsets)):
+            ids += [self.image_id] * image_tokens[k - 1] if k else []
+            ids += self.encode(part) if part else []
+        return ids + [self.assistant_id]
 
     @property
     def response_end_ids(self) -> list[int]:

@@ -22,10 +22,12 @@ from megatron_po.config import ModelConfig
 
 class VLMBase(MegatronModule):
     def freeze_as_configured(self, model: ModelConfig) -> None:
-        if model.vision.frozen and self.vision is not None:
+        if model.freeze_vit and self.vision is not None:
             self.vision.requires_grad_(False)
-        if model.projector_frozen and self.projector is not None:
+        if model.freeze_aligner and self.projector is not None:
             self.projector.requires_grad_(False)
+        if model.freeze_llm:
+            self.language_model.requires_grad_(False)
 
     @property
     def pre_process(self) -> bool:

@@ -79,7 +79,7 @@ class LMShape:
     norm_epsilon: float
     rotary_base: float
     vocab_size: int
-    """Real vocabulary (the HF config's); the embedding is padded beyond it (see models.vlm.padded_vocab_size)."""
+    """Real vocabulary (the HF config's); the embedding is padded beyond it (see padded_vocab_size)."""
     tie_embeddings: bool = False
     init_method_std: float = 0.02
 
@@ -235,3 +235,15 @@ def build_vision_spec(vision: TransformerConfig) -> TransformerBlockSubmodules:
     # megatron's local layer pieces with our norm; no_mask = bidirectional attention over patches
     layer = _with_norms(get_gpt_layer_local_spec(normalization="LayerNorm"), AttnMaskType.no_mask)
     return TransformerBlockSubmodules(layer_specs=[layer] * vision.num_layers, layer_norm=SPNorm)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Pads the vocabulary to a multiple of `multiple`, independent of the TP size.
+
+    Megatron-LM pads to `multiple * tp`; we do not, because padded entries take part in the softmax and in the
+    initial weights: a TP-dependent vocabulary would make log-probs depend on the layout.
+    """
+    padded = ((vocab_size + multiple - 1) // multiple) * multiple
+    if padded % tp:
+        raise ValueError(f"padded vocabulary {padded} is not divisible by parallel.tp={tp}")
+    return padded

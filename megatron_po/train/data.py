@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron_po.config import Config
 from megatron_po.data.collate import CollateConfig, PreferenceDataset
-from megatron_po.data.formats import read_preference_file
+from megatron_po.data.formats import data_files, read_preference_file
 from megatron_po.data.p2_collate import P2Dataset
 from megatron_po.data.packing import balance_over_dp, pack_rows
 from megatron_po.data.p2_records import iter_p2_texts, read_p2_records
@@ -20,6 +20,7 @@ from megatron_po.data.sampler import PairBatchSampler
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_po.families import family_spec
 from megatron_po.models.specs import use_te_spec
 from megatron_po.objectives import Objective
 from megatron_po.train.batch import MicroBatch
@@ -49,7 +50,7 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Path, Path]:
             if not train_path.exists():
                 generate = generate_p2_dataset if p2 else generate_synthetic_dataset
                 generate(data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size)
-            if not tok_path.exists() and cfg.model.family == "tiny_vlm":  # HF families bring their tokenizer
+            if not tok_path.exists() and family_spec(cfg.model.family).trains_tokenizer:  # HF: theirs
                 texts = list(iter_p2_texts(read_p2_records(train_path)) if p2 else iter_texts(read_records(train_path)))
                 train_tokenizer(texts, tok_path.with_suffix(""), vocab_size=d.tokenizer_vocab_size, seed=d.seed)
         dist.barrier()
@@ -57,27 +58,22 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Path, Path]:
         train_path = Path(d.train_path)
         tok_path = Path(d.tokenizer_path)
         checks = (("data.train_path", train_path),)
-        if cfg.model.family == "tiny_vlm":
+        if family_spec(cfg.model.family).trains_tokenizer:  # HF families read theirs from model.hf_path
             checks += (("data.tokenizer_path", tok_path),)
         for name, p in checks:
-            if not p.is_file():
+            if not (p.is_file() or (name == "data.train_path" and p.is_dir())):  # a dataset directory (data.format)
                 raise FileNotFoundError(f"{name}: no such file {p}")
     return train_path, tok_path
 
 
 def build_tokenizer(cfg: Config, tok_path: Path):
-    """Our sentencepiece tokenizer (tiny_vlm), or a HF family's tokenizer + chat template from model.hf_path."""
-    if cfg.model.family == "tiny_vlm":
-        return Tokenizer(tok_path)
-    from megatron_po.data.hf_chat import HFTokenizer
-
-    return HFTokenizer(cfg.model.family, cfg.model.hf_path)
+    """The family's tokenizer and chat layout: our sentencepiece model (tiny_vlm), or an HF family's tokenizer +
+    chat template from model.hf_path."""
+    return family_spec(cfg.model.family).build_tokenizer(cfg, tok_path)
 
 
-def _images(tokenizer):
-    from megatron_po.data.hf_chat import HFImages, HFTokenizer
-
-    return HFImages(tokenizer) if isinstance(tokenizer, HFTokenizer) else None
+def _images(cfg: Config, tokenizer):
+    return family_spec(cfg.model.family).image_handler(tokenizer)
 
 
 def _collate_cfg(cfg: Config) -> CollateConfig:
@@ -100,12 +96,18 @@ def _log_kept(path: Path, ds: PreferenceDataset) -> None:
         logger.warning("data %s: %d samples kept; skipped %s", path.name, len(ds), dict(ds.skipped))
 
 
-def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, records=None) -> PreferenceDataset:
-    """Preference pairs from `train_path` (or the given records of it)."""
-    records = read_preference_file(train_path, cfg.data.format) if records is None else records
-    ds = PreferenceDataset(records, train_path.parent, tokenizer, _collate_cfg(cfg), cfg.model.vision.image_size,
-                           images=_images(tokenizer), source=train_path,
-                           images_outside_root=cfg.data.images_outside_root)
+def data_root(path: Path) -> Path:
+    """Where a data path's relative image paths start: its directory (a dataset directory: itself)."""
+    return path if path.is_dir() else path.parent
+
+
+def build_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, records=None, fmt: str = "auto"
+                  ) -> PreferenceDataset:
+    """Preference pairs from `train_path` in format `fmt` (or the given records of it)."""
+    records = read_preference_file(train_path, fmt) if records is None else records
+    ds = PreferenceDataset(records, data_root(train_path), tokenizer, _collate_cfg(cfg), cfg.model.vision.image_size,
+                           images=_images(cfg, tokenizer), source=train_path,
+                           images_outside_root=cfg.data.images_outside_root, data_files=data_files(train_path, fmt))
     _log_kept(train_path, ds)
     return ds
 
@@ -117,7 +119,7 @@ def build_p2_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer, object
     records = read_p2_records(train_path) if records is None else records
     ds = P2Dataset(records, train_path.parent, tokenizer, _collate_cfg(cfg), cfg.model.vision.image_size,
                    calib_reference=objective.cfg.calib_reference, source=train_path,
-                   images_outside_root=cfg.data.images_outside_root)
+                   images_outside_root=cfg.data.images_outside_root, images=_images(cfg, tokenizer))
     _log_kept(train_path, ds)
     return ds
 
@@ -127,7 +129,7 @@ def build_train_dataset(cfg: Config, train_path: Path, tokenizer: Tokenizer,
     """The training set in the form the objective takes (pairs or P2-DPO samples)."""
     if takes_p2_records(objective):
         return build_p2_dataset(cfg, train_path, tokenizer, objective)
-    return build_dataset(cfg, train_path, tokenizer)
+    return build_dataset(cfg, train_path, tokenizer, fmt=cfg.data.format)
 
 
 def check_data(cfg: Config, objective: Objective) -> str:

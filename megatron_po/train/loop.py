@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_po.config import Config
-from megatron_po.models.families import HF_FAMILIES
-from megatron_po.models.vlm import VLMModel, build_vlm, padded_vocab_size
+from megatron_po.config import Config, config_to_dict
+from megatron_po.families import FAMILIES, family_spec
+from megatron_po.models.base import VLMBase
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import broadcast_from_last_stage
@@ -49,25 +48,16 @@ class TrainState:
 
 
 def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
-    """One VLM of `model.family` (this rank's pipeline stage of it): tiny_vlm from the config's shapes, a HF
-    family from model.hf_path/config.json.
+    """One VLM of `model.family` (this rank's pipeline stage of it), as the family's spec builds it (tiny_vlm from
+    the config's shapes, an HF family from model.hf_path/config.json).
 
     Weights depend only on train.seed (then on checkpoint.init_from), never on the layout.
     """
-    if cfg.model.family == "tiny_vlm":
-        if cfg.model.vocab_size and cfg.model.vocab_size < vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
-        vocab = cfg.model.vocab_size or vocab_size  # larger: rows no token uses (benchmarks at real vocab sizes)
-        return build_vlm(cfg.model, cfg.parallel, padded_vocab_size(vocab, cfg.parallel.tp), groups,
-                         seed=cfg.train.seed)
-    hf_config = json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
-    torch.manual_seed(cfg.train.seed)
-    model = HF_FAMILIES[cfg.model.family].load().build(hf_config, cfg.model, cfg.parallel, groups)
-    return model.to(groups.device)
+    return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
 
 
 def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int,
-                 objective: Objective) -> tuple[VLMModel, Optional[VLMModel]]:
+                 objective: Objective) -> tuple[VLMBase, Optional[VLMBase]]:
     """Policy and, when the objective reads a reference and no cache provides it, a frozen reference model from
     the same builder and weights."""
     policy = build_model(cfg, groups, vocab_size)
@@ -115,7 +105,7 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
     )
 
 
-def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective, policy: VLMModel,
+def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective, policy: VLMBase,
                       reference: Optional[ReferenceSource]) -> TrainState:
     """DDP, optimizer and LR schedule around the policy, and the preference step; `reference` provides the
     reference log-probs (`live_reference`, or a `CachedReference`) when the objective reads any."""
@@ -258,7 +248,7 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
 
     ckpt_root = out / "checkpoints"
     conversion = None  # HF families: each checkpoint carries hf/ and conversion.json (exportable as it is)
-    if cfg.model.family != "tiny_vlm":
+    if FAMILIES[cfg.model.family].from_hf:
         from megatron_po.convert.core import conversion_record
 
         conversion = (Path(cfg.model.hf_path), conversion_record(
@@ -277,7 +267,9 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
         if groups.is_logging_rank:
             logger.warning("resumed from %s at step %d", latest, start)
 
-    writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar)
+    writer = MetricsWriter(out, cfg.train.train_steps, start, groups.is_logging_rank, cfg.train.progress_bar,
+                           wandb={"project": cfg.train.wandb_project, "run_name": cfg.train.wandb_run_name,
+                                  "config": config_to_dict(cfg)})
     eval_sets, probe_sets = build_eval_sets(cfg, eval_datasets, groups)
     for ev in eval_sets:  # Δlog p is measured against step 0 even across a resume
         ev.baseline.update(eval_baselines.get(ev.name, {}))

@@ -1,4 +1,5 @@
-"""Global-batch metrics and their sinks (metrics.jsonl, TensorBoard, a progress bar), rank 0 only."""
+"""Global-batch metrics and their sinks (metrics.jsonl, TensorBoard, Weights & Biases, a progress bar), rank 0
+only."""
 
 from __future__ import annotations
 
@@ -34,13 +35,29 @@ def global_batch_metrics(micro_outputs: list[dict], dp_group,
     return summary
 
 
-class MetricsWriter:
-    """Writes one JSON object per optimizer step; TensorBoard scalars and a tqdm bar alongside."""
+def start_wandb(output_dir: Path, project: str, run_name: str, config: dict):
+    """A W&B run for this output_dir: its id is kept in output_dir/wandb_run_id, so a resumed job continues it."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("train.wandb_project needs the wandb package: pip install -e '.[wandb]'") from None
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
+                      dir=str(output_dir), config=config)
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool):
+
+class MetricsWriter:
+    """Writes one JSON object per optimizer step; TensorBoard scalars, W&B (when configured) and a tqdm bar
+    alongside."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool,
+                 wandb: dict | None = None):
         self.enabled = enabled
         self.tb = None
         self.bar = None
+        self.wandb = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +71,8 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a pinned dependency; tolerate its absence in stripped envs
             self.tb = None
+        if wandb and wandb.get("project"):
+            self.wandb = start_wandb(output_dir, wandb["project"], wandb.get("run_name", ""), wandb.get("config", {}))
         self.total = total_steps
         # a redrawn bar only on a terminal; under SLURM / CI logs, one plain line every ~10% of the run
         self.line_every = max(1, total_steps // 10)
@@ -75,10 +94,12 @@ class MetricsWriter:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
         shown = {k: f"{record[key]:.4f}" for k, key in (("loss", "loss"), ("margin", "rewards/margins"),
                                                          ("hallucination", "probe/hallucination_rate"))
                  if key in record}
@@ -97,5 +118,7 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megatron_po.config import Config
+from megatron_po.families import family_spec
 from megatron_po.data.p2_collate import P2_TERMS
 from megatron_po.objectives import Objective
 from megatron_po.train.batch import MicroBatch, SeqLogps
@@ -98,11 +98,7 @@ def settings(cfg: Config, objective: Objective) -> dict[str, str]:
     m = cfg.model
     out = {"format": FORMAT, "model.family": m.family, "model.max_seq_length": m.max_seq_length,
            "model.params_dtype": m.params_dtype, "objective.inputs": objective.inputs}
-    if m.family == "tiny_vlm":  # shapes and image slots from the config (HF families: from hf_path's files)
-        for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "rotary_base", "norm_epsilon", "init_method_std", "vocab_size"):
-            out[f"model.{k}"] = getattr(m, k)
-        out.update({f"model.vision.{k}": v for k, v in asdict(m.vision).items() if k != "frozen"})
+    out.update(family_spec(m.family).cache_settings(m))  # e.g. tiny_vlm's shapes (HF families: hashed files)
     if objective.inputs == "p2":  # the reference's calibration rows hold y_l^f or y_w^f
         out["objective.params.calib_reference"] = objective.cfg.calib_reference
     if not cfg.checkpoint.init_from:  # a random reference: its weights follow from the seed
@@ -121,12 +117,12 @@ def key_components(cfg: Config, objective: Objective, datasets: dict) -> dict[st
     tokenizer = next(iter(splits.values())).collator.tokenizer
     ckpt_dir, ckpt_files = reference_files(cfg)
     images = {name: sorted({p for r in ds.records for p in ds.image_files(r)}) for name, ds in splits.items()}
-    sources = [ds.source for ds in splits.values() if ds.source is not None]
+    sources = [p for ds in splits.values() for p in ds.data_files]
     digests = file_digests([*sources, *tokenizer.files, *ckpt_files, *(p for ps in images.values() for p in ps)])
     out = {}
     for name, ds in splits.items():
-        if ds.source is not None:
-            out[f"data file ({name}) {ds.source.name}"] = digests[str(ds.source)]
+        for p in ds.data_files:  # embedded images are bytes of these files
+            out[f"data file ({name}) {p.name}"] = digests[str(p)]
         out[f"images ({name}, {len(images[name])} files)"] = _combined(digests, images[name], ds.image_root)
     for p in tokenizer.files:
         out[f"tokenizer/processor file {p.name}"] = digests[str(p)]

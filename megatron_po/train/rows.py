@@ -3,7 +3,7 @@
 A micro-batch (train/batch.py) holds rows of text whose image slots are filled from a shared list of images
 (``Rows.row_images[r]`` = the indices into the batch's images of the images whose slots appear in row r, in
 order). A preference pair's two rows name the same image; P2-DPO's calibration row names two ([I, I_crop]). The
-model contract (models/vlm.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in
+model contract (models/tiny_vlm/model.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in
 row-major order, on the first pipeline stage.
 """
 

@@ -14,7 +14,8 @@ import torch
 
 from megatron_po.config import ParallelConfig, config_from_dict
 from megatron_po.data.tokenizer import Tokenizer
-from megatron_po.models.vlm import build_vlm, padded_vocab_size
+from megatron_po.models.tiny_vlm.model import build_vlm
+from megatron_po.models.specs import padded_vocab_size
 from megatron_po.parallel.groups import init_parallel, teardown
 from megatron_po.train.checkpoint import load_model_weights
 

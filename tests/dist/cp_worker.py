@@ -26,7 +26,8 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_po.config import ParallelConfig, config_from_dict
 from megatron_po.data.tokenizer import Tokenizer
-from megatron_po.models.vlm import build_vlm, padded_vocab_size
+from megatron_po.models.tiny_vlm.model import build_vlm
+from megatron_po.models.specs import padded_vocab_size
 from megatron_po.objectives import build_objective
 from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.context import counts_on_one_cp_rank, cp_positions

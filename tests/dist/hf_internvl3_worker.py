@@ -75,7 +75,7 @@ def parity(work: Path) -> None:
                 hf_config = configs["vit300m" if variant == "modules" else variant]
                 model = fam.build(hf_config, ModelConfig(spec="local", logprobs="logits"), par, groups).eval()
                 if variant == "modules":
-                    # the layout transformers' _checkpoint_conversion_mapping loads (and v5 writes), via hf_rules
+                    # the layout transformers' _checkpoint_conversion_mapping loads (its state_dict), via hf_rules
                     hf = load_file(str(work / "hf_modules" / "model.safetensors"))
                     rules = fam.hf_rules(hf_config, hf.keys())
                     sd = {r.megatron: r.to_megatron(*[hf[n] for n in r.hf]) for r in rules}

@@ -25,11 +25,13 @@ LAYOUTS = {"tp1": dict(tp=1), "tp2": dict(tp=2), "pp2": dict(pp=2), "tp2_packed"
 def hf_forward(family: str, hf_dir: Path, batch: dict, row_parts: list[dict]) -> torch.Tensor:
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens = batch["tokens"]
     if family == "qwen2_5_vl":
+        # transformers 5 gives image tokens their M-RoPE positions only where mm_token_type_ids marks them
         kw = {"pixel_values": torch.cat([p["pixel_values"] for p in row_parts]),
-              "image_grid_thw": torch.cat([p["image_grid_thw"] for p in row_parts])}
+              "image_grid_thw": torch.cat([p["image_grid_thw"] for p in row_parts]),
+              "mm_token_type_ids": (tokens == model.config.image_token_id).int()}
     else:
         kw = {"pixel_values": torch.cat([p["pixel_values"] for p in row_parts])}
     with torch.no_grad():
@@ -41,8 +43,8 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     from megatron_po.data.collate import CollateConfig, PreferenceDataset
     from megatron_po.data.hf_chat import HFImages, HFTokenizer
     from megatron_po.data.packing import pack_rows
-    from megatron_po.data.records import read_records
-    from megatron_po.models.families import HF_FAMILIES
+    from megatron_po.data.formats import read_preference_file
+    from megatron_po.families import family_spec
     from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
     from megatron_po.parallel.reduce import broadcast_from_last_stage
     from megatron_po.train.batch import MicroBatch
@@ -52,11 +54,13 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     init_process_group(ParallelConfig(backend="gloo"))
     tok = HFTokenizer(family, conv_hf)
     images = HFImages(tok)
-    ds = PreferenceDataset(read_records(Path(train_jsonl))[:8], Path(train_jsonl).parent, tok,
+    ds = PreferenceDataset(read_preference_file(Path(train_jsonl))[:8], Path(train_jsonl).parent, tok,
                            CollateConfig(max_length=320, num_image_tokens=0), image_size=0, images=images)
     items = [ds[i] for i in range(min(4, len(ds)))]
     batch = ds.collator(items)
-    row_parts = [items[r[0]][1] for r in batch["row_images"]]
+    # transformers takes every row's images in the order their spans appear: row r shows pair r % B's, all of them
+    row_parts = [items[r % batch["num_pairs"]][1] for r in range(len(batch["row_images"]))]
+    assert any(len(rows) > 1 for rows in batch["row_images"]), "the batch has no pair with several images"
     logits = hf_forward(family, Path(hf_dir), batch, row_parts)
     labels = batch["labels"]
     theirs = (torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
@@ -66,7 +70,7 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     for name, layout in LAYOUTS.items():
         par = ParallelConfig(backend="gloo", **layout)
         groups = init_parallel(par, seed=0)
-        model = HF_FAMILIES[family].load().build(tok.hf_config, ModelConfig(spec="local"), par, groups)
+        model = family_spec(family).hf.build(tok.hf_config, ModelConfig(spec="local"), par, groups)
         load_model_weights(Path(conv_hf).parent, model)
         model.eval()
         # the trainer's own reference/statistics pass: megatron's schedule, log-probs on the last stage; packed, the

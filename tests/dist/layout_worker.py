@@ -26,7 +26,8 @@ from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.memory_plan import ModelShape, model_shape, stage_params
-from megatron_po.models.vlm import build_vlm, padded_vocab_size
+from megatron_po.models.tiny_vlm.model import build_vlm
+from megatron_po.models.specs import padded_vocab_size
 from megatron_po.objectives import OBJECTIVES, build_objective, build_objective_config
 from megatron_po.objectives.common import ObjectiveContext, PairLogps
 from megatron_po.objectives.p2_dpo import P2Logps
@@ -97,7 +98,7 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     ("dpo_recompute_full", "dpo", {}, ("drifted",)),
     ("acpo_recompute_selective", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
 ]
-MODEL_OVERRIDES = {"dpo_tower": {"vision": {"frozen": False}, "projector_frozen": False},
+MODEL_OVERRIDES = {"dpo_tower": {"freeze_vit": False, "freeze_aligner": False},
                    "dpo_logits": {"logprobs": "logits"},
                    "dpo_recompute_full": {"recompute": "full", "recompute_num_layers": 1},
                    "acpo_recompute_selective": {"recompute": "selective", "recompute_modules": "core_attn,mlp"}}
@@ -112,12 +113,29 @@ def make_cfg(out: Path, layout: str, objective: str, params: dict, label: str = 
         # the plain side takes the full logits and its own log_softmax; the trainer's layouts the fused stage
         "model": {"num_layers": NUM_LAYERS, **({"logprobs": "logits"} if layout == PLAIN else {}),
                   **MODEL_OVERRIDES.get(label, {})},
-        "data": {"num_train": 32, "num_eval": 4, "packing": packing},
+        "data": {"num_train": 32, "num_eval": 4, "packing": packing, **(PAIR_DATA if objective != "p2_dpo" else {})},
         "objective": {"name": objective, "params": params},
         # eps >= 1e-3 keeps Adam from amplifying 1e-7 noise on near-zero grads (MEGATRON_ON_CPU.md)
         "optim": {"lr": 1e-2, "adam_eps": 1e-3, "clip_grad": 0.0, "warmup_fraction": 0.0},
         "train": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": mbs, "seed": 5},
     })
+
+
+PAIR_DATA: dict = {}
+"""The pairs' data settings once `with_two_images` has written them (every objective but P2-DPO trains on them)."""
+
+
+def with_two_images(train_path: Path, tok_path: Path) -> None:
+    """The synthetic pairs with every odd one showing two images (its own, then the next pair's): several images
+    per prompt join every layout, packed and pipelined included."""
+    multi = train_path.with_name("train_two_images.jsonl")
+    if dist.get_rank() == 0:
+        lines = [json.loads(line) for line in train_path.read_text().splitlines()]
+        for i in range(1, len(lines), 2):
+            lines[i]["image"] = [lines[i]["image"], lines[(i + 1) % len(lines)]["image"]]
+        multi.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    dist.barrier()
+    PAIR_DATA.update(source="jsonl", train_path=str(multi), tokenizer_path=str(tok_path))
 
 
 PLAIN = "plain"  # the single-process reference layout: TP=1, PP=1, the whole global batch in one micro-batch
@@ -178,11 +196,14 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
     batch = ds.collator([ds[i] for i in idx])
     b = batch["num_pairs"]
     mask = causal_mask(batch["tokens"].shape[1], "cpu")
+    counts = [len(ds.records[i].images) for i in idx]
+    assert max(counts) == 2 and min(counts) == 1, counts  # the global batch mixes one- and two-image pairs
 
     def logps(model, grad: bool):
         with torch.set_grad_enabled(grad):
-            img = model.encode_images(batch["images"])  # [b, p, h]
-            slots = torch.cat([img, img]).flatten(0, 1)  # chosen rows then rejected rows, pair i shows image i
+            img = model.encode_images(batch["images"])  # [n, p, h], pairs' images in pair order
+            per_pair = [x.flatten(0, 1) for x in img.split(counts)]
+            slots = torch.cat(per_pair + per_pair)  # chosen rows then rejected rows, each showing its pair's images
             logits = model(batch["tokens"], batch["position_ids"], mask, slots, batch["image_token_mask"])
             labels = batch["labels"]
             valid = labels != -100
@@ -472,6 +493,8 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
     world = dist.get_world_size()
     base = make_cfg(out, PLAIN, "dpo", {})
     train_path, tok_path = prepare_data(base, build_objective("dpo", {}))
+    with_two_images(train_path, tok_path)
+    train_path = Path(PAIR_DATA["train_path"])
     tokenizer = Tokenizer(tok_path)
     vocab = padded_vocab_size(tokenizer.vocab_size, 2)
     cases = [(label, objective, params, mode) for label, objective, params, extra in OBJECTIVE_CASES

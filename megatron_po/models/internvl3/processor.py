@@ -1,20 +1,18 @@
-"""InternVL3's image tiling and chat layout, reimplemented with PIL / numpy / torch (no transformers import).
+"""InternVL3's image tiling and chat layout, reimplemented with PIL / torch (no transformers import).
 
-Images: the slow `GotOcr2ImageProcessor` of transformers 4.57.1 as `InternVLProcessor` calls it, bit for bit:
-    1. convert to RGB, to a uint8 array;
+Images: `GotOcr2ImageProcessor` of transformers 5.x as `InternVLProcessor` calls it, bit for bit, in either of its
+backends (data/image_ops.py; by default the torchvision one, which transformers 5 picks whenever torchvision is
+installed):
+    1. convert to RGB (transparency composited onto white), a uint8 image;
     2. `crop_to_patches` (the processor's default, even when preprocessor_config.json says false): choose the tile
        grid whose aspect ratio is closest to the image's among all grids with min_patches..max_patches tiles
        (ties go to the later grid in area order while the image covers more than half of it), resize the whole
-       image to that grid with PIL *bicubic* (the crop step ignores `resample`), cut it row-major into tiles and
-       append a thumbnail (the whole image resized to one tile, bicubic) when there is more than one tile;
-    3. resize every tile to `size` with `resample` (a no-op copy for tiles, which already have that size);
-    4. rescale (float64 multiply, then float32) and normalise ((x - mean) / std in float32), channels first.
-The fast `GotOcr2ImageProcessorFast` (torchvision kernels) rounds differently; checkpoints that name it in
-preprocessor_config.json still get the slow processor's numbers here, as transformers gives them without
-torchvision.
-
-Not reproduced: transformers guesses the channel axis of the uint8 array, and an image whose height is 1 or 3
-pixels is taken as channels-first (a nonsense result); here the image is always height x width x 3.
+       image to that grid with `resample`, cut it row-major into tiles and append a thumbnail (the whole image
+       resized to one tile) when there is more than one tile;
+    3. resize every tile to `size` with `resample` (a no-op for tiles, which already have that size);
+    4. rescale and normalise in the backend's arithmetic, channels first.
+transformers 4.57.1 differed in steps 1 (it dropped the alpha channel) and 2 (the crop resized with bicubic
+whatever `resample` said), and its default processor was the PIL one.
 
 Chat layout: the template of the `-hf` InternVL3 checkpoints (`CHAT_TEMPLATE`, the Qwen2 ChatML layout) has no
 default system prompt; each image of a user turn is written `<IMG_CONTEXT>\\n` before the text, and the
@@ -27,9 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
+
+from megatron_po.data import image_ops
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -142,43 +141,37 @@ def num_tiles(height: int, width: int, cfg: TilingConfig) -> int:
     return 1 if cols * rows == 1 else cols * rows + 1
 
 
-def _resize(im: Image.Image, height: int, width: int, resample: int) -> Image.Image:
-    # transformers' resize: PIL resize of the uint8 image (reducing_gap None); PIL copies when the size is equal
-    return im.resize((width, height), resample=Image.Resampling(resample))
-
-
-def tile_image(im: Image.Image, cfg: TilingConfig) -> list[Image.Image]:
-    """The image's tiles (row-major) plus the thumbnail when there is more than one, each tile_h x tile_w."""
-    if not (cfg.crop_to_patches and cfg.max_patches > 1):
-        return [im]
-    cols, rows = best_grid(im.height, im.width, cfg.height, cfg.width, cfg.min_patches, cfg.max_patches)
-    # GotOcr2ImageProcessor.crop_image_to_patches resizes with the method's default (bicubic), not `resample`
-    canvas = _resize(im, cfg.height * rows, cfg.width * cols, Image.Resampling.BICUBIC)
-    tiles = [canvas.crop((c * cfg.width, r * cfg.height, (c + 1) * cfg.width, (r + 1) * cfg.height))
-             for r in range(rows) for c in range(cols)]
+def tile_image(x: torch.Tensor, cfg: TilingConfig, backend: str) -> list[torch.Tensor]:
+    """uint8 [C, H, W] -> its tiles (row-major) plus the thumbnail when there is more than one, each
+    [C, tile_h, tile_w]."""
+    # the PIL backend skips the crop when max_patches is 1; the torchvision one crops to a single tile
+    if not (cfg.crop_to_patches and (cfg.max_patches > 1 or backend == "torchvision")):
+        return [x]
+    h, w = cfg.height, cfg.width
+    cols, rows = best_grid(x.shape[-2], x.shape[-1], h, w, cfg.min_patches, cfg.max_patches)
+    canvas = image_ops.resize(x, h * rows, w * cols, cfg.resample, backend)
+    tiles = [canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]
     if len(tiles) != 1:
-        tiles.append(_resize(im, cfg.height, cfg.width, Image.Resampling.BICUBIC))
+        tiles.append(image_ops.resize(x, h, w, cfg.resample, backend))
     return tiles
 
 
-def _to_pixels(tile: Image.Image, cfg: TilingConfig) -> np.ndarray:
+def _to_pixels(tile: torch.Tensor, cfg: TilingConfig, backend: str) -> torch.Tensor:
     if cfg.do_resize:
-        tile = _resize(tile, cfg.height, cfg.width, cfg.resample)
-    x = np.asarray(tile)
-    if cfg.do_rescale:
-        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    if cfg.do_normalize:
-        if not np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32)
-        x = (x - np.array(cfg.image_mean, dtype=x.dtype)) / np.array(cfg.image_std, dtype=x.dtype)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+        tile = image_ops.resize(tile, cfg.height, cfg.width, cfg.resample, backend)
+    return image_ops.rescale_normalize(tile, cfg.do_rescale, cfg.rescale_factor, cfg.do_normalize, cfg.image_mean,
+                                       cfg.image_std, backend).float()
 
 
 def preprocess(
-    images: Sequence[Image.Image], cfg: TilingConfig, image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH
+    images: Sequence[Image.Image], cfg: TilingConfig, image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH,
+    backend: str = image_ops.DEFAULT_BACKEND,
 ) -> dict[str, torch.Tensor]:
     """PIL images -> the model's inputs, equal to `InternVLProcessor(images=...)`'s.
 
+    Args:
+        backend: which of transformers 5's processors to equal, "torchvision" (`GotOcr2ImageProcessor`, what
+            transformers gives when torchvision is installed) or "pil" (`GotOcr2ImageProcessorPil`, without it).
     Returns:
         pixel_values: [sum(num_patches), 3, height, width] float32, every image's tiles in image order.
         num_patches: [n] tiles per image (thumbnail included).
@@ -186,16 +179,14 @@ def preprocess(
     """
     pixels, counts = [], []
     for im in images:
-        if im.mode != "RGB":
-            if not cfg.do_convert_rgb:
-                raise ValueError(f"image mode {im.mode!r} with do_convert_rgb=false: only RGB images are supported")
-            im = im.convert("RGB")
-        tiles = tile_image(im, cfg)
-        pixels += [_to_pixels(t, cfg) for t in tiles]
+        if im.mode != "RGB" and not cfg.do_convert_rgb:
+            raise ValueError(f"image mode {im.mode!r} with do_convert_rgb=false: only RGB images are supported")
+        tiles = tile_image(image_ops.rgb_pixels(im, cfg.do_convert_rgb), cfg, backend)
+        pixels += [_to_pixels(t, cfg, backend) for t in tiles]
         counts.append(len(tiles))
     num_patches = torch.tensor(counts, dtype=torch.long)
     return {
-        "pixel_values": torch.from_numpy(np.stack(pixels)) if pixels else torch.empty(0, 3, cfg.height, cfg.width),
+        "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, cfg.height, cfg.width),
         "num_patches": num_patches,
         "num_tokens": num_patches * image_seq_length,
     }
@@ -204,6 +195,12 @@ def preprocess(
 def image_placeholder(num_tokens: int) -> str:
     """What the processor writes for one image: `<img>` + num_tokens x `<IMG_CONTEXT>` + `</img>`."""
     return IMG_START + IMG_CONTEXT * num_tokens + IMG_END
+
+
+def image_span(num_tokens: int) -> str:
+    """One image in a user turn as the template (`<IMG_CONTEXT>\\n` per image part) and the processor's
+    expansion write it."""
+    return image_placeholder(int(num_tokens)) + "\n"
 
 
 def format_prompt(question: str, images_num_tokens: Sequence[int], system: str | None = None) -> str:
@@ -215,5 +212,5 @@ def format_prompt(question: str, images_num_tokens: Sequence[int], system: str |
     """
     out = f"{IM_START}system\n{system}{IM_END}\n" if system is not None else ""
     out += f"{IM_START}user\n"
-    out += "".join(image_placeholder(int(n)) + "\n" for n in images_num_tokens)
+    out += "".join(image_span(n) for n in images_num_tokens)
     return out + f"{question}{IM_END}\n{IM_START}assistant\n"

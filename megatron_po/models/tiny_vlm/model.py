@@ -115,15 +115,3 @@ def build_vlm(model: ModelConfig, par: ParallelConfig, vocab_size: int, groups: 
     torch.manual_seed(seed)
     m = VLMModel(model, par, vocab_size, groups, seed=seed)
     return m.to(groups.device)
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Pads the vocabulary to a multiple of `multiple`, independent of the TP size.
-
-    Megatron-LM pads to `multiple * tp`; we do not, because padded entries take part in the softmax and in the
-    initial weights: a TP-dependent vocabulary would make log-probs depend on the layout.
-    """
-    padded = ((vocab_size + multiple - 1) // multiple) * multiple
-    if padded % tp:
-        raise ValueError(f"padded vocabulary {padded} is not divisible by parallel.tp={tp}")
-    return padded

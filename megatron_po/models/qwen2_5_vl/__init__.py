@@ -2,40 +2,41 @@
 
 The decoder is megatron's GPTModel (TP/SP-sharded, `position_embedding_type="mrope"` with the config's
 `rope_scaling.mrope_section`). The vision tower and the merger are plain torch modules replicated on every TP
-rank (models/qwen2_5_vl_vision.py says why). Image features replace the `<|image_pad|>` tokens of the decoder
+rank (models/qwen2_5_vl/vision.py says why). Image features replace the `<|image_pad|>` tokens of the decoder
 input; M-RoPE positions come from `position_ids` (HF's get_rope_index for image rows).
 
 Hugging Face checkpoints come in two tensor layouts, both read by `hf_rules`:
-    hub / `save_pretrained` (transformers 4.57.1)   visual.*          model.layers.*, model.embed_tokens.*    lm_head.*
-    in-memory modules (transformers >= 4.52, v5)    model.visual.*    model.language_model.*                  lm_head.*
+    hub / `save_pretrained` (4.57.1 and 5.x)        visual.*          model.layers.*, model.embed_tokens.*    lm_head.*
+    in-memory modules (state_dict, >= 4.52)         model.visual.*    model.language_model.*                  lm_head.*
 The layout is detected from the tensor names when the converter passes them (`hf_rules(config, names)`); the
 HF side written back (megatron -> HF) uses the hub layout, which every transformers version loads.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Optional
 
 import torch
-
 from megatron.core.enums import ModelType
 from torch import Tensor
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.convert.rules import Rule, copy_rule, qwen2_lm_rules
-from megatron_po.data.qwen2_5_vl_processor import (  # noqa: F401  (re-exported: the family contract)
+from megatron_po.data import image_ops
+from megatron_po.models.base import VLMBase, to_device
+from megatron_po.models.family import VisionFootprint, hf_family_spec
+from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
+from megatron_po.models.qwen2_5_vl import processor
+from megatron_po.models.qwen2_5_vl.processor import (  # noqa: F401  (re-exported: the family contract)
     RESPONSE_SUFFIX,
     collate_images,
     format_prompt,
+    image_span,
     rope_position_ids,
 )
-from megatron_po.data import qwen2_5_vl_processor as processor
-from megatron_po.models.base import VLMBase, to_device
-from megatron_po.models.families import VisionFootprint
-from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
-from megatron_po.models.qwen2_5_vl_vision import PatchMerger, VisionShape, VisionTower
-from megatron_po.models.specs import LMShape, build_lm_config
-from megatron_po.models.vlm import padded_vocab_size
+from megatron_po.models.qwen2_5_vl.vision import PatchMerger, VisionShape, VisionTower
+from megatron_po.models.specs import LMShape, build_lm_config, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
 HF_IGNORED: tuple[str, ...] = ()
@@ -95,15 +96,17 @@ def image_token_id(hf_config: dict) -> int:
     return int(hf_config.get("image_token_id", TOKEN_DEFAULTS["image_token_id"]))
 
 
-def preprocess_images(pils, preprocessor_config: dict, hf_config: dict | None = None) -> dict:
-    """The family contract's signature over data.qwen2_5_vl_processor.preprocess_images (the processor alone
-    decides the patches; `hf_config` is not needed)."""
-    return processor.preprocess_images(pils, preprocessor_config)
+def preprocess_images(pils, preprocessor_config: dict, hf_config: dict | None = None,
+                      backend: str = image_ops.DEFAULT_BACKEND) -> dict:
+    """The family contract's signature over processor.preprocess_images (the processor alone
+    decides the patches; `hf_config` is not needed). `backend`: the transformers 5 image processor to equal
+    (data/image_ops.py)."""
+    return processor.preprocess_images(pils, preprocessor_config, backend=backend)
 
 
 def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_config: dict) -> int:
     """LLM tokens of an image of this size (smart_resize's grid / merge^2), without reading its pixels."""
-    from megatron_po.data.qwen2_5_vl_processor import processor_settings, smart_resize
+    from megatron_po.models.qwen2_5_vl.processor import processor_settings, smart_resize
 
     st = processor_settings(preprocessor_config)
     factor = st["patch_size"] * st["merge_size"]
@@ -113,7 +116,7 @@ def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_conf
 
 def position_ids(hf_config: dict, input_ids: Tensor, images: dict, row_images: list[list[int]],
                  attention_mask: Optional[Tensor] = None) -> Tensor:
-    """M-RoPE positions [3, b, s] of `input_ids` [b, s]; see data.qwen2_5_vl_processor.rope_position_ids."""
+    """M-RoPE positions [3, b, s] of `input_ids` [b, s]; see processor.rope_position_ids."""
     return rope_position_ids(input_ids, images["image_grid_thw"], row_images, image_token_id(hf_config),
                              vision_shape(hf_config).spatial_merge_size, attention_mask)
 
@@ -174,7 +177,7 @@ class Qwen25VLModel(VLMBase):
 def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length: int) -> tuple[LMShape, VisionFootprint]:
     """The family contract's shapes for the memory plan: tower and merger replicated per TP rank (counted on the
     meta device); a pair's worst image has the processor's max_pixels, at most half of a row's tokens."""
-    from megatron_po.data.qwen2_5_vl_processor import processor_settings
+    from megatron_po.models.qwen2_5_vl.processor import processor_settings
 
     lm = lm_shape(hf_config)
     vis = vision_shape(hf_config)
@@ -240,3 +243,6 @@ def hf_rules(hf_config: dict, hf_names: Optional[Iterable[str]] = None) -> list[
               "linear_fc2.weight": "mlp.2.weight", "linear_fc2.bias": "mlp.2.bias"}
     rules += [copy_rule(f"projector.{m}", f"{vis_p}merger.{h}") for m, h in merger.items()]
     return rules
+
+
+SPEC = hf_family_spec("qwen2_5_vl", sys.modules[__name__])

@@ -1,11 +1,12 @@
 """Qwen2.5-VL inputs without transformers: image patches, M-RoPE position ids and the chat prompt.
 
-Each function reproduces what transformers 4.57.1 computes (checked for exact equality in
+Each function reproduces what transformers 5.x computes (checked for exact equality in
 tests/test_hf_qwen2_5_vl.py):
-- `preprocess_images` = `Qwen2VLImageProcessor` (the slow, PIL-based one, which `AutoImageProcessor` picks for
-  Qwen2.5-VL checkpoints): RGB conversion, `smart_resize` to multiples of patch_size * merge_size within
-  [min_pixels, max_pixels], PIL bicubic resize, rescale (float64 then float32), normalisation in float32, the
-  frame duplicated to `temporal_patch_size`, and the patch flatten order the vision tower's Conv3d expects;
+- `preprocess_images` = `Qwen2VLImageProcessor`, in either of its backends (data/image_ops.py; by default the
+  torchvision one that transformers 5 picks whenever torchvision is installed): RGB conversion (transparency onto
+  white), `smart_resize` to multiples of patch_size * merge_size within [min_pixels, max_pixels], the backend's
+  bicubic resize, rescale and normalisation, the frame repeated to `temporal_patch_size`, and the patch flatten
+  order the vision tower's Conv3d expects;
 - `position_ids` = `Qwen2_5_VLModel.get_rope_index` for rows with images (no videos);
 - `format_prompt` = the Qwen2.5-VL chat template + processor for one user turn (images first, then the text)
   followed by the generation prompt, with every `<|image_pad|>` already expanded to the image's token count.
@@ -16,8 +17,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
+
+from megatron_po.data import image_ops
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -27,7 +29,7 @@ RESPONSE_SUFFIX = "<|im_end|>\n"
 """What the template writes after an assistant message; supervised with the response, as Qwen's own fine-tuning
 code and LLaMA-Factory's qwen2_vl template do (TRL supervises `<|im_end|>` plus an extra eos)."""
 
-# Qwen2VLImageProcessor's defaults (transformers 4.57.1), for keys a preprocessor_config.json may leave out
+# Qwen2VLImageProcessor's defaults (transformers 4.57.1 and 5.x), for keys a preprocessor_config.json may leave out
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROCESSOR_DEFAULTS = {
@@ -82,40 +84,33 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def _patchify(image, s: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _patchify(image, s: dict, backend: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One PIL image -> ([grid_t * grid_h * grid_w, C * T * P * P] float32, (grid_t, grid_h, grid_w))."""
-    from PIL import Image
-
-    if s["do_convert_rgb"] and image.mode != "RGB":
-        image = image.convert("RGB")
+    x = image_ops.rgb_pixels(image, s["do_convert_rgb"])  # uint8 [C, H, W]
     p, m, tp = s["patch_size"], s["merge_size"], s["temporal_patch_size"]
-    height, width = image.height, image.width
+    height, width = x.shape[-2:]
     if s["do_resize"]:
         height, width = smart_resize(height, width, p * m, s["min_pixels"], s["max_pixels"])
-        # PIL takes (width, height); HF hands PIL the uint8 image and reducing_gap=None
-        image = image.resize((width, height), resample=Image.Resampling(s["resample"]))
-    x = np.array(image)
-    if x.ndim == 2:
-        x = x[..., None]
-    if s["do_rescale"]:
-        x = (x.astype(np.float64) * s["rescale_factor"]).astype(np.float32)
-    if s["do_normalize"]:
-        x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
-        x = (x - np.array(s["image_mean"], dtype=x.dtype)) / np.array(s["image_std"], dtype=x.dtype)
-    x = x.transpose(2, 0, 1)[None]  # [1, C, H, W]
+        x = image_ops.resize(x, height, width, s["resample"], backend)
+    x = image_ops.rescale_normalize(x, s["do_rescale"], s["rescale_factor"], s["do_normalize"], s["image_mean"],
+                                    s["image_std"], backend).float()
     # a still image is its own second frame: the Conv3d patch spans temporal_patch_size frames
-    x = np.concatenate([x] + [x[-1:]] * (tp - 1), axis=0) if tp > 1 else x
+    x = x[None].expand(tp, -1, -1, -1)
     c = x.shape[1]
-    gt, gh, gw = x.shape[0] // tp, height // p, width // p
+    gt, gh, gw = 1, height // p, width // p
     x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
     # rows: merge windows (m x m patches) contiguous, row-major over the grid; columns: (C, T, P, P)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
-def preprocess_images(images: Sequence, preprocessor_config: dict) -> dict:
+def preprocess_images(images: Sequence, preprocessor_config: dict,
+                      backend: str = image_ops.DEFAULT_BACKEND) -> dict:
     """PIL images -> the vision tower's inputs, exactly as Qwen2VLImageProcessor computes them.
 
+    Args:
+        backend: which of transformers 5's processors to equal, "torchvision" (`Qwen2VLImageProcessor`, what
+            transformers gives when torchvision is installed) or "pil" (`Qwen2VLImageProcessorPil`, without it).
     Returns:
         dict with `pixel_values` [sum of patches, C*T*P*P] float32 (images concatenated in order),
         `image_grid_thw` [n, 3] long (patch grid per image) and `num_tokens` [n] long (LLM tokens per image:
@@ -124,12 +119,12 @@ def preprocess_images(images: Sequence, preprocessor_config: dict) -> dict:
     s = processor_settings(preprocessor_config)
     patches, grids = [], []
     for image in images:
-        x, grid = _patchify(image, s)
+        x, grid = _patchify(image, s, backend)
         patches.append(x)
         grids.append(grid)
     grid = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
     return {
-        "pixel_values": torch.from_numpy(np.concatenate(patches)) if patches else torch.zeros(0, 0),
+        "pixel_values": torch.cat(patches) if patches else torch.zeros(0, 0),
         "image_grid_thw": grid,
         "num_tokens": grid.prod(-1) // s["merge_size"] ** 2,
     }
@@ -163,12 +158,13 @@ def rope_position_ids(
         image_grid_thw: [n, 3] patch grids of all images of the batch.
         row_images: row_images[r] = indices into image_grid_thw of the images whose token spans appear in row r,
             in order (rows may share images, e.g. the chosen and rejected rows of a pair).
-        attention_mask: optional [b, s] (1 = token, 0 = padding): as in HF, padding is skipped and gets position 1.
+        attention_mask: optional [b, s] (1 = token, 0 = padding): as in HF, padding is skipped and gets position 0
+            (transformers 5; 4.x gave it 1). Padding is never attended to, so only the numbers differ.
     """
     b, s = input_ids.shape
     if len(row_images) != b:
         raise ValueError(f"row_images has {len(row_images)} rows, input_ids has {b}")
-    out = torch.ones(3, b, s, dtype=torch.long)
+    out = torch.zeros(3, b, s, dtype=torch.long)
     grids = image_grid_thw.tolist()
     for r in range(b):
         keep = attention_mask[r].bool().cpu() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
@@ -200,12 +196,17 @@ def rope_position_ids(
     return out.to(input_ids.device)
 
 
+def image_span(num_tokens: int) -> str:
+    """One image in a user turn, its pads expanded (what the chat template writes for an image part)."""
+    return f"{VISION_START}{IMAGE_PAD * int(num_tokens)}{VISION_END}"
+
+
 def format_prompt(question: str, images_num_tokens: Sequence[int], system: Optional[str] = None) -> str:
     """One user turn (the images, then `question`) and the generation prompt, image pads expanded.
 
     `system=None` gives the template's default system prompt, as when the conversation has no system message.
     """
     sys_text = DEFAULT_SYSTEM if system is None else system
-    images = "".join(f"{VISION_START}{IMAGE_PAD * int(n)}{VISION_END}" for n in images_num_tokens)
+    images = "".join(image_span(n) for n in images_num_tokens)
     return (f"<|im_start|>system\n{sys_text}<|im_end|>\n<|im_start|>user\n{images}{question}<|im_end|>\n"
             f"<|im_start|>assistant\n")

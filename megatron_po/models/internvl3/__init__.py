@@ -1,9 +1,9 @@
 """InternVL3 on megatron-core: InternViT -> pixel shuffle -> MLP projector -> Qwen2.5 decoder (GPTModel).
 
-The family module for `model.family: internvl3` (contract in models/families.py), built from the config.json of
-a transformers-native checkpoint (`InternVLForConditionalGeneration`, model_type "internvl").
+The family package of `model.family: internvl3` (contract: models/family.py HFFamilyModule), built from the
+config.json of a transformers-native checkpoint (`InternVLForConditionalGeneration`, model_type "internvl").
 
-- Vision tower: `internvl3_vision.InternViT`, a plain torch module replicated on every TP rank (frozen by
+- Vision tower: `vision.InternViT`, a plain torch module replicated on every TP rank (frozen by
   default); why not megatron's TransformerBlock is said there (layer scale, whole-width qk-norm, bit-identical
   round trips).
 - Pixel shuffle: HF's exact channel ordering (downsample_ratio 0.5: 2x2 neighbouring patches -> one token with
@@ -13,11 +13,15 @@ a transformers-native checkpoint (`InternVLForConditionalGeneration`, model_type
   `InternVLMultiModalProjector` (LayerNorm -> linear_1 -> GELU -> linear_2).
 - LLM: `lm.build_language_model` (Qwen2 / Qwen2.5 decoder, plain 1-D RoPE positions).
 
-Checkpoint layouts (`hf_rules`): what `save_pretrained` of transformers 4.57.1 writes (`language_model.model.*`,
-`language_model.lm_head.weight`, `vision_tower.*`, `multi_modal_projector.*`), and the module layout that
-`_checkpoint_conversion_mapping` maps it to on load and transformers 5 writes (`model.language_model.*`,
-`lm_head.weight`, `model.vision_tower.*`, `model.multi_modal_projector.*`). `detect_layout` tells them apart by
-the tensor names; megatron -> HF writes the 4.57.1 layout unless told otherwise.
+Checkpoint layouts (`hf_rules`): what `save_pretrained` of transformers 4.57.1 and 5.x writes
+(`language_model.model.*`, `language_model.lm_head.weight`, `vision_tower.*`, `multi_modal_projector.*`), and the
+module layout that `_checkpoint_conversion_mapping` maps it to on load (`model.language_model.*`, `lm_head.weight`,
+`model.vision_tower.*`, `model.multi_modal_projector.*`: the in-memory state_dict). `detect_layout` tells them apart
+by the tensor names; megatron -> HF writes the `save_pretrained` layout unless told otherwise.
+
+Tied embeddings: transformers 5 ties by the config's top-level `tie_word_embeddings` (default true), 4.x by
+`text_config.tie_word_embeddings`; the two may disagree, and the version that wrote config.json decides
+(`tied_embeddings`), as it decided whether an `lm_head` tensor was written.
 
 OpenGVLab's original remote-code checkpoints (InternVLChatModel, model_type "internvl_chat": `vision_model.*`
 with a fused `attn.qkv`, `mlp1.{0,1,3}`, `language_model.*`) are read too: `native_config` translates their
@@ -29,6 +33,7 @@ by giving the very tensors the transformers layout gives, not by a forward pass 
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Iterable, Sequence
 
 import torch
@@ -41,15 +46,16 @@ from torch import nn
 
 from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.convert.rules import Rule, cat_rule, copy_rule, qwen2_lm_rules
-from megatron_po.data import internvl3_processor as processor
-# the family contract (models/families.py) asks these of the family module
-from megatron_po.data.internvl3_processor import CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt  # noqa: F401
-from megatron_po.models.internvl3_vision import InternViT, InternViTShape, activation, image_features
+from megatron_po.data import image_ops
 from megatron_po.models.base import VLMBase, to_device
-from megatron_po.models.families import VisionFootprint
+from megatron_po.models.family import VisionFootprint, hf_family_spec
+from megatron_po.models.internvl3 import processor
+# the family contract (models/family.py HFFamilyModule) asks these of the family module
+from megatron_po.models.internvl3.processor import (  # noqa: F401
+    CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt, image_span)
+from megatron_po.models.internvl3.vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
-from megatron_po.models.specs import LMShape
-from megatron_po.models.vlm import padded_vocab_size
+from megatron_po.models.specs import LMShape, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
 DEFAULT_IMAGE_TOKEN_ID = 151667  # InternVLConfig's default: <IMG_CONTEXT> of the Qwen2 tokenizers
@@ -114,8 +120,20 @@ def check_config(hf_config: dict) -> None:
                          f"vision_config gives (image_size / patch_size * downsample_ratio, squared)")
 
 
+def tied_embeddings(hf_config: dict) -> bool:
+    """Whether lm_head is the input embedding. transformers 5 reads InternVLConfig's own `tie_word_embeddings`
+    (default true) and ignores text_config's, which 4.x read: the writer's version (config.json's
+    `transformers_version`) says which one the saved tensors follow."""
+    version = str(hf_config.get("transformers_version") or "4")
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 4
+    if major >= 5:
+        return bool(hf_config.get("tie_word_embeddings", True))
+    return bool((hf_config.get("text_config") or {}).get("tie_word_embeddings", False))
+
+
 def _text_config(hf_config: dict) -> dict:
-    text = rope_fields(hf_config.get("text_config") or {})  # transformers 4.x or 5.x RoPE fields
+    text = dict(rope_fields(hf_config.get("text_config") or {}))  # transformers 4.x or 5.x RoPE fields
+    text["tie_word_embeddings"] = tied_embeddings(hf_config)
     if text.get("model_type", "qwen2") != "qwen2":
         raise ValueError(f"InternVL with a {text.get('model_type')!r} LLM is not supported (Qwen2 / Qwen2.5 only)")
     scaling = text.get("rope_scaling") or {}
@@ -173,7 +191,7 @@ class InternVLProjector(MegatronModule):
 
 
 class InternVL3Model(VLMBase):
-    """InternVL3 with the interface of models.vlm.VLMModel; `forward` returns logits [b, s, v_padded/tp]."""
+    """InternVL3 with the interface of models.tiny_vlm.model.VLMModel; `forward` returns logits [b, s, v_padded/tp]."""
 
     def __init__(self, hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups):
         hf_config = native_config(hf_config)
@@ -252,18 +270,20 @@ def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: Para
 # ---------------------------------------------------------------------------------------------- data side
 
 
-def preprocess_images(pils: Sequence, preprocessor_config: dict, hf_config: dict | None = None) -> dict:
+def preprocess_images(pils: Sequence, preprocessor_config: dict, hf_config: dict | None = None,
+                      backend: str = image_ops.DEFAULT_BACKEND) -> dict:
     """PIL images -> {'pixel_values' [tiles, 3, H, W], 'num_patches' [n], 'num_tokens' [n]}, as InternVLProcessor.
 
     Tokens per tile come from `hf_config` when given (what the model produces for the processor's tile size),
-    else from an `image_seq_length` key in `preprocessor_config` (processor_config.json's), else 256.
+    else from an `image_seq_length` key in `preprocessor_config` (processor_config.json's), else 256. `backend`:
+    the transformers 5 image processor to equal (data/image_ops.py).
     """
     cfg = processor.TilingConfig.from_preprocessor_config(preprocessor_config)
     if hf_config is not None:
         per_tile = tokens_per_tile(hf_config, cfg.height, cfg.width)
     else:
         per_tile = int(preprocessor_config.get("image_seq_length", processor.DEFAULT_IMAGE_SEQ_LENGTH))
-    return processor.preprocess(pils, cfg, image_seq_length=per_tile)
+    return processor.preprocess(pils, cfg, image_seq_length=per_tile, backend=backend)
 
 
 def image_num_tokens(width: int, height: int, preprocessor_config: dict, hf_config: dict) -> int:
@@ -383,3 +403,6 @@ def hf_rules(hf_config: dict, hf_names: Iterable[str] | None = None, layout: str
     lm_prefix, lm_head, vision_prefix, projector_prefix = LAYOUTS[layout]
     return (_vision_rules(vision, vision_prefix) + _projector_rules(projector_prefix)
             + qwen2_lm_rules(shape, lm_prefix, lm_head, padded))
+
+
+SPEC = hf_family_spec("internvl3", sys.modules[__name__])
