@@ -50,7 +50,12 @@ else
             --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-megatron_po_$MASTER_PORT}")
 fi
 
-# torchrun's default OMP_NUM_THREADS=1 per process is right for the CPU demo (2 processes on 2 cores)
+# threads follow the processes on this machine (torchrun's default is 1 per process whenever NPROC > 1, which
+# leaves cores idle on the CPU backend); a value you export wins
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores=$(nproc 2>/dev/null || echo 1)
+    export OMP_NUM_THREADS=$(( cores / NPROC > 0 ? cores / NPROC : 1 ))
+fi
 set -x
 exec "$PYTHON" -m torch.distributed.run "${launch[@]}" --nproc_per_node "$NPROC" \
     -m megatron_po.train ${config_args[@]+"${config_args[@]}"} "$@"

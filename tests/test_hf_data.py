@@ -121,3 +121,19 @@ def test_p2_dpo_trains_an_hf_family(fam, tmp_path):
     assert abs(m[0]["p2/focus_loss"] - math.log(2)) < 1e-6, m[0]
     assert all(math.isfinite(v) for r in m for v in r.values() if isinstance(v, float))
     assert m[1]["loss"] != m[0]["loss"]
+
+
+def test_transparent_images_read_from_disk_as_the_processor_sees_them(family, tmp_path):
+    """A PNG with alpha, read by the data path (open_rgb) then processed, gives the pixels the family's processor
+    gives the PIL image itself: transparency onto white, as transformers 5 converts (PIL's convert drops it)."""
+    from PIL import Image
+
+    name, hf = family
+    rgba = Image.fromarray(torch.randint(0, 256, (40, 60, 4), generator=torch.Generator().manual_seed(1),
+                                         dtype=torch.uint8).numpy(), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    tok = HFTokenizer(name, hf)
+    ours = HFImages(tok).load([tmp_path / "a.png"])["pixel_values"]
+    direct = tok.family.preprocess_images([rgba], tok.preprocessor_config, tok.hf_config)["pixel_values"]
+    dropped = tok.family.preprocess_images([rgba.convert("RGB")], tok.preprocessor_config, tok.hf_config)
+    assert torch.equal(ours, direct) and not torch.equal(ours, dropped["pixel_values"])

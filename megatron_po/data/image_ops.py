@@ -37,13 +37,18 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited onto white, as transformers 5 converts (PIL's convert drops the alpha)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def rgb_pixels(image: Image.Image, do_convert_rgb: bool = True) -> torch.Tensor:
     """A PIL image -> uint8 [C, H, W]; RGB with transparency composited onto white when `do_convert_rgb`."""
     if do_convert_rgb:
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        image = image.convert("RGB")
+        image = to_rgb(image)
     x = np.array(image)
     x = x[..., None] if x.ndim == 2 else x
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()

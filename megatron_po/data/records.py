@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from megatron_po.data.image_ops import to_rgb
 from megatron_po.data.sentences import check_sentence_similarity, check_sentence_spans, split_sentences
 
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "image", "prompt", "chosen", "rejected")
@@ -333,7 +334,8 @@ def open_rgb(source: ImageFile) -> Image.Image:
     """
     try:
         with _open(source) as im:
-            return im.convert("RGB")
+            im.load()  # decodes it all here: a truncated file is named now
+            return to_rgb(im)  # transparency onto white, as transformers 5 (and so the HF families) converts
     except FileNotFoundError:
         raise
     except _PIL_ERRORS as e:
