@@ -256,10 +256,15 @@ class EvalConfig:
     """JSONL of yes/no probe records (meta.present); empty with data.source=synthetic: generated held-out images."""
     probe_images: int = 64
     """Images of the generated yes/no probe (synthetic source)."""
+    probe_style: str = "yesno"
+    """The generated probe: 'yesno' (one present and one random absent object per image) or 'pope' (POPE's
+    random / popular / adversarial absent objects, with per-split precision, recall, F1, yes-ratio)."""
 
     def __post_init__(self):
         if self.interval < 0 or self.max_pairs < 1:
             raise ConfigError("eval.interval must be >= 0 and eval.max_pairs >= 1")
+        if self.probe_style not in ("yesno", "pope"):
+            raise ConfigError(f"eval.probe_style must be yesno|pope, got {self.probe_style!r}")
 
 
 @dataclass

@@ -207,13 +207,16 @@ def _count_pair(rng: random.Random, objects: list[dict[str, Any]]) -> dict[str, 
 
 
 def _yesno_pair(rng: random.Random, objects: list[dict[str, Any]], present: bool | None = None,
-                prompt: str | None = None) -> dict[str, Any]:
-    """'Is there a red square in the image?': about a drawn object, or a colour+shape combination not drawn."""
+                prompt: str | None = None, absent: tuple[str, str] | None = None) -> dict[str, Any]:
+    """'Is there a red square in the image?': about a drawn object, or a colour+shape combination not drawn
+    (`absent`, when the caller chose it)."""
     if present is None:
         present = rng.random() < 0.5
     if present:
         query = rng.choice(objects)
         colour, shape = query["colour"], query["shape"]
+    elif absent is not None:
+        colour, shape = absent
     else:
         drawn = {(o["colour"], o["shape"]) for o in objects}
         colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in drawn])
@@ -255,6 +258,8 @@ def _record(record_id: str, rel_path: str, pair: dict[str, Any], objects: list[d
             "target": pair["target"]}
     if pair["kind"] == "yesno":
         meta.update(present=pair["present"], query=pair["query"])
+    if "pope" in pair:  # the POPE sampling split of the question (data/pope.py)
+        meta["pope"] = pair["pope"]
     record = {"id": record_id, "image": rel_path, "prompt": pair["prompt"], "chosen": pair["chosen"],
               "rejected": pair["rejected"], "meta": meta}
     return json.dumps(record, sort_keys=True)

@@ -147,6 +147,7 @@ def check_data(cfg: Config, objective: Objective) -> str:
 
 def build_eval_datasets(cfg: Config, tokenizer: Tokenizer) -> dict[str, PreferenceDataset]:
     """Held-out preference pairs ("eval") and yes/no probe records ("probe") for `eval.interval > 0` (else none)."""
+    from megatron_po.data.pope import generate_pope_set
     from megatron_po.data.synthetic import generate_probe_set
 
     if cfg.eval.interval == 0:
@@ -155,10 +156,16 @@ def build_eval_datasets(cfg: Config, tokenizer: Tokenizer) -> dict[str, Preferen
     eval_path = Path(cfg.eval.path) if cfg.eval.path else data_dir / "eval.jsonl"
     probe_path = Path(cfg.eval.probe_path) if cfg.eval.probe_path else None
     if probe_path is None and cfg.data.source == "synthetic":
-        probe_path = data_dir / "probe" / "probe.jsonl"
+        pope = cfg.eval.probe_style == "pope"
+        probe_path = data_dir / ("pope/pope.jsonl" if pope else "probe/probe.jsonl")
         if dist.get_rank() == 0 and not probe_path.exists():
-            generate_probe_set(probe_path.parent, cfg.eval.probe_images, seed=cfg.data.seed + 7919,
-                               image_size=cfg.model.vision.image_size)
+            kw = dict(num_images=cfg.eval.probe_images, seed=cfg.data.seed + 7919,
+                      image_size=cfg.model.vision.image_size)
+            if pope:  # popular / adversarial absent objects follow the training pairs' object statistics
+                train = data_dir / "train.jsonl"
+                generate_pope_set(probe_path.parent, read_records(train) if train.is_file() else [], **kw)
+            else:
+                generate_probe_set(probe_path.parent, **kw)
         dist.barrier()
     out = {}
     for name, path in (("eval", eval_path), ("probe", probe_path)):

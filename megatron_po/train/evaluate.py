@@ -5,7 +5,8 @@ Every `eval.interval` steps (and at step 0 and at the end) the trainer scores he
 - `eval/chosen_logp_per_token` and `eval/delta_logp`: mean per-token log-prob of the held-out chosen responses
   and its change since step 0 (CW-DPO's Δlog p probe: negative = likelihood displacement);
 - `probe/*` on yes/no questions about held-out images: the policy "answers yes" when it gives the yes-answer the
-  higher log-prob; hallucination rate = share of absent-object questions answered yes.
+  higher log-prob; hallucination rate = share of absent-object questions answered yes; with a POPE probe
+  (data/pope.py), `probe/<split>/{accuracy,precision,recall,f1,yes_ratio}` per sampling split.
 
 Log-probs exist on the last pipeline stage only: the numbers are computed there and broadcast to every stage.
 """
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_po.data.collate import PreferenceDataset
+from megatron_po.data.pope import pope_metrics
 from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import micro_batches
@@ -94,7 +96,8 @@ def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
     out = None
     if samples is not None:
         chosen, rejected = samples["logps/chosen"], samples["logps/rejected"]
-        present = torch.tensor([bool(r.meta.get("present")) for r in _ordered_records(ev, step)], dtype=torch.bool)
+        records = _ordered_records(ev, step)
+        present = torch.tensor([bool(r.meta.get("present")) for r in records], dtype=torch.bool)
         # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
         says_yes = torch.where(present, chosen > rejected, rejected > chosen)
         correct = says_yes == present
@@ -104,7 +107,18 @@ def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
             f"{ev.name}/hallucination_rate": float(says_yes[absent].double().mean()) if absent.any() else float("nan"),
             f"{ev.name}/yes_rate_present": float(says_yes[present].double().mean()) if present.any() else float("nan"),
         }
+        out.update(_pope(ev.name, records, says_yes.tolist(), present.tolist()))
     return broadcast_from_last_stage(out, step.groups.pp)
+
+
+def _pope(name: str, records: list, says_yes: list[bool], present: list[bool]) -> dict[str, float]:
+    """POPE's metrics per sampling split of the records that carry one (meta.pope: data/pope.py)."""
+    out = {}
+    for split in sorted({r.meta["pope"] for r in records if "pope" in r.meta}):
+        mine = [i for i, r in enumerate(records) if r.meta.get("pope") == split]
+        metrics = pope_metrics([says_yes[i] for i in mine], [present[i] for i in mine])
+        out.update({f"{name}/{split}/{k}": v for k, v in metrics.items()})
+    return out
 
 
 def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
