@@ -130,6 +130,16 @@ def _precompute(cfg: Config, objective, groups) -> None:
               flush=True)
 
 
+def _evaluate(cfg: Config, objective, groups) -> None:
+    import torch.distributed as dist
+
+    from megatron_po.train.evaluate import run_evaluation
+
+    out = run_evaluation(cfg, objective, groups)
+    if dist.get_rank() == 0:
+        print(json.dumps(out, indent=1, sort_keys=True), flush=True)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     return _distributed(argv, "megatron-po train", _train)
 
@@ -138,12 +148,17 @@ def precompute_main(argv: list[str] | None = None) -> int:
     return _distributed(argv, "megatron-po precompute-ref", _precompute)
 
 
+def eval_main(argv: list[str] | None = None) -> int:
+    return _distributed(argv, "megatron-po eval", _evaluate)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: megatron-po {train,precompute-ref,demo} ...\n"
               "  train           run one training stage (under torchrun)\n"
               "  precompute-ref  write the reference log-prob cache of a config (under torchrun, any layout)\n"
+              "  eval            score held-out pairs and the probe with checkpoint.init_from (any layout)\n"
               "  demo            the embedded SFT -> ACPO demo on this machine")
         return 0
     cmd, rest = argv[0], argv[1:]
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if cmd == "precompute-ref":
         return precompute_main(rest)
+    if cmd == "eval":
+        return eval_main(rest)
     if cmd == "demo":
         from megatron_po.demo import main as demo_main
 

@@ -85,3 +85,24 @@ def test_a_run_logs_pope_metrics(tmp_path):
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for split in SPLITS:
         assert {f"probe/{split}/{k}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")} <= set(last)
+
+
+def test_eval_entry_scores_alike_in_any_layout(tmp_path):
+    """`megatron-po eval`: the same held-out pairs and POPE probe scored by one process and by TP=2 + SP under
+    torchrun (same seed: the same weights) give the same numbers."""
+    import os
+
+    args = [f"output_dir={tmp_path}", "data.num_train=8", "data.num_eval=4", "eval.max_pairs=4",
+            "train.global_batch_size=2", "train.micro_batch_size=2", "eval.probe_style=pope", "eval.probe_images=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    one = subprocess.run([sys.executable, "-m", "megatron_po.cli", "eval", *args], capture_output=True, text=True,
+                         env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "megatron_po.cli", "eval", *args, "parallel.tp=2", "parallel.sp=true"],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads(run.stdout[run.stdout.index("{"):]) for run in (one, two))
+    assert a.keys() == b.keys() and {"probe/adversarial/f1", "eval/chosen_logp_per_token"} <= a.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6, nan_ok=True), k

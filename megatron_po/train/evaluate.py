@@ -127,6 +127,23 @@ def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
     return [ev.dataset.records[i] for i in range(n)]
 
 
+def run_evaluation(cfg, objective, groups) -> dict[str, float]:
+    """`megatron-po eval`: the held-out pairs and the probe of a config scored by `checkpoint.init_from`'s policy
+    (random weights without one), forward only, in the config's layout; no optimizer or reference is built."""
+    import dataclasses
+
+    from megatron_po.train.data import build_eval_datasets, build_eval_sets, build_tokenizer, prepare_data
+    from megatron_po.train.loop import build_models, policy_tower
+
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, interval=max(cfg.eval.interval, 1)))
+    _, tok_path = prepare_data(cfg, objective)
+    tokenizer = build_tokenizer(cfg, tok_path)
+    model, _ = build_models(cfg, groups, tokenizer.vocab_size, dataclasses.replace(objective, needs_reference=False))
+    model.eval()
+    sets, probes = build_eval_sets(cfg, build_eval_datasets(cfg, tokenizer), groups)
+    return maybe_evaluate(PreferenceStep(objective, groups, policy_tower(model)), model, sets, probes)
+
+
 def maybe_evaluate(step: PreferenceStep, model, sets: list[EvalSet], probes: list[EvalSet],
                    reference=None) -> dict[str, float]:
     out: dict[str, float] = {}
