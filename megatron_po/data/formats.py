@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, check_distinct, collect_records,
-                                      parse_meta, parse_object, read_jsonl, read_records, require_text)
+                                      parse_image_field, parse_meta, parse_object, read_jsonl, read_records,
+                                      require_text, resolve_path)
 
 FORMATS = ("auto", "jsonl", "trl", "mpo", "hf")
 HF_SUFFIXES = (".parquet", ".arrow")
@@ -80,16 +81,6 @@ def _image_offsets(offsets: list[int], num_images: int, where: str, what: str) -
     return offsets
 
 
-def _images(value, where: str, field: str) -> list:
-    if isinstance(value, (str, EmbeddedImage)):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(
-            isinstance(p, EmbeddedImage) or (isinstance(p, str) and p.strip()) for p in value):
-        raise RecordError(f"{where}: field '{field}' must be an image path or a non-empty list of images, got "
-                          f"{value!r:.80}")
-    return value
-
-
 def trl_record(obj: dict, where: str, default_id: str) -> PreferenceRecord:
     """A TRL preference record (a JSON object, or a dataset row with its images decoded to sources)."""
     for name in ("prompt", "chosen", "rejected"):
@@ -104,7 +95,7 @@ def trl_record(obj: dict, where: str, default_id: str) -> PreferenceRecord:
     field = "images" if "images" in obj else "image"
     if field not in obj:
         raise RecordError(f"{where}: no 'images' field (a preference pair needs an image)")
-    images = _images(obj[field], where, field)
+    images = parse_image_field(obj[field], where, field)
     check_distinct(chosen, rejected, where)
     return PreferenceRecord(id=str(obj.get("id", default_id)), image=images, prompt=prompt, chosen=chosen,
                             rejected=rejected, image_offsets=_image_offsets(offsets, len(images), where,
@@ -124,7 +115,7 @@ def mpo_record(obj: dict, where: str, record_id: str, image_root: str | None = N
     chosen, rejected = require_text(obj, "chosen", where), require_text(obj, "rejected", where)
     if "image" not in obj:
         raise RecordError(f"{where}: no 'image' field (a preference pair needs an image)")
-    images = _images(obj["image"], where, "image")
+    images = parse_image_field(obj["image"], where, "image")
     prompt, offsets, last = "", [], 0
     for m in MPO_PLACEHOLDER.finditer(question):
         prompt += question[last:m.start()]
@@ -148,8 +139,19 @@ def _mpo_annotation(path: Path, name: str, root: str | None) -> list[PreferenceR
     return read_jsonl(path, parse)
 
 
+def _first_byte(path: Path) -> bytes:
+    """The first non-whitespace byte of a file (b"" if none), without reading the whole of it."""
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
+    return b""
+
+
 def _mpo_meta(path: Path) -> dict | None:
     """The meta file's datasets if `path` is one (a JSON object of objects with 'annotation'), else None."""
+    if _first_byte(path) != b"{":  # a JSON array (TRL's .json) is never parsed twice to find out
+        return None
     try:
         obj = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -171,8 +173,7 @@ def read_mpo(path: Path) -> list[PreferenceRecord]:
         for key in ("annotation", "root"):
             if not isinstance(entry.get(key), str):
                 raise RecordError(f"{where}: field '{key}' must be a path")
-        annotation, root = (Path(entry[k]) if Path(entry[k]).is_absolute() else path.parent / entry[k]
-                            for k in ("annotation", "root"))
+        annotation, root = (resolve_path(entry[k], path.parent) for k in ("annotation", "root"))
         if not annotation.is_file():
             raise RecordError(f"{where}: annotation file not found: {annotation}")
         part = _mpo_annotation(annotation, name, str(root))
@@ -288,11 +289,11 @@ def detect_format(path: Path) -> str:
         return "hf"
     if path.suffix == ".json" and _mpo_meta(path) is not None:
         return "mpo"
+    if _first_byte(path) == b"[":
+        return "trl"  # a JSON array: TRL's json files
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
-                if raw.lstrip()[:1] == b"[":
-                    return "trl"  # a JSON array: TRL's json files
                 try:
                     obj = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -324,7 +325,7 @@ def read_preference_file(path: Path, fmt: str = "auto") -> list[PreferenceRecord
     if fmt == "mpo":
         return read_mpo(path)
     if fmt == "trl":
-        return _read_json_array(path) if path.read_bytes().lstrip()[:1] == b"[" else read_jsonl(path, parse_trl_line)
+        return _read_json_array(path) if _first_byte(path) == b"[" else read_jsonl(path, parse_trl_line)
     return read_records(path)
 
 
@@ -337,5 +338,4 @@ def data_files(path: Path, fmt: str = "auto") -> list[Path]:
     meta = _mpo_meta(path) if fmt in ("auto", "mpo") and path.suffix == ".json" else None
     if meta is None:
         return [path]
-    return [path] + [Path(e["annotation"]) if Path(e["annotation"]).is_absolute() else path.parent / e["annotation"]
-                     for e in meta.values()]
+    return [path] + [resolve_path(e["annotation"], path.parent) for e in meta.values()]

@@ -137,7 +137,8 @@ class P2Collator:
         b = len(samples)
         per_sample, images, image_index = [], [], []
         for record, conditions in samples:
-            counts = {k: int(v["num_tokens"].sum()) for k, v in conditions.items()} if self.images else None
+            counts = ({k: int(v["num_tokens"].sum()) for k, v in conditions.items()} if self.images is not None
+                      else None)
             rows = self._rows(record, counts)
             reason = self._reason(rows)
             if reason:
@@ -216,7 +217,7 @@ class P2Dataset(PreferenceDataset):
     def _fit_args(self, record: P2Record) -> dict:
         if self.images is None:
             return {}
-        check_bbox(record, self.image_root)  # the crop's size decides its slots: a bbox off the image is named
+        # a bbox off its image is named by the check every kept sample gets in __init__
         return {"image_tokens": {k: self.images.num_tokens_of_size(*size)
                                  for k, size in condition_sizes(record, self.image_root).items()}}
 

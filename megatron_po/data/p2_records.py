@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from megatron_po.data.records import (RecordError, check_distinct, image_size, open_rgb, parse_meta, parse_object,
-                                      read_jsonl, require_text, to_tensor)
+                                      read_jsonl, require_text, resolve_path, to_tensor)
 
 ROBUST_PROMPT = ("Strictly answer the following question according to the facts of the image, and control the "
                  "length of the output. Based on this, answer the question: {question}")
@@ -241,15 +241,10 @@ def degrade(image: Image.Image, bbox: tuple[int, int, int, int]) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _resolve(path: str, root: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else Path(root) / p
-
-
 def image_files(record: P2Record, root: Path) -> list[Path]:
-    files = [_resolve(record.image, root)]
+    files = [resolve_path(record.image, root)]
     if record.focus is not None:
-        files += [_resolve(p, root) for p in (record.focus.crop_image, record.focus.deg_image) if p is not None]
+        files += [resolve_path(p, root) for p in (record.focus.crop_image, record.focus.deg_image) if p is not None]
     return files
 
 
@@ -257,7 +252,7 @@ def check_bbox(record: P2Record, root: Path) -> None:
     """Raises RecordError (at the record's ``file:line``) if its bbox leaves its image; reads the header only."""
     if record.focus is None or record.focus.bbox is None:
         return
-    width, height = image_size(_resolve(record.image, root))
+    width, height = image_size(resolve_path(record.image, root))
     left, top, right, bottom = record.focus.bbox
     if right > width or bottom > height:
         raise RecordError(f"{record.source or record.id}: field 'focus.bbox' {list(record.focus.bbox)} leaves the "
@@ -267,27 +262,27 @@ def check_bbox(record: P2Record, root: Path) -> None:
 def load_p2_pils(record: P2Record, root: Path) -> dict[str, Image.Image]:
     """The record's decoded image conditions at their own sizes: ``image`` (I), and ``crop`` (I_crop) and ``deg``
     (I_deg) with a focus branch (given files, or made from the bbox)."""
-    image = open_rgb(_resolve(record.image, root))
+    image = open_rgb(resolve_path(record.image, root))
     out = {"image": image}
     f = record.focus
     if f is not None:
-        out["crop"] = open_rgb(_resolve(f.crop_image, root)) if f.crop_image else image.crop(f.bbox)
-        out["deg"] = open_rgb(_resolve(f.deg_image, root)) if f.deg_image else degrade(image, f.bbox)
+        out["crop"] = open_rgb(resolve_path(f.crop_image, root)) if f.crop_image else image.crop(f.bbox)
+        out["deg"] = open_rgb(resolve_path(f.deg_image, root)) if f.deg_image else degrade(image, f.bbox)
     return out
 
 
 def condition_sizes(record: P2Record, root: Path) -> dict[str, tuple[int, int]]:
     """(width, height) of each image condition the record's rows show, from file headers and the bbox."""
-    width, height = image_size(_resolve(record.image, root))
+    width, height = image_size(resolve_path(record.image, root))
     out = {"image": (width, height)}
     f = record.focus
     if f is not None:
         if f.crop_image:
-            out["crop"] = image_size(_resolve(f.crop_image, root))
+            out["crop"] = image_size(resolve_path(f.crop_image, root))
         else:
             left, top, right, bottom = f.bbox
             out["crop"] = (right - left, bottom - top)
-        out["deg"] = image_size(_resolve(f.deg_image, root)) if f.deg_image else (width, height)
+        out["deg"] = image_size(resolve_path(f.deg_image, root)) if f.deg_image else (width, height)
     if record.robust is not None:
         out["noise"] = (width, height)
     return out

@@ -26,7 +26,6 @@ the data path unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -58,10 +57,6 @@ class EmbeddedImage:
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
 
 
 ImageSource = Union[str, EmbeddedImage]
@@ -116,7 +111,6 @@ class PreferenceRecord:
     def images(self) -> list[ImageSource]:
         """The record's images in order (one or more)."""
         return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
-
 
     def sentence_spans(self) -> list[tuple[int, int]]:
         """The sentences of ``chosen``: the given spans, else the splitter's."""
@@ -188,19 +182,19 @@ def check_distinct(chosen: str, rejected: str, where: str, prefix: str = "") -> 
         raise RecordError(f"{where}: fields '{prefix}chosen' and '{prefix}rejected' are identical")
 
 
-def parse_image_field(obj: dict, name: str, where: str) -> list[str]:
-    """A record's image field: a non-empty path string or a non-empty list of them."""
-    value = obj.get(name)
-    paths = value if isinstance(value, list) else [value]
-    if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
-        raise RecordError(f"{where}: field '{name}' must be an image path or a non-empty list of image paths, "
-                          f"got {value!r:.80}")
-    return paths
+def parse_image_field(value: Any, where: str, name: str) -> list[ImageSource]:
+    """A record's image field (ours, TRL's ``images``, MPO's ``image``, a dataset's column): an image (a non-empty
+    path, or embedded bytes) or a non-empty list of them."""
+    images = value if isinstance(value, list) else [value]
+    if not images or not all(isinstance(p, EmbeddedImage) or (isinstance(p, str) and p.strip()) for p in images):
+        raise RecordError(f"{where}: field '{name}' must be an image path or a non-empty list of images, got "
+                          f"{value!r:.80}")
+    return images
 
 
 def _parse_line(line: str, where: str) -> PreferenceRecord:
     obj = parse_object(line, where)
-    images = parse_image_field(obj, "image", where)
+    images = parse_image_field(obj.get("image"), where, "image")
     for name in REQUIRED_FIELDS:
         if name != "image":
             require_text(obj, name, where)
@@ -285,12 +279,16 @@ def record_image_root(record: PreferenceRecord, data_root: Path) -> Path:
     return Path(record.image_root) if record.image_root is not None else Path(data_root)
 
 
+def resolve_path(path: str | Path, root: Path) -> Path:
+    """`path` as written in a data file: absolute, or relative to `root`."""
+    return Path(path) if Path(path).is_absolute() else Path(root) / path
+
+
 def resolve_images(record: PreferenceRecord, data_root: Path) -> list[ImageFile]:
     """The record's images, relative paths taken relative to its image root (default ``data_root``, the data
     file's directory); embedded images as they are."""
     root = record_image_root(record, data_root)
-    return [src if isinstance(src, EmbeddedImage) else Path(src) if Path(src).is_absolute() else root / src
-            for src in record.images]
+    return [src if isinstance(src, EmbeddedImage) else resolve_path(src, root) for src in record.images]
 
 
 def resolve_image(record: PreferenceRecord, data_root: Path) -> ImageFile:

@@ -133,12 +133,12 @@ def run_evaluation(cfg, objective, groups) -> dict[str, float]:
     import dataclasses
 
     from megatron_po.train.data import build_eval_datasets, build_eval_sets, build_tokenizer, prepare_data
-    from megatron_po.train.loop import build_models, policy_tower
+    from megatron_po.train.loop import build_initial_model, policy_tower
 
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, interval=max(cfg.eval.interval, 1)))
     _, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
-    model, _ = build_models(cfg, groups, tokenizer.vocab_size, dataclasses.replace(objective, needs_reference=False))
+    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
     model.eval()
     sets, probes = build_eval_sets(cfg, build_eval_datasets(cfg, tokenizer), groups)
     return maybe_evaluate(PreferenceStep(objective, groups, policy_tower(model)), model, sets, probes)

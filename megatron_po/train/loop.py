@@ -60,17 +60,21 @@ def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int,
                  objective: Objective) -> tuple[VLMBase, Optional[VLMBase]]:
     """Policy and, when the objective reads a reference and no cache provides it, a frozen reference model from
     the same builder and weights."""
-    policy = build_model(cfg, groups, vocab_size)
+    policy = build_initial_model(cfg, groups, vocab_size)
     reference = None
     if objective.needs_reference and cfg.reference.source == "model":
-        reference = build_model(cfg, groups, vocab_size)
+        reference = build_initial_model(cfg, groups, vocab_size)
         reference.requires_grad_(False)
         reference.eval()
-    if cfg.checkpoint.init_from:
-        for m in (policy, reference):
-            if m is not None:
-                ckpt.load_model_weights(Path(cfg.checkpoint.init_from), m)
     return policy, reference
+
+
+def build_initial_model(cfg: Config, groups: ParallelGroups, vocab_size: int) -> VLMBase:
+    """`build_model` with checkpoint.init_from's weights loaded when given (a stage's starting point)."""
+    model = build_model(cfg, groups, vocab_size)
+    if cfg.checkpoint.init_from:
+        ckpt.load_model_weights(Path(cfg.checkpoint.init_from), model)
+    return model
 
 
 def policy_tower(policy) -> Tower:
