@@ -97,6 +97,53 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     return 0
 
 
+def _generate_p2(cfg: Config, objective, groups, opts: argparse.Namespace) -> None:
+    import dataclasses
+    import os.path
+
+    import torch.distributed as dist
+
+    from megatron_po.p2_pairs import P2GenConfig, clip_scorer, generate_p2_records, read_questions, write_records
+    from megatron_po.train.data import build_tokenizer
+    from megatron_po.train.loop import build_initial_model
+
+    if cfg.model.family != "tiny_vlm" or cfg.parallel.pp > 1:
+        raise ConfigError("megatron-po generate-p2 runs model.family=tiny_vlm with parallel.pp=1 (the HF families' "
+                          "processors and M-RoPE positions are not wired into generation yet)")
+    if not cfg.data.tokenizer_path:
+        raise ConfigError("megatron-po generate-p2 needs data.tokenizer_path (the policy's tokenizer)")
+    # the output layer's logits, not the fused log-prob path's hidden states
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, logprobs="logits"))
+    tokenizer = build_tokenizer(cfg, Path(cfg.data.tokenizer_path))
+    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
+    model.eval()
+    questions = read_questions(opts.questions)
+    gen = P2GenConfig(max_new_tokens=opts.max_new_tokens, seed=cfg.data.seed)
+    records, stats = generate_p2_records(
+        model, tokenizer, groups, questions, opts.questions.parent, cfg.model.vision.image_size,
+        cfg.model.vision.num_patches, clip_scorer(opts.clip), gen, cfg.parallel.tp if cfg.parallel.sp else 1)
+    if dist.get_rank() == 0:
+        out = opts.out or opts.questions.parent / "p2_pairs.jsonl"
+        for r in records:  # image paths stay relative to the file that names them
+            r["image"] = os.path.relpath(opts.questions.parent / r["image"], out.parent)
+        write_records(records, out)
+        print(json.dumps({"out": str(out), **stats}), flush=True)
+
+
+def generate_p2_main(argv: list[str] | None = None) -> int:
+    """`megatron-po generate-p2 --questions Q.jsonl [--out P.jsonl] [--clip PATH|box] --config C [overrides]`."""
+    p = argparse.ArgumentParser(prog="megatron-po generate-p2", add_help=False)
+    p.add_argument("--questions", type=Path, required=True,
+                   help='JSONL of {"id", "image", "prompt", "bbox"}: images with the object box to focus on')
+    p.add_argument("--out", type=Path, default=None, help="P2-DPO records (default: p2_pairs.jsonl beside them)")
+    p.add_argument("--clip", default="box", help="CLIP checkpoint directory for the DDW scores, or 'box' (a "
+                                                 "stand-in from the box's share of the image)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return _distributed(rest, "megatron-po generate-p2", lambda cfg, objective, groups:
+                        _generate_p2(cfg, objective, groups, opts))
+
+
 def _refuse(kind: str, e: Exception) -> int:
     """One line for the job (from global rank 0 under torchrun, which starts every rank with the same input), exit
     code 2."""
@@ -155,11 +202,12 @@ def eval_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: megatron-po {train,precompute-ref,demo} ...\n"
+        print("usage: megatron-po {train,precompute-ref,eval,generate-p2,demo} ...\n"
               "  train           run one training stage (under torchrun)\n"
               "  precompute-ref  write the reference log-prob cache of a config (under torchrun, any layout)\n"
               "  eval            score held-out pairs and the probe with checkpoint.init_from (any layout)\n"
-              "  demo            the embedded SFT -> ACPO demo on this machine")
+              "  generate-p2     P2-DPO focus and robustness pairs from checkpoint.init_from's greedy answers\n"
+              "  demo            the embedded SFT -> preference stages demo on this machine")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
@@ -168,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return precompute_main(rest)
     if cmd == "eval":
         return eval_main(rest)
+    if cmd == "generate-p2":
+        return generate_p2_main(rest)
     if cmd == "demo":
         from megatron_po.demo import main as demo_main
 

@@ -197,6 +197,11 @@ class DataConfig:
     num_eval: int = 64
     seed: int = 1234
     tokenizer_vocab_size: int = 512
+    yesno_share: float = 0.2
+    """Synthetic task: share of "Is there a <colour> <shape>?" pairs (half about drawn objects, half not)."""
+    near_miss: float = 0.0
+    """Synthetic task: share of the absent objects in those questions that share their colour or shape with a
+    drawn one (only binding colour to shape tells them apart); the rest are any combination not drawn."""
     images_outside_root: bool = False
     """Accept image paths that leave the data file's directory (absolute paths, ``..``); refused by default so a
     record cannot make the job read arbitrary files."""
@@ -210,6 +215,9 @@ class DataConfig:
             raise ConfigError(f"data.source must be synthetic|jsonl, got {self.source!r}")
         if self.format not in ("auto", "jsonl", "trl", "mpo", "hf"):
             raise ConfigError(f"data.format must be auto|jsonl|trl|mpo|hf, got {self.format!r}")
+        if not (0.0 <= self.yesno_share <= 1.0 and 0.0 <= self.near_miss <= 1.0):
+            raise ConfigError(f"data.yesno_share and data.near_miss must lie in [0, 1], got {self.yesno_share} "
+                              f"and {self.near_miss}")
 
 
 @dataclass

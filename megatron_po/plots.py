@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 REWARD_PANELS = (
     ("rewards/chosen", "chosen reward  r_w"),
@@ -25,7 +25,18 @@ EXTRA_PANELS = (
     ("probe/accuracy", "probe: yes/no accuracy"),
     ("eval/delta_logp", "held-out chosen log p/token - step 0"),
 )
-SPARSE_KEYS = {"probe/hallucination_rate", "probe/accuracy", "eval/delta_logp"}
+DYNAMICS_PANELS = (
+    ("delta:eval/rewards/chosen", "held-out  Δr(y_w) = r_w(t) - r_w(0)"),
+    ("eval/rewards/margins", "held-out margin  r_w - r_l"),
+    ("eval/delta_logp", "held-out  Δ log p(y_w) / token"),
+    (ALPHA_MEAN, "ACPO  alpha_hat (mean, min-max)"),
+    ("probe/f1", "POPE F1 (mean of 3 splits)"),
+)
+"""The ACPO paper's reward-dynamics view (its Fig. 3a/3b) plus likelihood drift and the hallucination probe."""
+DELTA = "delta:"
+"""A key prefix: the series minus its first value (Δ since the first evaluation)."""
+SPARSE_KEYS = {"probe/hallucination_rate", "probe/accuracy", "eval/delta_logp", "probe/f1", "eval/rewards/margins",
+               "delta:eval/rewards/chosen"}
 FRACTION_KEYS = {"rewards/frac_chosen_negative", "acpo/frac_at_hi", "probe/hallucination_rate", "probe/accuracy"}
 
 
@@ -51,6 +62,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    if key.startswith(DELTA):
+        steps, values = _series(rows, key[len(DELTA):])
+        return steps, [v - values[0] for v in values]
     steps, values = [], []
     for r in rows:
         if key not in r:
@@ -80,11 +94,14 @@ def plot_rewards(
     out_png: Path,
     title: str = "",
     smooth: int = 5,
+    panels: Optional[Sequence[tuple[str, str]]] = None,
 ) -> Path:
     """Draws chosen reward, rejected reward and margin over optimizer steps, one colour per run.
 
     A fourth panel shows ACPO's α̂ (`acpo/alpha_hat_mean`, with its min-max band over the batch) when any run
     logged it. Runs that logged no reward (e.g. an SFT stage) are left out of the reward panels.
+    `panels` replaces that choice: (metric key, title) pairs drawn when any run logged the key (a `delta:` key
+    draws the series minus its first value), e.g. :data:`DYNAMICS_PANELS`.
 
     Args:
         runs: label -> path of a metrics.jsonl (one JSON object per optimizer step).
@@ -107,14 +124,19 @@ def plot_rewards(
     if not runs:
         raise ValueError("plot_rewards: no runs given")
     data = {label: read_metrics(Path(p)) for label, p in runs.items()}
-    keys = [k for k, _ in REWARD_PANELS]
-    if not any(k in r for rows in data.values() for r in rows for k in keys):
-        raise ValueError(f"plot_rewards: none of the runs {list(runs)} logged any of {keys}")
-    has_alpha = any(ALPHA_MEAN in r for rows in data.values() for r in rows)
+    def logged(key: str) -> bool:
+        key = key.removeprefix(DELTA)
+        return any(key in r for rows in data.values() for r in rows)
 
-    panels = list(REWARD_PANELS) + ([(ALPHA_MEAN, "ACPO  alpha_hat (mean, min-max)")] if has_alpha else [])
-    panels += [(k, name) for k, name in EXTRA_PANELS if any(k in r for rows in data.values() for r in rows)]
-    ncols = min(len(panels), 4)
+    keys = [k for k, _ in (panels or REWARD_PANELS)]
+    if not any(logged(k) for k in keys):
+        raise ValueError(f"plot_rewards: none of the runs {list(runs)} logged any of {keys}")
+    if panels is None:
+        panels = list(REWARD_PANELS) + ([(ALPHA_MEAN, "ACPO  alpha_hat (mean, min-max)")] if logged(ALPHA_MEAN) else [])
+        panels += [(k, name) for k, name in EXTRA_PANELS if logged(k)]
+    else:
+        panels = [(k, name) for k, name in panels if logged(k)]
+    ncols = 3 if len(panels) in (5, 6) else min(len(panels), 4)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
@@ -151,7 +173,7 @@ def plot_rewards(
         if key == ALPHA_MEAN or key in FRACTION_KEYS:
             lo, hi = ax.get_ylim()
             ax.set_ylim(min(lo, -0.02), max(hi, 1.02))  # the whole [0, 1] window of Eq. 12, not a zoomed-in band
-        else:
+        elif key != "probe/f1":  # an F1 near 0.9: the zero line would squash its changes
             ax.axhline(0.0, color="black", linewidth=0.6)
     axes[0].legend(fontsize=8, loc="best")
     if smooth > 1:
@@ -200,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.add_argument("--title", default="")
     p.add_argument("--smooth", type=int, default=5, help="trailing-mean window (1: raw curves only)")
+    p.add_argument("--dynamics", action="store_true",
+                   help="the reward-dynamics panels instead (held-out Δr(y_w), margin, Δlog p, α̂, POPE F1)")
     args = p.parse_args(argv)
     runs: dict[str, Path] = {}
     try:
@@ -208,7 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if label in runs:
                 raise ValueError(f"--run label {label!r} given twice")
             runs[label] = resolve_metrics_path(path)
-        out = plot_rewards(runs, args.out, title=args.title, smooth=args.smooth)
+        out = plot_rewards(runs, args.out, title=args.title, smooth=args.smooth,
+                           panels=DYNAMICS_PANELS if args.dynamics else None)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     print(out)

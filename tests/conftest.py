@@ -1,4 +1,5 @@
-"""Shared helpers: launching multi-rank gloo jobs with torchrun's own rendezvous (no port hunting)."""
+"""Shared helpers: launching multi-rank gloo jobs with torchrun's own rendezvous (no port hunting), and the
+single-process gloo groups of in-process model tests."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def run_python(args: list[str], timeout: int = 300) -> str:
     if proc.returncode != 0:
         pytest.fail(f"python {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
     return out
+
+
+@pytest.fixture(scope="module")
+def groups():
+    """One-process gloo parallel groups (TP = PP = DP = 1) for the tests of a module that build models in-process;
+    torn down after the module, so the next one may start its own."""
+    from megatron_po.config import ParallelConfig
+    from megatron_po.parallel.groups import init_parallel, teardown
+
+    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
+    yield g
+    teardown()

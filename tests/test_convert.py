@@ -23,16 +23,6 @@ from megatron_po.convert.core import ConversionError, HFCheckpoint, hf_to_megatr
 
 
 @pytest.fixture(scope="module")
-def groups():
-    from megatron_po.config import ParallelConfig
-    from megatron_po.parallel.groups import init_parallel, teardown
-
-    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
-    yield g
-    teardown()
-
-
-@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     return fx.make_hf_dir(tmp_path_factory.mktemp("qwen") / "hf")
 

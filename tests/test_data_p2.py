@@ -141,7 +141,11 @@ def test_load_p2_images(p2_dir, p2_records):
     left, top, right, bottom = record.focus.bbox
     box = images["deg"][:, top:bottom, left:right]
     assert torch.equal(box, box[:, :1, :1].expand_as(box))  # the asked object is erased by one flat colour
-    assert torch.equal(images["noise"], vcd_noise(images["image"], 600, record.robust.noise_seed))
+    # VCD's noise on the tower's normalised input (CLIP mean / std), handed over in pixel units
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None], \
+        torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    noised = vcd_noise((images["image"] - mean) / std, 600, record.robust.noise_seed)
+    assert torch.allclose((images["noise"] - mean) / std, noised, atol=1e-5)
     robust_only = next(r for r in p2_records if r.focus is None)
     assert set(load_p2_images(robust_only, p2_dir, 32)) == {"image", "noise"}
 

@@ -20,6 +20,7 @@ import hf_qwen2_5_vl_fixture as fx  # noqa: E402
 from conftest import REPO, run_python, run_torchrun  # noqa: E402
 
 from megatron_po.models.qwen2_5_vl import processor as qp  # noqa: E402
+from megatron_po.data import image_ops  # noqa: E402
 from megatron_po.models import qwen2_5_vl as fam  # noqa: E402
 
 WORKER = str(REPO / "tests" / "dist" / "hf_qwen2_5_vl_worker.py")
@@ -257,7 +258,7 @@ def test_preprocess_matches_qwen2vl_image_processor(processor, preprocessor_conf
         pp = preprocessor_config
     else:  # Qwen2.5-VL's published preprocessor_config.json values
         pp = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-              "merge_size": 2, "image_mean": list(qp.OPENAI_CLIP_MEAN), "image_std": list(qp.OPENAI_CLIP_STD),
+              "merge_size": 2, "image_mean": list(image_ops.OPENAI_CLIP_MEAN), "image_std": list(image_ops.OPENAI_CLIP_STD),
               "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
     hf_proc = fx.image_processor_class(backend)(**{k: v for k, v in pp.items() if not k.endswith("_type")
                                                    and k != "processor_class"})

@@ -25,16 +25,6 @@ SHAPES = REPO / "launch" / "configs" / "shapes"
 PLANS = sorted(SHAPES.glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_po.config import ParallelConfig
-    from megatron_po.parallel.groups import init_parallel, teardown
-
-    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
-    yield g
-    teardown()
-
-
 def _numel(module) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 

@@ -125,16 +125,6 @@ def test_thd_row_lays_packed_rows_end_to_end():
     assert params.qkv_format == "thd" and params.max_seqlen_q == max(n for _, n, _ in runs)
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_po.config import ParallelConfig
-    from megatron_po.parallel.groups import init_parallel, teardown
-
-    g = init_parallel(ParallelConfig(backend="gloo"), seed=0)
-    yield g
-    teardown()
-
-
 def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     """The one-row THD layout changes nothing the trainer computes: per-sequence sums of a real packed micro-batch
     (images, sentence slots) equal those of its rows (here both with the block-diagonal mask of the local spec;

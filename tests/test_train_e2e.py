@@ -167,17 +167,27 @@ def test_sft_loss_decreases(sft_run):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_demo_configs_sft_then_acpo(tmp_path):
-    """The demo's own configs, shortened: SFT lowers its loss; ACPO from it starts at ln 2 and goes below."""
+def test_demo_sft_sees_then_acpo(tmp_path):
+    """The demo's own SFT stage, whole (2,400 steps, ~4 min: a shorter schedule decays the LR before the model
+    starts to look — 1,600 steps end at accuracy 0.70) learns to look at the image: its POPE probe (384 yes/no
+    questions about held-out images, half about absent objects) goes from chance to an accuracy a blind model
+    cannot reach — answering from the question alone scores 0.5 ± 0.026 (one s.d.), and a model that ignores the
+    pixels gives every image the same answers (measured 0.50 -> 0.89, F1 0.90). ACPO from it starts at ln 2 and
+    goes below."""
     sft, acpo = tmp_path / "sft", tmp_path / "acpo"
     cfgs = REPO / "launch" / "configs"
     run_torchrun(["-m", "megatron_po.train", "--config", str(cfgs / "demo_sft.yaml"), f"output_dir={sft}",
-                  "train.train_steps=12", "train.progress_bar=false"])
-    s = [m["loss"] for m in metrics(sft)]
-    assert sum(s[-3:]) / 3 < s[0] - 0.2, s
+                  "eval.interval=2400", "train.progress_bar=false"], timeout=1200)
+    rows = metrics(sft)
+    s = [m["loss"] for m in rows if "loss" in m]
+    assert sum(s[-3:]) / 3 < s[0] - 2.0, s
+    probes = [m for m in rows if "probe/accuracy" in m]
+    assert [m["step"] for m in probes] == [0, 2400]
+    assert abs(probes[0]["probe/accuracy"] - 0.5) < 0.1, probes[0]
+    assert probes[-1]["probe/accuracy"] >= 0.8 and probes[-1]["probe/f1"] >= 0.8, probes[-1]
     run_torchrun(["-m", "megatron_po.train", "--config", str(cfgs / "demo_acpo.yaml"), f"output_dir={acpo}",
                   f"checkpoint.init_from={sft / 'checkpoints'}", f"data.tokenizer_path={sft / 'data' / 'tokenizer.model'}",
-                  "train.train_steps=12", "train.progress_bar=false"])
+                  "train.train_steps=12", "eval.interval=10", "train.progress_bar=false"])
     rows = metrics(acpo)
     # held-out evaluation at step 0 (before any update) and at the end: the Δlog p probe starts at 0
     evals = [r for r in rows if "eval/delta_logp" in r]

@@ -24,6 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""CLIP's pixel statistics: Qwen2-VL's and InternVL's processors normalise with them, and so does tiny_vlm."""
+
 BACKENDS = ("torchvision", "pil")
 DEFAULT_BACKEND = "torchvision"
 

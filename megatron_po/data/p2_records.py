@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_po.data.image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from megatron_po.data.records import (RecordError, check_distinct, image_size, open_rgb, parse_meta, parse_object,
                                       read_jsonl, require_text, resolve_path, to_tensor)
 
@@ -293,5 +294,16 @@ def load_p2_images(record: P2Record, root: Path, image_size: int) -> dict[str, t
     (I_crop) and ``deg`` (I_deg) with a focus branch, ``noise`` (I_noise) with a robust branch."""
     out = {k: to_tensor(im, image_size) for k, im in load_p2_pils(record, root).items()}
     if record.robust is not None:
-        out["noise"] = vcd_noise(out["image"], record.robust.noise_step, record.robust.noise_seed)
+        out["noise"] = noised_pixels(out["image"], record.robust.noise_step, record.robust.noise_seed)
     return out
+
+
+def noised_pixels(image: torch.Tensor, noise_step: int, seed: int) -> torch.Tensor:
+    """tiny_vlm's I_noise: ``[3, H, W]`` pixels in [0, 1] whose normalised tensor carries the VCD noise.
+
+    The tower normalises pixels with CLIP's statistics, so the noise goes onto the normalised tensor, as VCD
+    noises the vision tower's input (and as for the HF families), and comes back in pixel units. The trainer and
+    the pair generator (p2_pairs.py) both call this: the robust pair is scored under the tensor it was made under.
+    """
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    return vcd_noise((image - mean) / std, noise_step, seed) * std + mean

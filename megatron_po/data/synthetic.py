@@ -207,9 +207,11 @@ def _count_pair(rng: random.Random, objects: list[dict[str, Any]]) -> dict[str, 
 
 
 def _yesno_pair(rng: random.Random, objects: list[dict[str, Any]], present: bool | None = None,
-                prompt: str | None = None, absent: tuple[str, str] | None = None) -> dict[str, Any]:
+                prompt: str | None = None, absent: tuple[str, str] | None = None,
+                near_miss: float = 0.0) -> dict[str, Any]:
     """'Is there a red square in the image?': about a drawn object, or a colour+shape combination not drawn
-    (`absent`, when the caller chose it)."""
+    (`absent`, when the caller chose it; else, with probability `near_miss`, one that shares its colour or its
+    shape with a drawn object, so that only binding the two answers it)."""
     if present is None:
         present = rng.random() < 0.5
     if present:
@@ -219,7 +221,9 @@ def _yesno_pair(rng: random.Random, objects: list[dict[str, Any]], present: bool
         colour, shape = absent
     else:
         drawn = {(o["colour"], o["shape"]) for o in objects}
-        colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in drawn])
+        candidates = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in drawn]
+        near = [(c, s) for c, s in candidates if any(c == o["colour"] or s == o["shape"] for o in objects)]
+        colour, shape = rng.choice(near if near_miss > 0 and near and rng.random() < near_miss else candidates)
     obj = _phrase_object(colour, shape)
     yes, no = YES_ANSWER.format(obj=obj), NO_ANSWER.format(colour=colour, shape=shape)
     return {
@@ -233,9 +237,10 @@ def _yesno_pair(rng: random.Random, objects: list[dict[str, Any]], present: bool
     }
 
 
-def _make_pair(rng: random.Random, objects: list[dict[str, Any]]) -> dict[str, Any]:
-    if rng.random() < YESNO_SHARE:
-        pair = _yesno_pair(rng, objects)
+def _make_pair(rng: random.Random, objects: list[dict[str, Any]], yesno_share: float = YESNO_SHARE,
+               near_miss: float = 0.0) -> dict[str, Any]:
+    if rng.random() < yesno_share:
+        pair = _yesno_pair(rng, objects, near_miss=near_miss)
         pair["kind"] = "yesno"
         return pair
     counts = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
@@ -292,14 +297,15 @@ def _write_scenes(out_dir: Path, split: str, count: int, seed: int, image_size: 
     return path
 
 
-def _write_split(out_dir: Path, split: str, num_pairs: int, seed: int, image_size: int) -> None:
+def _write_split(out_dir: Path, split: str, num_pairs: int, seed: int, image_size: int, **mix: float) -> None:
     _write_scenes(out_dir, split, num_pairs, seed, image_size,
-                  lambda rng, i, rel_path, objects: [_record(f"{split}-{i:05d}", rel_path, _make_pair(rng, objects),
-                                                             objects)])
+                  lambda rng, i, rel_path, objects: [_record(f"{split}-{i:05d}", rel_path,
+                                                             _make_pair(rng, objects, **mix), objects)])
 
 
 def generate_synthetic_dataset(out_dir: Path, num_train: int, num_eval: int, seed: int,
-                               image_size: int = 32) -> dict[str, int]:
+                               image_size: int = 32, yesno_share: float = YESNO_SHARE,
+                               near_miss: float = 0.0) -> dict[str, int]:
     """Writes the coloured-shapes preference dataset.
 
     Args:
@@ -309,6 +315,9 @@ def generate_synthetic_dataset(out_dir: Path, num_train: int, num_eval: int, see
         num_eval: pairs (and images) in the eval split.
         seed: the same seed writes byte-identical files.
         image_size: side of the square RGB images, at least 16 pixels.
+        yesno_share: share of yes/no pairs in both splits (balanced present / absent).
+        near_miss: share of the absent-object yes/no pairs whose object shares its colour or its shape with a
+            drawn one (the rest: any combination not drawn). Both defaults keep the files of earlier versions.
 
     Returns:
         ``{"train": num_train, "eval": num_eval, "images": num_train + num_eval}``.
@@ -316,8 +325,11 @@ def generate_synthetic_dataset(out_dir: Path, num_train: int, num_eval: int, see
     _check_image_size(image_size)
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train} and {num_eval}")
-    _write_split(out_dir, "train", num_train, seed, image_size)
-    _write_split(out_dir, "eval", num_eval, seed, image_size)
+    if not (0.0 <= yesno_share <= 1.0 and 0.0 <= near_miss <= 1.0):
+        raise ValueError(f"yesno_share and near_miss must lie in [0, 1], got {yesno_share} and {near_miss}")
+    mix = dict(yesno_share=yesno_share, near_miss=near_miss)
+    _write_split(out_dir, "train", num_train, seed, image_size, **mix)
+    _write_split(out_dir, "eval", num_eval, seed, image_size, **mix)
     return {"train": num_train, "eval": num_eval, "images": num_train + num_eval}
 
 

@@ -43,13 +43,25 @@ def _asked_object(rng: random.Random, objects: list[dict[str, Any]]) -> tuple[di
     return pair, next(o for o in objects if (o["colour"], o["shape"]) == (query["colour"], query["shape"]))
 
 
+def focus_box(drawn: list[int], image_size: int) -> tuple[list[int], float]:
+    """(the crop box around an object drawn in the inclusive box `drawn`, with a CROP_MARGIN; the object's share of
+    the image area)."""
+    x0, y0, x1, y1 = drawn
+    bbox = [max(0, x0 - CROP_MARGIN), max(0, y0 - CROP_MARGIN), min(image_size, x1 + 1 + CROP_MARGIN),
+            min(image_size, y1 + 1 + CROP_MARGIN)]
+    return bbox, (x1 - x0 + 1) * (y1 - y0 + 1) / image_size**2
+
+
+def box_clip_scores(share: float) -> tuple[float, float]:
+    """(clip_crop_score, clip_image_score) standing in for a CLIP model: the crop matches the question as 0.3,
+    the whole image as 0.25 + 0.5·share (a small object: ratio > 1, DDW favours the focus branch)."""
+    return 0.3, round(0.25 + 0.5 * share, 4)
+
+
 def _p2_record(rng: random.Random, record_id: str, rel_path: str, objects: list[dict[str, Any]],
                image_size: int) -> dict[str, Any]:
     pair, target = _asked_object(rng, objects)
-    x0, y0, x1, y1 = target["bbox"]  # inclusive, as drawn
-    bbox = [max(0, x0 - CROP_MARGIN), max(0, y0 - CROP_MARGIN), min(image_size, x1 + 1 + CROP_MARGIN),
-            min(image_size, y1 + 1 + CROP_MARGIN)]
-    share = (x1 - x0 + 1) * (y1 - y0 + 1) / image_size**2
+    bbox, share = focus_box(target["bbox"], image_size)
     # a colour question gets a freshly drawn wrong colour; a yes/no question has only one wrong answer
     robust = _colour_pair(rng, objects, target["shape"]) if pair["kind"] == "colour" else pair
     draw = rng.random()
@@ -60,11 +72,26 @@ def _p2_record(rng: random.Random, record_id: str, rel_path: str, objects: list[
         "robust": None if ROBUST_ONLY <= draw < ROBUST_ONLY + FOCUS_ONLY else {
             "chosen": robust["chosen"], "rejected": robust["rejected"],
             "noise_seed": rng.randrange(2**31), "noise_step": DEFAULT_NOISE_STEP},
-        "clip_crop_score": 0.3,
-        "clip_image_score": round(0.25 + 0.5 * share, 4),
+        **dict(zip(("clip_crop_score", "clip_image_score"), box_clip_scores(share))),
         "meta": {"kind": pair["kind"], "objects": objects, "target": {**pair["target"], "bbox": target["bbox"]}},
     }
     return record
+
+
+def generate_p2_questions(out_dir: Path, num_images: int, seed: int, image_size: int = 32) -> Path:
+    """Writes ``p2q.jsonl``: the input of P2-DPO's pair generator (p2_pairs.py), one question per image
+    about one drawn object, with the object's crop box: ``{"id", "image", "prompt", "bbox", "meta"}`` (images
+    ``images/p2q_NNNNN.png``, their own random stream). The answers are left to the model.
+    """
+    _check_image_size(image_size)
+
+    def question(rng, i, rel_path, objects):
+        pair, target = _asked_object(rng, objects)
+        bbox, share = focus_box(target["bbox"], image_size)
+        return [json.dumps({"id": f"p2q-{i:05d}", "image": rel_path, "prompt": pair["prompt"], "bbox": bbox,
+                            "meta": {"kind": pair["kind"], "objects": objects, "share": share}}, sort_keys=True)]
+
+    return _write_scenes(out_dir, "p2q", num_images, seed, image_size, question)
 
 
 def generate_p2_dataset(out_dir: Path, num_train: int, num_eval: int, seed: int,

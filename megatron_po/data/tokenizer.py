@@ -196,3 +196,10 @@ class Tokenizer:
     @property
     def end_id(self) -> int:
         return self._special[END_TOKEN]
+
+    @property
+    def control_ids(self) -> list[int]:
+        """Ids that are no text (pad, bos, eos, unk, chat markers, image slots, reserved): never generated except
+        the response's end."""
+        sp = self._sp
+        return [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]

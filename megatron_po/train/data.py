@@ -48,8 +48,12 @@ def prepare_data(cfg: Config, objective: Objective) -> tuple[Path, Path]:
         tok_path = Path(d.tokenizer_path) if d.tokenizer_path else data_dir / "tokenizer.model"
         if dist.get_rank() == 0:
             if not train_path.exists():
-                generate = generate_p2_dataset if p2 else generate_synthetic_dataset
-                generate(data_dir, d.num_train, d.num_eval, seed=d.seed, image_size=cfg.model.vision.image_size)
+                kw = dict(seed=d.seed, image_size=cfg.model.vision.image_size)
+                if p2:
+                    generate_p2_dataset(data_dir, d.num_train, d.num_eval, **kw)
+                else:
+                    generate_synthetic_dataset(data_dir, d.num_train, d.num_eval, yesno_share=d.yesno_share,
+                                               near_miss=d.near_miss, **kw)
             if not tok_path.exists() and family_spec(cfg.model.family).trains_tokenizer:  # HF: theirs
                 texts = list(iter_p2_texts(read_p2_records(train_path)) if p2 else iter_texts(read_records(train_path)))
                 train_tokenizer(texts, tok_path.with_suffix(""), vocab_size=d.tokenizer_vocab_size, seed=d.seed)

@@ -6,7 +6,8 @@ Every `eval.interval` steps (and at step 0 and at the end) the trainer scores he
   and its change since step 0 (CW-DPO's Δlog p probe: negative = likelihood displacement);
 - `probe/*` on yes/no questions about held-out images: the policy "answers yes" when it gives the yes-answer the
   higher log-prob; hallucination rate = share of absent-object questions answered yes; with a POPE probe
-  (data/pope.py), `probe/<split>/{accuracy,precision,recall,f1,yes_ratio}` per sampling split.
+  (data/pope.py), `probe/<split>/{accuracy,precision,recall,f1,yes_ratio}` per sampling split and `probe/f1`,
+  their mean F1.
 
 Log-probs exist on the last pipeline stage only: the numbers are computed there and broadcast to every stage.
 """
@@ -114,10 +115,13 @@ def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
 def _pope(name: str, records: list, says_yes: list[bool], present: list[bool]) -> dict[str, float]:
     """POPE's metrics per sampling split of the records that carry one (meta.pope: data/pope.py)."""
     out = {}
-    for split in sorted({r.meta["pope"] for r in records if "pope" in r.meta}):
+    splits = sorted({r.meta["pope"] for r in records if "pope" in r.meta})
+    for split in splits:
         mine = [i for i, r in enumerate(records) if r.meta.get("pope") == split]
         metrics = pope_metrics([says_yes[i] for i in mine], [present[i] for i in mine])
         out.update({f"{name}/{split}/{k}": v for k, v in metrics.items()})
+    if splits:  # POPE's headline number: the F1 averaged over its sampling splits
+        out[f"{name}/f1"] = sum(out[f"{name}/{s}/f1"] for s in splits) / len(splits)
     return out
 
 

@@ -67,8 +67,8 @@ class TilingConfig:
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN, the class default
-    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, ...] = image_ops.OPENAI_CLIP_MEAN  # the class defaults
+    image_std: tuple[float, ...] = image_ops.OPENAI_CLIP_STD
     do_convert_rgb: bool = True
 
     @classmethod

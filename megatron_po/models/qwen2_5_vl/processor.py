@@ -30,8 +30,6 @@ RESPONSE_SUFFIX = "<|im_end|>\n"
 code and LLaMA-Factory's qwen2_vl template do (TRL supervises `<|im_end|>` plus an extra eos)."""
 
 # Qwen2VLImageProcessor's defaults (transformers 4.57.1 and 5.x), for keys a preprocessor_config.json may leave out
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROCESSOR_DEFAULTS = {
     "min_pixels": 56 * 56,
     "max_pixels": 28 * 28 * 1280,
@@ -39,8 +37,8 @@ PROCESSOR_DEFAULTS = {
     "temporal_patch_size": 2,
     "merge_size": 2,
     "rescale_factor": 1 / 255,
-    "image_mean": OPENAI_CLIP_MEAN,
-    "image_std": OPENAI_CLIP_STD,
+    "image_mean": image_ops.OPENAI_CLIP_MEAN,
+    "image_std": image_ops.OPENAI_CLIP_STD,
     "do_resize": True,
     "do_rescale": True,
     "do_normalize": True,
