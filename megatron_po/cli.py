@@ -103,13 +103,15 @@ def _generate_p2(cfg: Config, objective, groups, opts: argparse.Namespace) -> No
 
     import torch.distributed as dist
 
+    from megatron_po.families import family_spec
     from megatron_po.p2_pairs import P2GenConfig, clip_scorer, generate_p2_records, read_questions, write_records
     from megatron_po.train.data import build_tokenizer
     from megatron_po.train.loop import build_initial_model
 
-    if cfg.model.family != "tiny_vlm" or cfg.parallel.pp > 1:
-        raise ConfigError("megatron-po generate-p2 runs model.family=tiny_vlm with parallel.pp=1 (the HF families' "
-                          "processors and M-RoPE positions are not wired into generation yet)")
+    if not family_spec(cfg.model.family).generates or cfg.parallel.pp > 1:
+        raise ConfigError(f"megatron-po generate-p2 does not run model.family={cfg.model.family} with "
+                          f"parallel.pp={cfg.parallel.pp}: it needs a family with generation wired (tiny_vlm; the "
+                          "HF families' processors and M-RoPE positions are not yet) and pp=1")
     if not cfg.data.tokenizer_path:
         raise ConfigError("megatron-po generate-p2 needs data.tokenizer_path (the policy's tokenizer)")
     # the output layer's logits, not the fused log-prob path's hidden states

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sft = out / "sft"
     sft_extra = [f"train.train_steps={args.sft_steps}"] if args.sft_steps else []
     # every stage scores the SFT stage's held-out pairs and POPE probe: one yardstick for the table
-    pref_extra = [f"checkpoint.init_from={sft / 'checkpoints'}", f"data.tokenizer_path={sft / 'data' / 'tokenizer.model'}",
+    pref_extra = [f"checkpoint.init_from={sft / 'checkpoints'}",
+                  f"data.tokenizer_path={sft / 'data' / 'tokenizer.model'}",
                   f"eval.path={sft / 'data' / 'eval.jsonl'}", f"eval.probe_path={sft / 'data' / 'pope' / 'pope.jsonl'}"]
     pref_extra += [f"train.train_steps={args.steps}"] if args.steps else []
     t = run_stage("SFT", CONFIGS / "demo_sft.yaml", sft, args.nproc, sft_extra)
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     rewarded = {n.upper(): out / n / "metrics.jsonl" for n in names if n != "p2_dpo"}
     title = f"{' vs '.join(rewarded)} from one SFT checkpoint, shapes task (TP=2 + SP)"
     pngs = [plot_rewards(rewarded, out / "rewards.png", title=title),
-            plot_rewards(rewarded, out / "reward_dynamics.png", title=title, panels=DYNAMICS_PANELS)] if rewarded else []
+            plot_rewards(rewarded, out / "reward_dynamics.png", title=title, panels=DYNAMICS_PANELS)
+            ] if rewarded else []
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(metrics_table(summary) + "\n")
     print("\n== demo summary (held-out, at the last evaluation)")

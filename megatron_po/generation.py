@@ -7,7 +7,8 @@ gathered over the TP group before the argmax, so every TP rank picks the same to
 same ones (ties go to the lowest id, as ``torch.argmax`` does).
 
 Contrastive decoding (VCD, §9.4 step 4) takes two sets of rows, expert and amateur, that share their text and
-differ in their images: ``z = (1 + λ)·z_E − λ·z_A`` on the expert's plausible head ``{v : p_E(v) ≥ β·max p_E}``.
+differ in their images: ``z = (1 + λ)·z_E − λ·z_A`` on the expert's plausible head
+``{v : p_E(v) ≥ β·max p_E}``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from megatron_po.data.p2_records import DEFAULT_NOISE_STEP, ROBUST_PROMPT, degrade, keep_pair, noised_pixels
-from megatron_po.data.records import RecordError, open_rgb, parse_object, read_jsonl, require_text, resolve_path, to_tensor
+from megatron_po.data.records import (RecordError, open_rgb, parse_object, read_jsonl, require_text, resolve_path,
+                                      to_tensor)
 from megatron_po.generation import Prompts, greedy_generate
 
 ENHANCE_PROMPT = ("Answer the question mainly based on the first image, refer to the cropping details of the second "

@@ -100,7 +100,8 @@ def test_contrastive_decoding_limits(groups, task):
     prompts = _prompts(tokenizer, cfg, questions)
     plain = [g.ids for g in greedy_generate(model, tokenizer, prompts, groups, max_new_tokens=6)]
     other = dataclasses.replace(prompts, images=torch.rand_like(prompts.images))
-    assert [g.ids for g in greedy_generate(model, tokenizer, prompts, groups, 6, amateur=prompts, cd_alpha=1.0)] == plain
+    same = greedy_generate(model, tokenizer, prompts, groups, 6, amateur=prompts, cd_alpha=1.0)
+    assert [g.ids for g in same] == plain
     assert [g.ids for g in greedy_generate(model, tokenizer, prompts, groups, 6, amateur=other, cd_alpha=0.0)] == plain
     # a strong amateur term on other images changes some answer (the formula is applied at all)
     assert [g.ids for g in greedy_generate(model, tokenizer, prompts, groups, 6, amateur=other, cd_alpha=5.0,
@@ -180,8 +181,8 @@ def _tiny_clip(path):
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tok).save_pretrained(path)
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=128),
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128),
                         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
     CLIPModel(config).save_pretrained(path)

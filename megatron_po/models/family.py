@@ -59,6 +59,9 @@ class FamilySpec:
     """ModelConfig -> the settings beyond hashed files that decide the reference's numbers (ref_cache key)."""
     trains_tokenizer: bool = False
     """The data preparation trains a tokenizer on the embedded task's text when none is given (tiny_vlm)."""
+    generates: bool = False
+    """Greedy generation (generation.py, `megatron-po generate-p2`) is wired for this family: fixed-size image
+    tensors and plain positions (tiny_vlm); the HF families' processors and M-RoPE positions are not yet."""
     hf: Optional[ModuleType] = None
     """HF families: the module with the data side and the conversion rules (:class:`HFFamilyModule`)."""
 

@@ -59,4 +59,4 @@ def cache_settings(model) -> dict:
 
 SPEC = FamilySpec(name="tiny_vlm", build_model=build_model, build_tokenizer=build_tokenizer,
                   image_handler=lambda tokenizer: None, model_shape=model_shape, cache_settings=cache_settings,
-                  trains_tokenizer=True)
+                  trains_tokenizer=True, generates=True)
