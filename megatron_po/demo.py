@@ -47,15 +47,18 @@ def stage_config(name: str) -> tuple[Path, list[str]]:
                      f"an objective {sorted(OBJECTIVES)}")
 
 
-def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megatron_po.train", "--config", str(config), f"output_dir={out}", *extra]
+def torchrun(name: str, nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc ARGS`, announced, failing the demo if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.perf_counter()
     # the machine's cores shared out over the stage's processes, unless the user chose
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
-    subprocess.run(cmd, check=True, env=env)
+    return subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads), **kw)
+
+
+def run_stage(name: str, config: Path, out: Path, nproc: int, extra: list[str]) -> float:
+    t0 = time.perf_counter()
+    torchrun(name, nproc, ["-m", "megatron_po.train", "--config", str(config), f"output_dir={out}", *extra])
     return time.perf_counter() - t0
 
 
@@ -110,13 +113,9 @@ def generate_pairs(out: Path, config: Path, nproc: int, links: list[str], num_qu
     from megatron_po.data.synthetic_p2 import generate_p2_questions
 
     questions = generate_p2_questions(out, num_questions, seed=4242)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megatron_po.cli", "generate-p2", "--questions", str(questions), "--config", str(config),
-           f"output_dir={out}", *links]
-    print(f"\n== P2 pairs: {' '.join(cmd[2:])}", flush=True)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    run = subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads), stdout=subprocess.PIPE,
-                         text=True)
+    run = torchrun("P2 pairs", nproc, ["-m", "megatron_po.cli", "generate-p2", "--questions", str(questions),
+                                       "--config", str(config), f"output_dir={out}", *links],
+                   stdout=subprocess.PIPE, text=True)
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"   {stats['pairs_kept']} of {stats['pairs_generated']} pairs kept (yield {stats['yield']:.2f}): "
           f"focus {stats['focus_kept']}, robust {stats['robust_kept']}", flush=True)

@@ -63,15 +63,14 @@ def _full_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_logits(model, tokenizer, prompts: Prompts, responses: Sequence[list[int]], groups,
-                      pad_to_multiple_of: int = 1) -> torch.Tensor:
+def next_token_logits(model, tokenizer, prompts: Prompts, embeds: torch.Tensor, responses: Sequence[list[int]],
+                      groups, pad_to_multiple_of: int = 1) -> torch.Tensor:
     """[R, V] fp32 logits of the token after ``prefix + response`` of each row (the tokenizer's vocabulary only:
-    the padded rows of the output layer are cut off)."""
+    the padded rows of the output layer are cut off); ``embeds`` = ``encode(model, prompts.images)``."""
     batch = layout_rows(tokenizer, list(zip(prompts.prefixes, responses)), pad_to_multiple_of)
     device = groups.device
     rows = Rows.from_collated({k: v.to(device) for k, v in batch.items()} | {"row_images": prompts.row_images})
-    images = prompts.images.to(device)
-    logits = forward_rows(model, rows, encode(model, images), images)  # [R, S, V/tp]
+    logits = forward_rows(model, rows, embeds, prompts.images)  # [R, S, V/tp]
     last = batch["row_lengths"].to(device) - 1
     picked = logits[torch.arange(logits.shape[0], device=device), last].float()
     return _full_vocab(picked, groups.tp)[:, : tokenizer.vocab_size]
@@ -95,17 +94,21 @@ def greedy_generate(model, tokenizer, prompts: Prompts, groups, max_new_tokens: 
     stops = {tokenizer.eos_id, *tokenizer.response_end_ids}
     banned = torch.tensor(sorted(set(tokenizer.control_ids) - stops), dtype=torch.long)
     n = len(prompts.prefixes)
+    # the images are encoded once; each step re-runs only the decoder over the rows still generating
+    embeds = encode(model, prompts.images.to(groups.device))
+    weak_embeds = None if amateur is None else encode(model, amateur.images.to(groups.device))
     out = [Generation([], []) for _ in range(n)]
     live = list(range(n))
     for _ in range(max_new_tokens):
         if not live:
             break
-        expert = next_token_logits(model, tokenizer, _subset(prompts, live), [out[i].ids for i in live], groups,
+        responses = [out[i].ids for i in live]
+        expert = next_token_logits(model, tokenizer, *_subset(prompts, embeds, live), responses, groups,
                                    pad_to_multiple_of)
         logp = torch.log_softmax(expert, dim=-1)
         scores = expert.clone()
         if amateur is not None:
-            weak = next_token_logits(model, tokenizer, _subset(amateur, live), [out[i].ids for i in live], groups,
+            weak = next_token_logits(model, tokenizer, *_subset(amateur, weak_embeds, live), responses, groups,
                                      pad_to_multiple_of)
             head = expert >= expert.max(dim=-1, keepdim=True).values + math.log(cd_beta)
             scores = torch.where(head, (1 + cd_alpha) * expert - cd_alpha * weak, torch.full_like(expert, -math.inf))
@@ -122,9 +125,10 @@ def greedy_generate(model, tokenizer, prompts: Prompts, groups, max_new_tokens: 
     return out
 
 
-def _subset(prompts: Prompts, rows: list[int]) -> Prompts:
-    """The rows `rows` of `prompts`, with only the images they use (renumbered)."""
+def _subset(prompts: Prompts, embeds: torch.Tensor, rows: list[int]) -> tuple[Prompts, torch.Tensor]:
+    """The rows `rows` of `prompts` with only the images they use (renumbered), and those images' embeddings
+    (tiny_vlm's [N, p, h])."""
     used = sorted({k for r in rows for k in prompts.row_images[r]})
     index = {k: j for j, k in enumerate(used)}
-    return Prompts([prompts.prefixes[r] for r in rows], prompts.images[used],
-                   [[index[k] for k in prompts.row_images[r]] for r in rows])
+    return (Prompts([prompts.prefixes[r] for r in rows], prompts.images[used],
+                    [[index[k] for k in prompts.row_images[r]] for r in rows]), embeds[used])
