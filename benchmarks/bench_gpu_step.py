@@ -1,8 +1,8 @@
 """Tokens/s and MFU of an ACPO step of an 8B-shaped VLM on ~12K-token packed rows, through the trainer's own code.
 
     torchrun --nproc_per_node 1 benchmarks/bench_gpu_step.py [--layers 4 | --full] [--reference model,cache]
-        [--recompute none,selective,full] [--tp 1 --pp 1 --sp] [--micro-batches 4] [--steps 5] [--warmup 2]
-        [--no-packing] [--peak-tflops 989] [key=value ...]
+        [--recompute none,selective,full | --configs model:none,cache:selective] [--tp 1 --pp 1 --sp]
+        [--micro-batches 4] [--steps 5] [--warmup 2] [--no-packing] [--peak-tflops 989] [--json FILE] [key=value ...]
     python benchmarks/bench_gpu_step.py --dry-flops [--layers 28]    # the FLOP accounting alone, on any machine
 
 Without CUDA it prints one line saying it skipped and exits 0, before megatron is imported.
@@ -23,7 +23,10 @@ trainer's own `make_micro_batch` (train/data.py), as step_micro_batches does. Ev
 
 Columns: ms/step (median after `--warmup`, the slowest rank; IQR), real tokens per step, padding efficiency (real /
 processed positions), real tokens/s per GPU and in total, model TFLOP/s per GPU, MFU = that / `--peak-tflops`
-(989: H100 SXM dense bf16), peak GPU memory (max_memory_allocated, largest rank); rates over all timed steps.
+(989: H100 SXM dense bf16), peak GPU memory (max_memory_allocated, largest rank, from before the first step: weights,
+optimizer state and every step's transients), the memory plan's peak per rank for the same configuration
+(megatron_po/memory_plan.py, `megatron-po train --dry-run`: one row of `--max-seq` tokens per packed micro-batch)
+and measured / planned; rates over all timed steps. `--json FILE` writes the rows as JSON too.
 
 Model FLOPs of the real tokens (padding, recompute replays and the optimizer not counted), per step:
     F_fwd = 2 N_lm T + 2 L (n_h d) sum_i s_i^2 + 2 V h R
@@ -250,6 +253,7 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
                 raise RuntimeError(f"the decoder layers hold {got:,} parameters on this rank; N_lm counts {want:,}")
             reference = build_reference(c, groups, objective, policy, ref_model, {"train": ds})
             state = build_train_state(c, groups, objective, policy, reference)
+            planned = planned_peak(args, c, world, dp, objective, plan, prefix, groups.device.type)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             times, mix = [], Mix()
@@ -268,7 +272,7 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # per step the slowest rank; the largest memory
             rows.append({"layout": f"tp{c.parallel.tp}{'sp' if c.parallel.sp else ''} pp{c.parallel.pp} dp{dp}",
                          "reference": source, "recompute": recompute, "times": t[:-1].tolist(), "mix": mix,
-                         "peak": t[-1].item()})
+                         "peak": t[-1].item(), "planned": planned})
             if rank == 0:
                 print(f"  {source:<5} {recompute:<9} {1e3 * statistics.median(times):9.1f} ms/step", file=sys.stderr)
             del state, reference, policy, ref_model, layers
@@ -278,26 +282,67 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
     finally:
         teardown()
     if rank == 0:
-        print_table(args, shape, world, rows, torch.cuda.get_device_name() if gpu else "cpu (smoke test)")
+        summary = summarize(args, shape, world, rows, torch.cuda.get_device_name() if gpu else "cpu (smoke test)")
+        print_table(args, shape, summary, rows)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def print_table(args, s: Shape, world: int, rows: list[dict], device: str) -> None:
-    print(f"\nworld={world} {device} | Qwen2.5-7B-shaped decoder, {s.layers} layers | rows of {args.max_seq}, "
-          f"{args.micro_batches} micro-batches per DP rank | median of {args.steps} steps after {args.warmup} warm-up")
-    mfu = f"MFU@{args.peak_tflops:g}"
-    head = (f"| {'layout':<13} | layers | reference | recompute | {'ms/step':>8} | {'IQR ms':>15} | real tok/step | "
-            f"pad eff | tok/s/GPU | tok/s total | TFLOP/s/GPU | {mfu} | peak GPU GiB |")
-    print(head)
-    print(re.sub(r"[^|]", "-", head))
+def planned_peak(args, cfg, world: int, dp: int, objective, plan, prefix: int, device_type: str) -> float:
+    """The memory plan's peak bytes per rank for this configuration and the planned steps' micro-batches (packed:
+    one row of --max-seq tokens each; unpacked: the most rows of one micro-batch, padded to the longest)."""
+    import dataclasses
+
+    from megatron_po.memory_plan import build_plan
+    from megatron_po.models.specs import use_te_spec
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=dp * args.micro_batches))
+    if args.no_packing:
+        mbs = [mb for step in plan for mb in step]
+        rows = 2 * max(map(len, mbs))
+        row_tokens = max(prefix + 1 + max(c, r) for mb in mbs for _, c, r in mb)
+    else:
+        rows, row_tokens = 1, args.max_seq
+    return build_plan(cfg, world, rows=rows, row_tokens=row_tokens, needs_reference=objective.needs_reference,
+                      te=use_te_spec(cfg.model), device_type=device_type).peak
+
+
+def summarize(args, s: Shape, world: int, rows: list[dict], device: str) -> dict:
+    """What the table prints, per configuration, as plain numbers (the --json output)."""
+    out = []
     for r in rows:
         t, mix = r["times"], r["mix"]
-        q = [1e3 * v for v in (statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else t * 3)]
+        q = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else t * 3
         tflops = sum(step_flops(s, mix, r["reference"] == "model").values()) / sum(t) / world / 1e12
+        out.append({"layout": r["layout"], "layers": s.layers, "reference": r["reference"],
+                    "recompute": r["recompute"], "steps": len(t), "ms_per_step": 1e3 * statistics.median(t),
+                    "ms_q1": 1e3 * q[0], "ms_q3": 1e3 * q[2], "real_tokens_per_step": mix.tokens / len(t),
+                    "padding_efficiency": mix.tokens / mix.processed,
+                    "tokens_per_s_per_gpu": mix.tokens / sum(t) / world, "tokens_per_s": mix.tokens / sum(t),
+                    "tflops_per_gpu": tflops, "mfu": tflops / args.peak_tflops,
+                    "peak_bytes": r["peak"], "planned_bytes": r["planned"],
+                    "measured_over_planned": r["peak"] / r["planned"] if r["planned"] and r["peak"] else None})
+    return {"device": device, "world": world, "max_seq": args.max_seq, "micro_batches": args.micro_batches,
+            "warmup": args.warmup, "peak_tflops": args.peak_tflops, "n_lm": s.n_lm, "rows": out}
+
+
+def print_table(args, s: Shape, summary: dict, rows: list[dict]) -> None:
+    print(f"\nworld={summary['world']} {summary['device']} | Qwen2.5-7B-shaped decoder, {s.layers} layers | rows of "
+          f"{args.max_seq}, {args.micro_batches} micro-batches per DP rank | median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
+    mfu = f"MFU@{args.peak_tflops:g}"
+    head = (f"| {'layout':<13} | layers | reference | recompute | {'ms/step':>8} | {'IQR ms':>15} | real tok/step | "
+            f"pad eff | tok/s/GPU | tok/s total | TFLOP/s/GPU | {mfu} | peak GPU GiB | plan GiB | meas/plan |")
+    print(head)
+    print(re.sub(r"[^|]", "-", head))
+    for r in summary["rows"]:
+        ratio = r["measured_over_planned"]
         print(f"| {r['layout']:<13} | {s.layers:>6} | {r['reference']:<9} | {r['recompute']:<9} | "
-              f"{1e3 * statistics.median(t):8.1f} | {q[0]:7.1f}-{q[2]:<7.1f} | {mix.tokens / len(t):13,.0f} | "
-              f"{mix.tokens / mix.processed:7.3f} | {mix.tokens / sum(t) / world:9,.0f} | "
-              f"{mix.tokens / sum(t):11,.0f} | {tflops:11.1f} | {tflops / args.peak_tflops:>{len(mfu)}.1%} | "
-              f"{r['peak'] / 2**30:12.1f} |")
+              f"{r['ms_per_step']:8.1f} | {r['ms_q1']:7.1f}-{r['ms_q3']:<7.1f} | {r['real_tokens_per_step']:13,.0f} | "
+              f"{r['padding_efficiency']:7.3f} | {r['tokens_per_s_per_gpu']:9,.0f} | {r['tokens_per_s']:11,.0f} | "
+              f"{r['tflops_per_gpu']:11.1f} | {r['mfu']:>{len(mfu)}.1%} | {r['peak_bytes'] / 2**30:12.1f} | "
+              f"{r['planned_bytes'] / 2**30:8.1f} | {'' if ratio is None else f'{ratio:.2f}':>9} |")
     print()
     print_formula(s)
     for r in {r["reference"]: r for r in rows}.values():  # the same steps under every recompute setting
@@ -329,6 +374,8 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="all 28 layers of Qwen2.5-7B (several GPUs: e.g. --tp 8)")
     p.add_argument("--reference", default="model,cache", help="comma list: model (live forward), cache")
     p.add_argument("--recompute", default="none", help="comma list of none, selective, full (model.recompute)")
+    p.add_argument("--configs", default="", help="comma list of reference:recompute pairs to run instead of every "
+                   "--reference x --recompute combination, e.g. model:none,cache:none,model:selective")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1)")
@@ -341,6 +388,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
     p.add_argument("--dry-flops", action="store_true", help="print the FLOP accounting of the planned mix (dp=1)")
+    p.add_argument("--json", default="", help="also write the table's rows (and the memory plan's) to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (gloo, local spec, fp32) to check the "
                    "script, with tiny shapes as overrides; the numbers mean nothing")
     p.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "megatron_po_bench_gpu"),
@@ -356,9 +404,13 @@ def main() -> int:
 
     from megatron_po.config import ConfigError, load_config
 
-    sources, recomputes = args.reference.split(","), args.recompute.split(",")
-    if set(sources) - {"model", "cache"}:
-        p.error(f"--reference: a comma list of model, cache; got {args.reference!r}")
+    if args.configs:
+        configs = [tuple(c.split(":", 1)) if ":" in c else (c, "none") for c in args.configs.split(",")]
+    else:
+        configs = [(s, r) for s in args.reference.split(",") for r in args.recompute.split(",")]
+    sources, recomputes = list(dict.fromkeys(s for s, _ in configs)), list(dict.fromkeys(r for _, r in configs))
+    if set(sources) - {"model", "cache"} or not all(recomputes):
+        p.error(f"--reference / --configs: sources model, cache (and reference:recompute pairs); got {configs}")
     smoke, d = args.cpu_smoke, args.output_dir
     base = [f"output_dir={d}", *QWEN2_5_7B, f"model.num_layers={28 if args.full else args.layers}",
             f"model.max_seq_length={args.max_seq}", f"model.spec={'local' if smoke else 'te'}",
@@ -387,7 +439,7 @@ def main() -> int:
     elif m.spec == "te" and importlib.util.find_spec("transformer_engine") is None:
         print("bench_gpu_step: skipped (transformer-engine is not installed; model.spec=local runs without it)")
     else:
-        run(args, base, shape, [(s, r) for s in sources for r in recomputes])
+        run(args, base, shape, configs)
     return 0
 
 

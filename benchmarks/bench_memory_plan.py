@@ -107,7 +107,7 @@ def run_config(name: str, args) -> None:
     if rank == 0:
         peak, _, _, stage = max(found)
         rows, length = max(f[1] for f in found), max(f[2] for f in found)
-        plan = build_plan(cfg, world, rows=rows, row_tokens=length, te=False,
+        plan = build_plan(cfg, world, rows=rows, row_tokens=length, te=False, device_type="cpu",
                           needs_reference=objective.needs_reference).stages[stage]
         terms = sorted(((getattr(plan, key), label) for label, key in ROWS), reverse=True)[:3]
         print("RESULT " + json.dumps({"name": name, "stage": stage, "planned": plan.total, "measured": peak,

@@ -13,6 +13,7 @@ from pathlib import Path
 from megatron_po.config import Config, ConfigError, config_to_dict, load_config
 from megatron_po.data.records import RecordError
 from megatron_po.quiet import quiet_megatron_notes
+from megatron_po.train.jobcontrol import EXIT_REQUEUE, NonFiniteStep, Requeue
 
 logger = logging.getLogger("megatron_po")
 
@@ -92,6 +93,14 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     except (RecordError, FileNotFoundError, ConfigError) as e:
         # found by every rank alike while the data and the model are prepared, before the first step
         return _refuse("config" if isinstance(e, ConfigError) else "data", e)
+    except Requeue as e:  # saved after a step on a signal or the time limit: the launcher requeues the job
+        if dist.get_rank() == 0:
+            print(f"{e}; exit code {EXIT_REQUEUE}: relaunch to resume", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    except NonFiniteStep as e:  # every rank stops at the same step; one line for the job
+        if dist.get_rank() == 0:
+            print(f"training error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         teardown()
     return 0

@@ -44,6 +44,12 @@ class ParallelConfig:
     """'auto' (nccl with CUDA, else gloo on CPU), 'nccl' or 'gloo'."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over DP (Megatron distributed optimizer). Its checkpoints do not work on CPU."""
+    overlap_grad_reduce: bool = True
+    """Overlap the DP gradient all-reduce (reduce-scatter with the distributed optimizer) with the backward pass,
+    bucket by bucket (megatron DDP's overlap_grad_reduce)."""
+    overlap_param_gather: bool = True
+    """With the distributed optimizer: overlap the all-gather of updated parameters with the next step's forward
+    (megatron's overlap_param_gather; ignored without use_distributed_optimizer)."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):
@@ -145,9 +151,17 @@ class ModelConfig:
     """With recompute=full: layers per recompute unit (uniform) or layers recomputed per stage (block)."""
     recompute_modules: str = "core_attn"
     """With recompute=selective: comma list of core_attn, mlp, layernorm."""
-    logprob_chunk_tokens: int = 256
-    """Tokens per chunk of the fused log-prob stage; its buffer is chunk x V/tp fp32 (256 x 151,936 = 156 MB at
-    TP=1): peak memory of the stage is about that plus the output weight's fp32 gradient."""
+    logprob_chunk_tokens: int = 0
+    """Tokens per chunk of the fused log-prob stage; its buffer is chunk x V/tp fp32. 0: sized to the device
+    (`logprobs.auto_chunk_tokens`: 256 on the CPU, a ~1 GiB buffer on a GPU)."""
+    init_weights: bool = True
+    """Draw initial weights (at full size on the CPU, then sliced: the same weights in every layout). The trainer
+    turns it off when checkpoint.init_from overwrites them: the weights are then allocated on the device and not
+    initialised (models/init.py; a 78B model is never initialised on the host)."""
+    fusions: str = "auto"
+    """megatron's kernel fusions (bias + SwiGLU, bias-dropout-add, persistent layer norm, gradient-accumulation
+    fusion into the fp32 main_grad): 'auto' (on with the Transformer-Engine spec, whose kernels provide them),
+    'on' or 'off'."""
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
@@ -173,8 +187,10 @@ class ModelConfig:
         bad = set(self.recompute_modules.split(",")) - {"core_attn", "mlp", "layernorm"}
         if bad:
             raise ConfigError(f"model.recompute_modules: unknown {sorted(bad)}; known core_attn, mlp, layernorm")
-        if self.logprob_chunk_tokens < 1:
-            raise ConfigError(f"model.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")
+        if self.logprob_chunk_tokens < 0:
+            raise ConfigError(f"model.logprob_chunk_tokens must be >= 0 (0: auto), got {self.logprob_chunk_tokens}")
+        if self.fusions not in ("auto", "on", "off"):
+            raise ConfigError(f"model.fusions must be auto|on|off, got {self.fusions!r}")
 
 
 @dataclass
@@ -318,6 +334,12 @@ class TrainConfig:
     exit_interval: int = 0
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval): for job time
     limits; the next launch resumes. 0 = run to train_steps."""
+    exit_duration_minutes: float = 0.0
+    """Save a checkpoint and exit (code 75, requeue) at the first step boundary after this many minutes of the
+    job (Megatron's --exit-duration-in-mins); SIGTERM / SIGUSR1 do the same at once. 0: no limit."""
+    skip_nonfinite_steps: bool = False
+    """A step whose loss, log-probs or gradient norm is NaN/Inf is skipped (no update, counted in
+    `train/skipped_steps`) instead of stopping the run."""
     wandb_project: str = ""
     """Also log every step's metrics to this Weights & Biases project (the `[wandb]` extra; WANDB_MODE=offline
     and the other WANDB_* variables work as usual). Empty: metrics.jsonl and TensorBoard only."""
@@ -330,6 +352,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.exit_duration_minutes < 0:
+            raise ConfigError(f"train.exit_duration_minutes must be >= 0, got {self.exit_duration_minutes}")
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb_project needs the wandb package: pip install -e '.[wandb]'")
         if self.global_batch_size % self.micro_batch_size:
@@ -346,6 +370,15 @@ class CheckpointConfig:
     """Resume from the latest complete checkpoint in output_dir/checkpoints if there is one."""
     init_from: str = ""
     """A previous stage's checkpoint directory: initial weights of the policy and of the reference."""
+    keep_last: int = 0
+    """Keep only the newest N complete checkpoints under output_dir/checkpoints (0: keep all)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron's asynchronous dist_checkpointing): training goes on while
+    the shards are written; `latest` moves only once every rank's shards are durable."""
+
+    def __post_init__(self):
+        if self.save_interval < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
 
 
 @dataclass

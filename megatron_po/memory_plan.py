@@ -17,9 +17,13 @@ activations are counted per token from the tensors each layer saves for backward
                 (without full recompute: two whole layers, calibrated by benchmarks/bench_memory_plan.py; with
                 it: the replayed layer and its attention scores' gradient) and, on the local spec, the attention
                 mask ([rows, S, S] when packed)
-  log-probs     the last stage's log-prob stage: fused = two [chunk, V/tp] fp32 buffers, the response hidden
-                states and the output weight's transient fp32 gradient; logits = [rows * S, V/tp] logits with an
-                fp32 log-softmax and its gradient
+  log-probs     the last stage's log-prob stage (`logprob_stage_bytes`): fused = one [chunk, V/tp] fp32 logits
+                buffer and, for bf16 weights, its bf16 copy for the backward GEMMs (the chunk: model.
+                logprob_chunk_tokens, or `logprobs.auto_chunk_tokens` for the device, a ~1 GiB fp32 buffer on a
+                GPU), the response hidden states and their gradient. The output weight's gradient accumulates
+                straight into DDP's fp32 main_grad (counted under gradients): no fp32 or bf16 [V/tp, h] copy of it,
+                only the uninitialised [V/tp, h] tensor autograd is handed afterwards (megatron's protocol), once
+                the chunks are gone; logits = [rows * S, V/tp] logits with an fp32 log-softmax and its gradient
   vision        the tower's activations on the first stage (one layer's working set when frozen, every layer
                 when trained) and the image embeddings a step keeps (one encoding per micro-batch)
 
@@ -39,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 from megatron_po.config import Config
 from megatron_po.families import family_spec
+from megatron_po.logprobs import auto_chunk_tokens
 from megatron_po.models.family import VisionFootprint
 from megatron_po.models.specs import LMShape, use_te_spec
 
@@ -128,6 +133,35 @@ def _layer_elements(cfg: Config, lm: LMShape, te: bool, recompute: bool) -> tupl
     return (6 * h + 2) / sp + 4 * d + attn + mlp, 0.0
 
 
+def logprob_stage_bytes(tokens: int, vocab_local: int, hidden: int, act_bytes: int, chunk_tokens: int,
+                        device_type: str, weight_trainable: bool, into_main_grad: bool = True) -> float:
+    """Peak bytes of the fused log-prob stage (`logprobs.fused_linear_token_logps`) on one rank.
+
+    Args:
+        tokens: positions scored (the micro-batch's, a bound on its response tokens).
+        vocab_local: V/tp.
+        hidden: h.
+        act_bytes: bytes per element of the weight and activations (bf16: 2).
+        chunk_tokens: model.logprob_chunk_tokens (0: `auto_chunk_tokens` for `device_type`).
+        device_type: where it runs ("cuda" for the plans of GPU jobs).
+        weight_trainable: the output weight takes a gradient.
+        into_main_grad: it accumulates into megatron DDP's fp32 main_grad (the trainer's case); else the stage
+            holds its own fp32 [V/tp, h] gradient (and returns it cast to the weight's dtype).
+    """
+    chunk = min(chunk_tokens or auto_chunk_tokens(int(vocab_local), device_type), tokens)
+    # the fp32 logits of a chunk; in backward their copy in the weight's dtype feeds the bf16 GEMMs
+    held = buffers = chunk * vocab_local * (4 + (act_bytes if act_bytes != 4 else 0))
+    weight = vocab_local * hidden * act_bytes
+    if weight_trainable and into_main_grad:
+        # after the last chunk autograd is handed an uninitialised [V/tp, h] tensor of the weight's dtype
+        held = max(buffers, weight)
+    elif weight_trainable:
+        # an fp32 gradient throughout, and at the end its copy in the weight's dtype (bf16)
+        held = vocab_local * hidden * 4 + max(buffers, weight if act_bytes != 4 else 0)
+    # the response positions' hidden states and their gradient
+    return held + 2 * tokens * hidden * act_bytes
+
+
 ROWS = [  # (label, RankPlan field): the terms of a rank's total, in print order
         ("weights (policy)", "weights_policy"), ("weights (reference)", "weights_reference"),
         ("gradients (fp32)", "gradients"), ("optimizer", "optimizer"), ("activations", "activations"),
@@ -192,7 +226,7 @@ def rows_per_micro_batch(cfg: Config, objective_rows: int = 2) -> int:
 
 def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, rows: int | None = None,
                needs_reference: bool = True, headroom: float = 0.1, te: bool | None = None,
-               row_tokens: int | None = None) -> MemoryPlan:
+               row_tokens: int | None = None, device_type: str = "cuda") -> MemoryPlan:
     """The memory plan of `cfg` on `world_size` ranks.
 
     Args:
@@ -201,6 +235,7 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
         needs_reference: the objective reads reference log-probs (a reference model unless the cache serves them).
         headroom: the share of device memory left for what is not counted (CUDA context, NCCL, fragmentation).
         te: count the Transformer-Engine spec's activations (default: what model.spec selects here).
+        device_type: the device the job runs on ("cpu" for the CPU validation runs): sizes the log-prob chunk.
     """
     par, m, tr = cfg.parallel, cfg.model, cfg.train
     dp = cfg.validate_world(world_size)
@@ -256,9 +291,8 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
         if last:
             vocab_local = shape.padded_vocab / par.tp
             if m.logprobs == "fused":
-                chunk = min(m.logprob_chunk_tokens, tokens)
-                r.logprob_stage = (2 * chunk * vocab_local * 4 + vocab_local * lm.hidden_size * 4
-                                   + 2 * tokens * lm.hidden_size * act_bytes)
+                r.logprob_stage = logprob_stage_bytes(tokens, vocab_local, lm.hidden_size, act_bytes,
+                                                      m.logprob_chunk_tokens, device_type, not m.freeze_llm)
             else:
                 r.logprob_stage = tokens * vocab_local * (act_bytes + 3 * 4)
         if first:
@@ -282,7 +316,9 @@ def format_plan(plan: MemoryPlan, cfg: Config) -> str:
             f"{plan.micro_batches} micro-batches of {plan.rows} rows x {plan.tokens_per_row} tokens per step; "
             f"{m.params_dtype}, sp={par.sp}, recompute={m.recompute}, packing={cfg.data.packing}, "
             f"logprobs={m.logprobs}, reference={cfg.reference.source}, "
-            f"distributed optimizer={par.use_distributed_optimizer}")
+            f"distributed optimizer={par.use_distributed_optimizer}; overlap: grad reduce={par.overlap_grad_reduce}, "
+            f"param gather={par.overlap_param_gather and par.use_distributed_optimizer} (megatron's buckets are views "
+            f"of the gradient and parameter buffers: no extra memory); fusions={m.fusions}")
     cols = [f"stage {r.stage} ({r.layers} layers)" for r in plan.stages]
     width = max(14, *(len(c) for c in cols))
     lines = [head, f"{'GiB per rank':<22}" + "".join(f"{c:>{width + 2}}" for c in cols)]
@@ -294,4 +330,9 @@ def format_plan(plan: MemoryPlan, cfg: Config) -> str:
     lines.append(f"peak {plan.peak / GiB:.2f} GiB per rank {verdict} in {plan.device_memory_gb:g} GiB "
                  f"({budget:.1f} GiB after {plan.headroom:.0%} headroom for the CUDA context, NCCL buffers and "
                  "fragmentation, which are not counted)")
+    if cfg.checkpoint.async_save:
+        # megatron copies each rank's shards to host memory before its background writer runs
+        staged = max(r.weights_policy + r.optimizer for r in plan.stages)
+        lines.append(f"host memory: checkpoint.async_save stages up to {staged / GiB:.2f} GiB per rank (its weights "
+                     "and optimizer state) in host memory while a checkpoint is written")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ single-process gloo groups of in-process model tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,24 +14,56 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600, cwd: Path | None = None) -> str:
-    """Runs `torchrun --standalone --nproc_per_node nproc ARGS`; returns combined output, fails with its tail."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+def subprocess_env(gpu: bool = False) -> dict:
+    """The environment of a test's subprocess: one thread per process, and no CUDA device unless `gpu` (a CPU
+    test then takes the gloo path with `parallel.backend=auto` on a GPU host too, as it does in CI)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600, cwd: Path | None = None,
+                 gpu: bool = False) -> str:
+    """Runs `torchrun --standalone --nproc_per_node nproc ARGS`; returns combined output, fails with its tail.
+
+    Args:
+        gpu: let the ranks see the machine's CUDA devices (`subprocess_env`).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=subprocess_env(gpu), capture_output=True, text=True,
+                          timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         pytest.fail(f"torchrun {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
     return out
 
 
-def run_python(args: list[str], timeout: int = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def run_python(args: list[str], timeout: int = 300, gpu: bool = False) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(gpu), capture_output=True,
+                          text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         pytest.fail(f"python {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
     return out
+
+
+TIMING_KEYS = {"tokens_per_s", "step_time_s"}
+"""Metrics that depend on the machine's speed: never compared between runs."""
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_metrics_equal(a: list[dict], b: list[dict]) -> None:
+    """Same steps, same keys, bit-identical values (timings aside): a resumed run against a straight one."""
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for ma, mb in zip(a, b):
+        assert ma.keys() == mb.keys(), (ma["step"], ma.keys() ^ mb.keys())
+        for k in ma.keys() - TIMING_KEYS:
+            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ def report(tmp_path_factory):
     return json.loads((out / "cp.json").read_text())
 
 
+@pytest.mark.multirank
 def test_cp_sums_losses_and_gradients_equal_whole_rows(report):
     assert set(report) == {"dpo", "aspo", "acpo"}
     for name, ranks in report.items():
@@ -31,12 +32,14 @@ def test_cp_sums_losses_and_gradients_equal_whole_rows(report):
             assert r["megatron_split"], name
 
 
+@pytest.mark.multirank
 def test_each_rank_holds_image_slots_of_its_own(report):
     ranks = report["dpo"]
     assert sum(r["image_slots_here"] for r in ranks) == ranks[0]["image_slots_total"]
     assert all(0 < r["image_slots_here"] < r["image_slots_total"] for r in ranks)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("cp", [1, 2, 4])
 def test_positions_partition_each_row_in_balanced_chunks(cp):
     seq = 8 * cp
@@ -50,6 +53,7 @@ def test_positions_partition_each_row_in_balanced_chunks(cp):
             cp_positions(seq + 2, cp, 0)
 
 
+@pytest.mark.pure
 def test_cpu_backend_refuses_cp():
     from megatron_po.parallel.groups import init_parallel
 
@@ -57,6 +61,7 @@ def test_cpu_backend_refuses_cp():
         init_parallel(ParallelConfig(cp=2, backend="gloo"), seed=0)
 
 
+@pytest.mark.pure
 def test_packing_with_cp_is_refused():
     with pytest.raises(ConfigError, match="data.packing with parallel.cp"):
         load_config(None, ["data.packing=true", "parallel.cp=2"])

@@ -38,14 +38,17 @@ def _assert_refused(src: Path, out: Path, match: str, **kw) -> None:
     assert not out.exists(), "a refused conversion must not create its output"
 
 
+@pytest.mark.pure
 def test_not_a_model_directory(tmp_path, groups):
     _assert_refused(tmp_path, tmp_path / "out", "no config.json")
 
 
+@pytest.mark.pure
 def test_wrong_family_is_refused(hf_dir, tmp_path, groups):
     _assert_refused(hf_dir, tmp_path / "out", "family 'qwen2_5_vl', not 'internvl3'", family="internvl3")
 
 
+@pytest.mark.pure
 def test_unknown_model_type_is_refused(hf_dir, tmp_path, groups):
     src = _copy(hf_dir, tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
@@ -54,6 +57,7 @@ def test_unknown_model_type_is_refused(hf_dir, tmp_path, groups):
     _assert_refused(src, tmp_path / "out", "'llava' is not a supported family")
 
 
+@pytest.mark.pure
 def test_missing_shard_is_named(hf_dir, tmp_path, groups):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -66,6 +70,7 @@ def test_missing_shard_is_named(hf_dir, tmp_path, groups):
     _assert_refused(src, tmp_path / "out", f"missing: \\['{shards[1].name}'\\]")
 
 
+@pytest.mark.pure
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir, tmp_path, groups):
     src = _copy(hf_dir, tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
@@ -75,6 +80,7 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_dir, tmp_path, groups):
     _assert_refused(src, tmp_path / "out", r"mlp\.(gate|up|down)_proj\.weight.*(shape|fit)")
 
 
+@pytest.mark.pure
 def test_unknown_tensor_would_be_dropped(hf_dir, tmp_path, groups):
     from safetensors.torch import load_file, save_file
 
@@ -85,6 +91,7 @@ def test_unknown_tensor_would_be_dropped(hf_dir, tmp_path, groups):
     _assert_refused(src, tmp_path / "out", "would be dropped.*visual.extra_head.weight")
 
 
+@pytest.mark.pure
 def test_missing_tensor_is_named(hf_dir, tmp_path, groups):
     from safetensors.torch import load_file, save_file
 
@@ -96,6 +103,7 @@ def test_missing_tensor_is_named(hf_dir, tmp_path, groups):
     _assert_refused(src, tmp_path / "out", f"missing, e.g. \\['{name}'\\]")
 
 
+@pytest.mark.pure
 def test_non_empty_output_is_never_overwritten(hf_dir, tmp_path, groups):
     out = tmp_path / "out"
     out.mkdir()
@@ -105,12 +113,14 @@ def test_non_empty_output_is_never_overwritten(hf_dir, tmp_path, groups):
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 
+@pytest.mark.pure
 def test_checkpoint_index_is_read_lazily(hf_dir):
     ck = HFCheckpoint(hf_dir)
     name = next(iter(sorted(ck.names())))
     assert ck.shape(name) == tuple(ck.get(name).shape)
 
 
+@pytest.mark.e2e
 def test_cli_reports_errors_with_exit_code_2(hf_dir, tmp_path):
     proc_out = None
     with pytest.raises(pytest.fail.Exception) as e:
@@ -121,6 +131,7 @@ def test_cli_reports_errors_with_exit_code_2(hf_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.pure
 def test_logps_exclude_padded_vocabulary():
     from megatron_po.logprobs import vocab_parallel_token_logps
 

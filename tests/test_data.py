@@ -22,6 +22,8 @@ from megatron_po.data.synthetic import (COLOURS, YESNO_SHARE, generate_probe_set
                                         probe_answers_yes)
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.pure
+
 NUM_IMAGE_TOKENS = 5
 
 
@@ -476,6 +478,40 @@ def test_sampler_resume_continues_the_sequence():
 
     with pytest.raises(ValueError, match="seed"):
         PairBatchSampler(23, 4, 2, 1, 2, seed=8).load_state_dict(state)
+
+
+def test_sampler_global_batch_depends_on_the_step_alone():
+    """The trainer asks `global_batch(step)` of a sampler that may have been resumed anywhere: a step's pairs, and
+    its epoch's permutation, never depend on the sampler's position (consumed_samples)."""
+    fresh = PairBatchSampler(10, 4, 2, 0, 1, seed=3)  # 2 global batches per epoch
+    resumed = PairBatchSampler(10, 4, 2, 0, 1, seed=3)
+    resumed.load_state_dict(fresh.state_dict() | {"consumed_samples": 12})  # inside epoch 2
+    steps = range(6)
+    assert [resumed.global_batch(s) for s in steps] == [fresh.global_batch(s) for s in steps]
+    assert fresh.global_batch(2) + fresh.global_batch(3) != fresh.global_batch(0) + fresh.global_batch(1)  # epoch 2's own
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(seed=8), r"train\.seed is 7 in the checkpoint but 8 in this run"),
+    (dict(num_samples=24), r"\(data\.num_train, .*\) is 23 in the checkpoint but 24 in this run"),
+    (dict(global_batch_size=8), r"train\.global_batch_size is 4 in the checkpoint but 8 in this run"),
+    (dict(seed=8, num_samples=24, global_batch_size=8), r"train\.seed .*; the number .*; train\.global_batch_size"),
+], ids=["seed", "num_samples", "global_batch_size", "all_three"])
+def test_sampler_refuses_a_resume_that_changes_the_data_order(change, named):
+    """A relaunch with another train.seed, dataset size or global batch size would train on other pairs than the
+    saved run's next steps: refused, naming what changed and both values (the trainer resumes through this)."""
+    saved = PairBatchSampler(23, 4, 2, 0, 2, seed=7)
+    saved.consumed_samples = 8
+    state = saved.state_dict()
+    same = dict(num_samples=23, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=2, seed=7)
+    with pytest.raises(ValueError, match=rf"^cannot resume: the data order would change: .*{named}"):
+        PairBatchSampler(**(same | change)).load_state_dict(state)
+    # the layout may change (DP size, micro-batch size): the global batches stay the same
+    other_layout = PairBatchSampler(**(same | dict(micro_batch_size=1, dp_size=4, dp_rank=3)))
+    other_layout.load_state_dict(state)
+    assert other_layout.consumed_samples == 8
+    with pytest.raises(ValueError, match=r"consumed_samples \(6\) must be a non-negative multiple"):
+        PairBatchSampler(**same).load_state_dict(state | {"consumed_samples": 6})
 
 
 @pytest.mark.parametrize("kwargs, message", [

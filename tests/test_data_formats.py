@@ -57,6 +57,7 @@ def _prompt_ids(tok, record) -> list[int]:
 # ------------------------------------------------------------------------------------------------ TRL
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("conversational", [False, True])
 @pytest.mark.parametrize("fmt", ["auto", "trl"])
 def test_trl_records_read_like_ours(ours, tok, conversational, fmt):
@@ -69,6 +70,7 @@ def test_trl_records_read_like_ours(ours, tok, conversational, fmt):
     assert read_preference_file(ours, "auto") == records  # ours still auto-detected as ours
 
 
+@pytest.mark.pure
 def test_trl_json_array_reads_like_jsonl(ours):
     records = read_records(ours)
     array = ours.parent / "trl_array.json"
@@ -77,6 +79,7 @@ def test_trl_json_array_reads_like_jsonl(ours):
     assert _key(read_preference_file(array)) == _key(records)
 
 
+@pytest.mark.pure
 def test_interleaved_images_sit_where_the_message_puts_them(ours, tok):
     first = read_records(ours)[0]
     record = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Left:"}, {"type": "image"},
@@ -94,6 +97,7 @@ def test_interleaved_images_sit_where_the_message_puts_them(ours, tok):
     assert ids[slots[P - 1] + 1: slots[P - 1] + 1 + len(right)] == right and slots[P] == slots[P - 1] + 1 + len(right)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("change, message", [
     ({"images": ["a.png", "b.png"], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                                                                                 "text": "q"}]}]},
@@ -110,6 +114,7 @@ def test_unsupported_trl_records_name_file_and_line(ours, tmp_path, change, mess
         read_preference_file(path, "trl")
 
 
+@pytest.mark.pure
 def test_auto_names_what_it_saw(tmp_path):
     path = _write(tmp_path / "x.jsonl", [{"query": "q", "answer": "a"}])
     with pytest.raises(RecordError, match=rf"{path}:1: data.format=auto: keys \['answer', 'query'\]"):
@@ -135,6 +140,7 @@ def _mpo_layout(ours: Path, tmp_path: Path) -> Path:
     return tmp_path / "meta.json"
 
 
+@pytest.mark.pure
 def test_mpo_meta_reads_every_dataset_with_its_root(ours, tok, tmp_path):
     records = read_records(ours)
     meta = _mpo_layout(ours, tmp_path)
@@ -154,6 +160,40 @@ def test_mpo_meta_reads_every_dataset_with_its_root(ours, tok, tmp_path):
     assert [r.id for r in alone] == ["line-1", "line-2", "line-3"] and alone[0].image_root is None
 
 
+def _mpo_lines(tmp_path: Path, name: str, n: int, repeat_time) -> Path:
+    """A meta file naming one annotation file of `n` distinct lines, read with `repeat_time`."""
+    _write(tmp_path / f"{name}.jsonl", [{"image": f"{i}.png", "question": f"<image>\nQuestion {i}?",
+                                         "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(1, n + 1)])
+    meta = tmp_path / f"{name}_meta.json"
+    meta.write_text(json.dumps({name: {"root": "img", "annotation": f"{name}.jsonl", "repeat_time": repeat_time}}))
+    return meta
+
+
+@pytest.mark.pure
+def test_mpo_repeat_time_below_one_is_a_fixed_ordered_subset(tmp_path):
+    """repeat_time < 1 trains on a sample of int(n * repeat_time) lines (InternVL's MPO reader: `random.sample` of
+    that many lines, unseeded there). Ours is seeded, so every rank, relaunch and resume reads the same pairs; the
+    subset keeps file order and its ids (the reference cache and the sampler's order are keyed by them)."""
+    full = {r.id: r for r in read_preference_file(_mpo_lines(tmp_path, "d", 20, 1))}
+    assert list(full) == [f"d/line-{i}" for i in range(1, 21)]
+    half = read_preference_file(_mpo_lines(tmp_path, "d", 20, 0.5))
+    ids = [r.id for r in half]
+    assert len(ids) == 10 == int(20 * 0.5)
+    assert set(ids) <= set(full), "ids changed"  # never suffixed or renumbered
+    lines = [int(i.rsplit("-", 1)[1]) for i in ids]
+    assert lines == sorted(set(lines)), "not in file order, or repeated"
+    assert all((r.prompt, r.chosen, r.rejected, r.image) == (full[r.id].prompt, full[r.id].chosen,
+                                                              full[r.id].rejected, full[r.id].image) for r in half)
+    assert lines != list(range(1, 11)), "the first lines, not a sample"
+    # fixed: the same subset on every read (and in every process: pinned here, so a change of it is deliberate)
+    assert [r.id for r in read_preference_file(_mpo_lines(tmp_path, "d", 20, 0.5))] == ids
+    assert lines == [2, 5, 6, 7, 8, 9, 13, 14, 16, 20], lines
+    # int(), not round(): 7 * 0.5 keeps 3, 20 * 0.99 keeps 19
+    assert len(read_preference_file(_mpo_lines(tmp_path, "e", 7, 0.5))) == 3
+    assert len(read_preference_file(_mpo_lines(tmp_path, "f", 20, 0.99))) == 19
+
+
+@pytest.mark.pure
 @pytest.mark.parametrize("change, message", [
     ({"question": "<image>\n<image>\nq"}, "2 <image> placeholders for 1 image"),
     ({"question": "<image>\n"}, "no text besides its <image> placeholders"),
@@ -166,6 +206,7 @@ def test_bad_mpo_records_name_file_and_line(tmp_path, change, message):
         read_preference_file(path, "mpo")
 
 
+@pytest.mark.pure
 def test_mpo_meta_with_a_missing_annotation_file_names_it(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": "img", "annotation": "nope.jsonl"}}))
     with pytest.raises(RecordError, match=r"dataset 'd': annotation file not found: .*nope.jsonl"):
@@ -200,6 +241,7 @@ def _hf_table(ours: Path, layout: str):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("layout", ["rlaif_v", "trl"])
 def test_hf_datasets_on_disk_read_like_ours(ours, tok, tmp_path, layout):
     records = read_records(ours)
@@ -220,6 +262,7 @@ def test_hf_datasets_on_disk_read_like_ours(ours, tok, tmp_path, layout):
         assert ds.image_files(got[0]) == [] and ds.data_files and all(p.is_file() for p in ds.data_files)
 
 
+@pytest.mark.pure
 def test_hf_dataset_problems_are_named(ours, tok, tmp_path):
     datasets = pytest.importorskip("datasets")
     table = _hf_table(ours, "rlaif_v")
@@ -241,6 +284,7 @@ def test_hf_dataset_problems_are_named(ours, tok, tmp_path):
 # ------------------------------------------------------------------------------------------------ multi-image
 
 
+@pytest.mark.pure
 def test_several_images_per_pair_collate_in_order(ours, tok, tmp_path):
     records = read_records(ours)
     two = [json.loads(line) for line in ours.read_text().splitlines()]
@@ -257,6 +301,7 @@ def test_several_images_per_pair_collate_in_order(ours, tok, tmp_path):
         type(got[0])("x", ["a.png", "b.png"], "q", "a", "b", image_offsets=[0])
 
 
+@pytest.mark.e2e
 def test_dry_run_reads_a_trl_file(ours, tmp_path):
     import subprocess
     import sys

@@ -20,6 +20,8 @@ from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.pure
+
 P = 4  # image tokens per image in these tests
 
 

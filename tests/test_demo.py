@@ -10,6 +10,8 @@ import pytest
 from megatron_po.demo import BASE, CONFIGS, VARIANTS, metrics_table, stage_config, summarize
 from megatron_po.plots import DYNAMICS_PANELS, _series, plot_rewards
 
+pytestmark = pytest.mark.pure
+
 
 def test_stages_resolve_to_configs_variants_and_objectives():
     assert stage_config("acpo") == (CONFIGS / "demo_acpo.yaml", [])

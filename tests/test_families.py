@@ -13,6 +13,8 @@ from conftest import REPO
 from megatron_po.families import FAMILIES, family_for_hf_config, family_spec
 from megatron_po.models.family import FamilySpec, HFFamilyModule
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_entry_has_a_spec_of_its_own(name):

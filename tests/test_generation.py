@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_python
+from conftest import run_python, subprocess_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -54,6 +53,7 @@ def _prompts(tokenizer, cfg, questions):
     return Prompts([tokenizer.prompt_ids(t, [n]) for t in texts], images, [[i] for i in range(len(texts))])
 
 
+@pytest.mark.pure
 def test_greedy_equals_a_plain_loop_over_full_vocabulary_logits(groups, task):
     """Each row's tokens are the argmax of the model's own full logits over prefix + tokens so far (control ids
     other than the end excluded), computed row by row here without the batching, padding or gather."""
@@ -89,6 +89,7 @@ def test_greedy_equals_a_plain_loop_over_full_vocabulary_logits(groups, task):
     assert any(g.ids for g in got)
 
 
+@pytest.mark.pure
 def test_contrastive_decoding_limits(groups, task):
     """VCD with λ = 0, or with the amateur shown the expert's images, is greedy decoding of the expert."""
     from megatron_po.data.tokenizer import Tokenizer
@@ -114,7 +115,7 @@ def _generate(task, tmp_path, *extra, nproc=1):
     args = ["-m", "megatron_po.cli", "generate-p2", "--questions", str(questions), "--out", str(out),
             "--max-new-tokens", "8", f"output_dir={tmp_path}", f"data.tokenizer_path={tok_path}",
             "model.init_method_std=0.1", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     cmd = [sys.executable, *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -122,6 +123,8 @@ def _generate(task, tmp_path, *extra, nproc=1):
     return out, json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_pairs_are_identical_at_tp1_and_tp2_and_load_in_the_trainer(task, tmp_path):
     """`megatron-po generate-p2` with one process and with TP=2 + SP writes the same records (same seed: the same
     random policy); the trainer's dry run reads and decodes them as P2-DPO training data."""
@@ -146,6 +149,7 @@ def test_pairs_are_identical_at_tp1_and_tp2_and_load_in_the_trainer(task, tmp_pa
     assert f"{len(records)} samples kept" in out, out[-2000:]
 
 
+@pytest.mark.pure
 def test_filter_and_yield_follow_the_spec(groups, task):
     """A focus pair survives §9.5's filter only with both perplexities < max_ppl and its margin in the window:
     with max_ppl = 0 none does; identical answers never make a pair."""
@@ -189,6 +193,7 @@ def _tiny_clip(path):
     return path
 
 
+@pytest.mark.e2e
 def test_clip_scores_from_a_tiny_random_clip(task, tmp_path):
     """--clip PATH scores both-branch records with raw CLIP cosines of (P, I_crop) and (P, I) from a CLIP checkpoint
     directory (safetensors, local files only)."""

@@ -53,6 +53,7 @@ def internvl_6b(tmp_path_factory) -> Path:
     return hf_internvl3_fixture.make_checkpoint(tmp_path_factory.mktemp("internvl") / "hf", "vit6b")
 
 
+@pytest.mark.pure
 def test_qwen_5x_config_reads_like_4x(qwen):
     c5 = json.loads((qwen / "config.json").read_text())
     c4 = as_4x(c5)
@@ -64,6 +65,7 @@ def test_qwen_5x_config_reads_like_4x(qwen):
     assert qwen2_5_vl.lm_shape(c5).rotary_base == 5e5
 
 
+@pytest.mark.pure
 def test_internvl_5x_config_reads_like_4x(internvl_6b):
     c5 = json.loads((internvl_6b / "config.json").read_text())
     c4 = as_4x(c5)
@@ -74,12 +76,14 @@ def test_internvl_5x_config_reads_like_4x(internvl_6b):
     assert internvl3._text_config(c5)["rope_scaling"]["rope_type"] == "dynamic"
 
 
+@pytest.mark.pure
 def test_disagreeing_rope_fields_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         lm_shape_from_hf({"num_attention_heads": 2, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                           "vocab_size": 10, "rope_theta": 1e4, "rope_parameters": {"rope_theta": 1e6}})
 
 
+@pytest.mark.pure
 def test_qwen_processor_bounds_from_size_only():
     s5 = processor_settings({"size": {"shortest_edge": 1234, "longest_edge": 56789}, "patch_size": 14})
     assert (s5["min_pixels"], s5["max_pixels"]) == (1234, 56789)
@@ -87,6 +91,7 @@ def test_qwen_processor_bounds_from_size_only():
     assert (s4["min_pixels"], s4["max_pixels"]) == (100, 200)  # 4.x: the explicit fields decide
 
 
+@pytest.mark.pure
 def test_internvl_tying_follows_the_version_that_wrote_the_config(internvl_6b):
     """transformers 5 ties InternVL's lm_head by the top-level tie_word_embeddings (default true), 4.x by
     text_config's: where the two disagree, the writer's version decides, as it decided what was saved."""
@@ -104,6 +109,8 @@ def test_internvl_tying_follows_the_version_that_wrote_the_config(internvl_6b):
     assert not internvl3.tied_embeddings(dict(c5, tie_word_embeddings=False))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["5.x", "4.x"])
 def test_converter_takes_a_5x_or_4x_checkpoint_and_refuses_in_one_line(qwen, tmp_path, layout):
     tool = str(REPO / "tools" / "convert_hf.py")

@@ -44,6 +44,7 @@ def _images(sizes):
             for w, h in sizes]
 
 
+@pytest.mark.pure
 def test_interleaved_images_match_the_processor(family, tmp_path):
     """Two images between text parts: our prompt ids equal the processor's on its own chat template's text."""
     name, hf = family
@@ -75,6 +76,7 @@ def p2_data(tmp_path_factory):
     return out / "p2_train.jsonl"
 
 
+@pytest.mark.pure
 def test_p2_batches_for_hf_families(family, p2_data):
     """Each image condition at its own size: the crop takes its own slots, every row's slots are its images', the
     calibration row shows I then I_crop, and I_noise is VCD noise on the processor's normalised pixels."""
@@ -104,6 +106,7 @@ def test_p2_batches_for_hf_families(family, p2_data):
             assert not torch.equal(expect, conditions["image"]["pixel_values"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fam", ["qwen2_5_vl"])
 def test_p2_dpo_trains_an_hf_family(fam, tmp_path):
     """P2-DPO end to end at TP=2 + SP on a converted checkpoint: the focus pair's loss is ln 2 at step 1 (the
@@ -123,6 +126,7 @@ def test_p2_dpo_trains_an_hf_family(fam, tmp_path):
     assert m[1]["loss"] != m[0]["loss"]
 
 
+@pytest.mark.pure
 def test_transparent_images_read_from_disk_as_the_processor_sees_them(family, tmp_path):
     """A PNG with alpha, read by the data path (open_rgb) then processed, gives the pixels the family's processor
     gives the PIL image itself: transparency onto white, as transformers 5 converts (PIL's convert drops it)."""

@@ -144,6 +144,7 @@ def parity(work, case):
 # ------------------------------------------------------------------------------------------------ model parity
 
 
+@pytest.mark.pure
 def test_our_inputs_are_the_processors(case):
     """Prompt ids and pixels built by our code equal what InternVLProcessor makes of the same chat."""
     batch = case["batch"]
@@ -156,6 +157,7 @@ def test_our_inputs_are_the_processors(case):
     assert batch["images"]["num_patches"].tolist() == [3, 3, 1]
 
 
+@pytest.mark.multirank
 def test_logits_match_transformers_on_every_layout(parity, case, capsys):
     v = fx.TEXT_VOCAB
     expected = {f"{layout}_{variant}" for layout in ("tp1", "tp2", "tp2_sp") for variant in ("vit300m", "vit6b")}
@@ -171,10 +173,12 @@ def test_logits_match_transformers_on_every_layout(parity, case, capsys):
     assert all(e <= TOL for e in worst.values()), worst
 
 
+@pytest.mark.multirank
 def test_text_only_batches_encode_to_no_rows(parity):
     assert {out["text_only_shape"] for out in parity.values()} == {(0, fx.text_config("vit300m")["hidden_size"])}
 
 
+@pytest.mark.multirank
 def test_interpolated_positions_match_transformers(parity, case):
     for key, out in parity.items():
         ref = case["refs"]["vit6b" if key.endswith("vit6b") else "vit300m"]["interp"]
@@ -182,6 +186,7 @@ def test_interpolated_positions_match_transformers(parity, case):
             assert rel(out["interp"][side], ref[side]) <= TOL, (key, side)
 
 
+@pytest.mark.pure
 def test_images_move_the_logits(work, case):
     """The comparison above is sensitive to the images: other pixels give other logits after the image span."""
     model, _ = fx.load_hf(work / "hf_vit300m")
@@ -192,6 +197,7 @@ def test_images_move_the_logits(work, case):
     assert rel(a, b) > 100 * TOL
 
 
+@pytest.mark.multirank
 def test_conversion_round_trip_is_bit_identical(parity, work):
     from safetensors.torch import load_file
 
@@ -206,6 +212,7 @@ def test_conversion_round_trip_is_bit_identical(parity, work):
 # ------------------------------------------------------------------------------------------------ rules
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("variant", ["vit300m", "vit6b", "modules"])
 def test_rules_cover_every_hf_tensor_and_round_trip(work, variant):
     from safetensors.torch import load_file
@@ -223,6 +230,7 @@ def test_rules_cover_every_hf_tensor_and_round_trip(work, variant):
             assert t.dtype == hf[n].dtype and torch.equal(t, hf[n]), n
 
 
+@pytest.mark.pure
 def test_tied_lm_head_is_ignored_not_needed(work):
     import re
 
@@ -236,6 +244,7 @@ def test_tied_lm_head_is_ignored_not_needed(work):
     assert "language_model.lm_head.weight" in {n for r in fam.hf_rules(untied) for n in r.hf}
 
 
+@pytest.mark.pure
 def test_layout_detection(work):
     from safetensors import safe_open
 
@@ -249,6 +258,7 @@ def test_layout_detection(work):
         fam.hf_rules(fx.read_json(work / "hf_vit300m", "config.json"), layout="remote_code")
 
 
+@pytest.mark.pure
 def test_module_layout_loads_in_transformers_like_the_saved_one(work):
     """The renamed checkpoint is one transformers accepts: it loads to the very same weights."""
     a, _ = fx.load_hf(work / "hf_vit300m")
@@ -297,6 +307,7 @@ def to_original(hf_config: dict, sd: dict) -> tuple[dict, dict]:
     return config, out
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("variant", ["vit300m", "vit6b"])
 def test_original_layout_gives_the_same_megatron_tensors_and_round_trips(work, variant):
     from safetensors.torch import load_file
@@ -333,6 +344,7 @@ TILING_SIZES = [(2, 5), (7, 4), (56, 56), (57, 113), (113, 57), (1000, 30), (30,
                 (224, 448), (999, 1001), (56, 168)]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 @pytest.mark.parametrize("min_max", [(1, 12), (1, 6), (2, 4), (3, 9), (1, 1)])
 @pytest.mark.parametrize("crop", [True, False])
@@ -348,6 +360,7 @@ def test_preprocess_matches_got_ocr2_image_processor(preprocessor_config, min_ma
     assert ours["num_tokens"].tolist() == [4 * n for n in ref["num_patches"].tolist()]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 @pytest.mark.parametrize("crop", [False, True])
 def test_preprocess_with_other_resample(preprocessor_config, crop, backend):
@@ -360,6 +373,7 @@ def test_preprocess_with_other_resample(preprocessor_config, crop, backend):
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
 
 
+@pytest.mark.pure
 def test_grid_choice_and_its_tie_breaking_match_transformers():
     # the PIL backend's module: the torchvision one's (the same function) does not import without torchvision
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
@@ -374,6 +388,7 @@ def test_grid_choice_and_its_tie_breaking_match_transformers():
     assert ties > 50  # the sweep does exercise exact ties (square images with (1,1) excluded: min 2, 4)
 
 
+@pytest.mark.pure
 def test_preprocess_follows_the_processor(processor, preprocessor_config, hf_config):
     """InternVLProcessor tiles even though preprocessor_config.json says crop_to_patches: false (real -hf
     checkpoints do), and expands each image to image_seq_length x tiles <IMG_CONTEXT> tokens."""
@@ -396,6 +411,7 @@ def test_preprocess_follows_the_processor(processor, preprocessor_config, hf_con
         [256 * n for n in ours["num_patches"].tolist()]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA"])
 def test_non_rgb_images_convert_like_transformers(processor, mode):
     rgb = make_images(5, [(90, 60)])[0]
@@ -409,6 +425,7 @@ def test_non_rgb_images_convert_like_transformers(processor, mode):
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
 
 
+@pytest.mark.pure
 def test_collate_images_concatenates_in_order(preprocessor_config, hf_config):
     images = make_images(0, IMAGE_SIZES)
     parts = [fam.preprocess_images(images[:1], preprocessor_config, hf_config),
@@ -421,6 +438,7 @@ def test_collate_images_concatenates_in_order(preprocessor_config, hf_config):
 # ------------------------------------------------------------------------------------------------ text side
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("n_images", [0, 1, 2])
 @pytest.mark.parametrize("system", [None, "Answer briefly."])
 def test_format_prompt_matches_chat_template_and_processor(processor, preprocessor_config, hf_config, n_images,
@@ -438,10 +456,12 @@ def test_format_prompt_matches_chat_template_and_processor(processor, preprocess
     assert full == text + "Two circles." + fam.RESPONSE_SUFFIX
 
 
+@pytest.mark.pure
 def test_chat_template_constant_is_the_official_one(work):
     assert ip.CHAT_TEMPLATE == fx.OFFICIAL_CHAT_TEMPLATE == (work / "hf_vit300m" / "chat_template.jinja").read_text()
 
 
+@pytest.mark.pure
 def test_position_ids_are_plain_and_what_transformers_uses(work, case, hf_config):
     ids = case["batch"]["input_ids"]
     pos = fam.position_ids(hf_config, ids, case["batch"]["images"], case["batch"]["row_images"])
@@ -460,6 +480,7 @@ def test_position_ids_are_plain_and_what_transformers_uses(work, case, hf_config
 # ------------------------------------------------------------------------------------------------ contract
 
 
+@pytest.mark.pure
 def test_family_contract_exports(hf_config):
     from megatron_po.families import family_for_hf_config, family_spec
 
@@ -471,6 +492,7 @@ def test_family_contract_exports(hf_config):
     assert family_for_hf_config(hf_config).name == "internvl3"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("change, field", [
     ({"text_config": {"model_type": "qwen3"}}, "qwen3"),
     ({"text_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}}, "rope_scaling"),

@@ -114,11 +114,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------- logits parity
 
 
+@pytest.mark.pure
 def test_images_move_the_logits(case):
     # guards the parity check: with other pixels the reference logits move by far more than TOL
     assert _rel(case["hf_other_images"], case["hf_untied"]) > 100 * TOL
 
 
+@pytest.mark.multirank
 def test_logits_match_transformers_on_every_layout(parity, case, capsys):
     expected = {f"{layout}_untied" for layout in ("tp1", "tp2", "tp2_sp")} | {"tp2_tied", "tp1_modules"}
     assert set(parity) == expected
@@ -133,6 +135,7 @@ def test_logits_match_transformers_on_every_layout(parity, case, capsys):
     assert all(e <= TOL for e in errors.values()), errors
 
 
+@pytest.mark.multirank
 def test_conversion_round_trip_is_bit_identical(parity, work):
     from safetensors.torch import load_file
 
@@ -147,6 +150,7 @@ def test_conversion_round_trip_is_bit_identical(parity, work):
 # ------------------------------------------------------------------------------------------- rules / layouts
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("variant", ["untied", "tied", "modules"])
 def test_rules_cover_every_hf_tensor_and_round_trip(work, variant):
     from safetensors.torch import load_file
@@ -162,6 +166,7 @@ def test_rules_cover_every_hf_tensor_and_round_trip(work, variant):
         assert all(torch.equal(x, hf[n]) for x, n in zip(back, r.hf, strict=True)), r.megatron
 
 
+@pytest.mark.pure
 def test_layout_detection(work):
     from safetensors import safe_open
 
@@ -176,6 +181,7 @@ def test_layout_detection(work):
         fam.detect_layout({"visual.blocks.0.norm1.weight", "model.language_model.norm.weight"})
 
 
+@pytest.mark.pure
 def test_module_layout_loads_in_transformers_like_the_hub_layout(work):
     # the module layout is a real transformers layout, not one invented here
     a, b = fx.load_hf_model(work / "hf_untied"), fx.load_hf_model(work / "hf_modules")
@@ -183,6 +189,7 @@ def test_module_layout_loads_in_transformers_like_the_hub_layout(work):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.pure
 def test_flat_hub_config_reads_like_the_nested_one(hf_config):
     """The hub's original config.json has the text fields at the top level; transformers reads both alike."""
     from transformers import Qwen2_5_VLConfig
@@ -203,6 +210,7 @@ def test_flat_hub_config_reads_like_the_nested_one(hf_config):
                                           full.tie_word_embeddings)
 
 
+@pytest.mark.pure
 def test_unsupported_configs_fail_with_the_field(hf_config):
     bad = json.loads(json.dumps(hf_config))
     # transformers 5 writes the M-RoPE sections into rope_parameters (4.x: rope_scaling)
@@ -222,6 +230,7 @@ def test_unsupported_configs_fail_with_the_field(hf_config):
 # ------------------------------------------------------------------------------------------- preprocessing
 
 
+@pytest.mark.pure
 def test_smart_resize_matches_transformers():
     # the PIL backend's module: the torchvision one's (the same function) does not import without torchvision
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -248,6 +257,7 @@ PREPROCESS_CASES = [  # (h, w, PIL mode)
 ]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 @pytest.mark.parametrize("pp_source", ["fixture", "hub_defaults"])
 def test_preprocess_matches_qwen2vl_image_processor(processor, preprocessor_config, pp_source, backend):
@@ -286,6 +296,7 @@ def test_preprocess_matches_qwen2vl_image_processor(processor, preprocessor_conf
         assert ours["num_tokens"].tolist() == [int(g.prod()) // 4 for g in ref["image_grid_thw"]]
 
 
+@pytest.mark.pure
 def test_collate_images_concatenates_in_order(preprocessor_config):
     images = fx.make_images(0, IMAGE_SIZES)
     parts = [qp.preprocess_images(images[:1], preprocessor_config),
@@ -298,6 +309,7 @@ def test_collate_images_concatenates_in_order(preprocessor_config):
 # ------------------------------------------------------------------------------------------- positions, prompt
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("masked", [False, True])
 def test_position_ids_match_get_rope_index(work, case, hf_config, masked):
     model = fx.load_hf_model(work / "hf_untied")
@@ -314,6 +326,7 @@ def test_position_ids_match_get_rope_index(work, case, hf_config, masked):
     assert not torch.equal(ours[1], ours[2])
 
 
+@pytest.mark.pure
 def test_position_ids_reject_inconsistent_rows(case, hf_config):
     ids, images = case["input_ids"], case["images"]
     with pytest.raises(ValueError, match="more image tokens"):
@@ -322,6 +335,7 @@ def test_position_ids_reject_inconsistent_rows(case, hf_config):
         fam.position_ids(hf_config, ids, images, [[0, 1], [3], [3], [2]])
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("n_images", [0, 1, 2])
 @pytest.mark.parametrize("system", [None, "Answer briefly."])
 def test_format_prompt_matches_chat_template_and_processor(processor, n_images, system):
@@ -339,6 +353,7 @@ def test_format_prompt_matches_chat_template_and_processor(processor, n_images, 
     assert full == text + "Two circles." + qp.RESPONSE_SUFFIX
 
 
+@pytest.mark.pure
 def test_family_contract_exports(hf_config):
     from megatron_po.families import family_spec
 

@@ -21,6 +21,8 @@ import hf_internvl3_fixture  # noqa: E402
 import hf_qwen2_5_vl_fixture  # noqa: E402
 from conftest import REPO, run_python, run_torchrun  # noqa: E402
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 FAMILIES = {
     "qwen2_5_vl": lambda d: hf_qwen2_5_vl_fixture.make_hf_dir(d),
     "internvl3": lambda d: hf_internvl3_fixture.make_checkpoint(d, "vit300m"),

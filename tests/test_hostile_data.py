@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import subprocess_env
 from megatron_po.data.collate import CollateConfig, PreferenceDataset
 from megatron_po.data.records import RecordError, image_size, iter_texts, open_rgb, read_records
 from megatron_po.data.synthetic import generate_synthetic_dataset
@@ -34,6 +35,7 @@ def _dataset(path: Path, tok: Tokenizer, **kw) -> PreferenceDataset:
     return PreferenceDataset(read_records(path), path.parent, tok, CollateConfig(160, 16), 32, **kw)
 
 
+@pytest.mark.pure
 def test_non_utf8_line_is_named(data, tmp_path):
     path = _copy(data[0], tmp_path / "d")
     lines = path.read_bytes().splitlines(keepends=True)
@@ -43,6 +45,7 @@ def test_non_utf8_line_is_named(data, tmp_path):
         read_records(path)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
 def test_empty_file_says_so(tmp_path, content):
     path = tmp_path / "train.jsonl"
@@ -51,6 +54,7 @@ def test_empty_file_says_so(tmp_path, content):
         read_records(path)
 
 
+@pytest.mark.pure
 def test_deeply_nested_json_is_named(data, tmp_path):
     path = _copy(data[0], tmp_path / "d")
     with path.open("a") as f:
@@ -59,6 +63,7 @@ def test_deeply_nested_json_is_named(data, tmp_path):
         read_records(path)
 
 
+@pytest.mark.pure
 def test_truncated_and_corrupt_images_fail_at_preparation(data, tmp_path):
     path = _copy(data[0], tmp_path / "d")
     records = read_records(path)
@@ -71,6 +76,7 @@ def test_truncated_and_corrupt_images_fail_at_preparation(data, tmp_path):
         _dataset(path, data[1])
 
 
+@pytest.mark.pure
 def test_decompression_bomb_names_its_path(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     Image.new("RGB", (200, 200)).save(bomb)
@@ -80,6 +86,7 @@ def test_decompression_bomb_names_its_path(tmp_path, monkeypatch):
             read(bomb)
 
 
+@pytest.mark.pure
 def test_images_outside_the_data_directory_are_refused(data, tmp_path):
     path = _copy(data[0], tmp_path / "d")
     outside = tmp_path / "elsewhere.png"
@@ -95,6 +102,7 @@ def test_images_outside_the_data_directory_are_refused(data, tmp_path):
     assert len(_dataset(path, data[1], images_outside_root=True)) == 6
 
 
+@pytest.mark.e2e
 def test_dry_run_reads_the_data_and_names_a_broken_image(data, tmp_path):
     import subprocess
     import sys
@@ -113,10 +121,10 @@ def test_dry_run_reads_the_data_and_names_a_broken_image(data, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.e2e
 def test_torchrun_job_with_a_broken_image_says_so_once(data, tmp_path):
     """Under torchrun every rank finds the broken image while the data is prepared: the job prints one `data error:`
     line (rank 0) and exits non-zero, without a traceback from each rank."""
-    import os
     import subprocess
     import sys
 
@@ -127,7 +135,7 @@ def test_torchrun_job_with_a_broken_image_says_so_once(data, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_po.train",
          f"output_dir={tmp_path / 'out'}", "data.source=jsonl", f"data.train_path={path}",
          f"data.tokenizer_path={data[0] / 'spm.model'}", "train.global_batch_size=2", "train.micro_batch_size=1"],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        capture_output=True, text=True, env=subprocess_env())
     assert run.returncode != 0
     errors = [ln for ln in run.stderr.splitlines() if "data error:" in ln]
     assert len(errors) == 1 and f"cannot read image {broken}" in errors[0], run.stderr[-3000:]

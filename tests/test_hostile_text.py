@@ -14,6 +14,8 @@ import hf_qwen2_5_vl_fixture  # noqa: E402
 
 from megatron_po.data.hf_chat import HFTokenizer  # noqa: E402
 
+pytestmark = pytest.mark.pure
+
 CASES = {
     "qwen2_5_vl": (lambda d: hf_qwen2_5_vl_fixture.make_hf_dir(d), "<|image_pad|>", "<|vision_start|>"),
     "internvl3": (lambda d: hf_internvl3_fixture.make_checkpoint(d, "vit300m"), "<IMG_CONTEXT>", "<img>"),

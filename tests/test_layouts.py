@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, run_torchrun
 
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+
 TOL = 1e-5
 
 
@@ -48,7 +50,8 @@ def test_all_layouts_and_objectives_ran(report):
     for label in ALL:
         assert {"pp2", "tp2_sp_pp2", "tp2_sp_packed", "pp2_packed"} <= {
             k.split("/")[-1] for k in report if k.startswith(label + "/")}, label
-    assert {k.split("/")[1] for k in report} == {"ref=same", "ref=drifted", "ref=other", "ref=cache"}
+    assert {k.split("/")[1] for k in report} == {"ref=same", "ref=drifted", "ref=other", "ref=cache",
+                                                 "ref=cache_same"}
 
 
 def test_logps_loss_alpha_grads_match_plain_torch(report):
@@ -79,7 +82,7 @@ def test_step0_loss_when_reference_equals_policy(report):
     # and it moves once the reference differs (guards against comparing the policy with itself)
     for key, r in report.items():
         label = key.split("/")[0]
-        if "/ref=same/" not in key and label in STEP0:
+        if "/ref=same/" not in key and "/ref=cache_same/" not in key and label in STEP0:
             assert abs(r["mean_loss"] - STEP0[label]) > 1e-5, key
 
 
@@ -135,6 +138,19 @@ def test_cached_reference_equals_live(report):
         assert r["live_loss_rel"] <= 1e-6 and r["live_grad_rel"] <= 1e-6, (key, r["live_loss_rel"], r["live_grad_rel"])
         live = report[key.replace("ref=cache", "ref=drifted")]
         assert abs(r["mean_loss"] - live["mean_loss"]) <= 1e-6 * live["mean_loss"], key
+
+
+def test_step0_cache_from_another_layout_equals_live_for_acpo(report):
+    """ACPO at step 0 with the reference read from a cache written at TP=2 from the policy's own weights: the
+    policy's log-probs differ from the cached ones by TP=1 vs TP=2 rounding (|r_l| ~ 1e-7, either sign), which
+    counts as r_l = 0 (OBJECTIVES.md §7.3-C), so every α̂ is the window's top, as live, and the loss and gradients
+    equal the live reference's (before the rule, α̂ flipped to 0.3 on pairs whose noise was positive)."""
+    cached = {k: r for k, r in report.items() if "/ref=cache_same/" in k}
+    assert sorted(cached) == sorted(f"acpo/ref=cache_same/{layout}" for layout in ("tp1_dp2", "pp2", "pp2_packed"))
+    for key, r in cached.items():
+        assert r["alpha_hat"] == [0.95] * len(r["alpha_hat"]) and r["alpha_rel"] == 0.0, (key, r["alpha_hat"])
+        assert r["live_loss_rel"] <= 1e-6 and r["live_grad_rel"] <= 1e-6, (key, r["live_loss_rel"], r["live_grad_rel"])
+        assert abs(r["mean_loss"] - math.log(2)) <= 1e-6, (key, r["mean_loss"])
 
 
 def test_objective_state_after_the_step_on_every_stage(report):

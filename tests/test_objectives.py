@@ -41,6 +41,7 @@ def dpo_shift(rows, beta, lam):
 
 
 # ---------------------------------------------------------------------------------------------------- DPO §13.1
+@pytest.mark.pure
 def test_dpo_canonical_pair():
     loss, m, g_w, g_l = run("dpo", [CANONICAL])
     assert m["rewards/margins"].item() == approx(0.4)
@@ -49,6 +50,7 @@ def test_dpo_canonical_pair():
     assert (g_w.item(), g_l.item()) == approx((-0.0401312, 0.0401312))
 
 
+@pytest.mark.pure
 def test_dpo_label_smoothing_is_conservative_dpo():
     eps, z = 0.2, 0.4  # canonical pair: z = β(Δ_w − Δ_l) = 0.4
     loss, _, g_w, g_l = run("dpo", [CANONICAL], label_smoothing=eps)
@@ -76,6 +78,7 @@ ACPO_CASES = {
 }
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("case", sorted(ACPO_CASES))
 def test_acpo_cases_empirical_window(case):
     inputs, (r_w, r_l, tau, alpha_raw, alpha_hat, loss_ref, g_w_ref, g_l_ref), _ = ACPO_CASES[case]
@@ -92,6 +95,7 @@ def test_acpo_cases_empirical_window(case):
                      "rl_pos": case == "E", "rl_below_eps": case in "FG"}
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("case", sorted(ACPO_CASES))
 def test_acpo_cases_formal_window(case):
     inputs, (*_, alpha_raw, _, _, _, _), (alpha_hat, loss_ref, g_l_ref) = ACPO_CASES[case]
@@ -102,18 +106,37 @@ def test_acpo_cases_formal_window(case):
     assert g_l.item() == approx(g_l_ref)
 
 
+@pytest.mark.pure
 def test_acpo_variant_sign_zero_positive():
     loss, m, _, g_l = run("acpo", [ACPO_CASES["F"][0]], sign_zero=1)
     assert (m["acpo/alpha_raw"].item(), m["acpo/alpha_hat"].item()) == approx((-4.5e5, 0.3))
     assert (loss.item(), g_l.item()) == approx((0.6931472, 0.015))
 
 
+@pytest.mark.pure
+@pytest.mark.parametrize("scope", ["pair", "batch", "hybrid"])
+@pytest.mark.parametrize("noise", [-5e-5, 5e-5])
+def test_acpo_below_eps_is_zero_whatever_its_sign(scope, noise):
+    """§7.3-C (2026-12-07): |r_l| < ε counts as r_l = 0, so the sign of rounding noise between a cached reference
+    and the policy at step 0 cannot flip α̂ between the window's ends (β = 0.1: r_l = ±5e-6 < ε = 1e-5)."""
+    rows = [(-10.0, -10.0, -12.0 + noise, -12.0, 20, 25), (-30.0, -30.0, -8.0 - noise, -8.0, 10, 15)]
+    for sign_zero, alpha_hat in ((-1, 0.95), (1, 0.3)):
+        _, m, _, _ = run("acpo", rows, alpha_scope=scope, sign_zero=sign_zero)
+        assert m["acpo/alpha_hat"].tolist() == approx([alpha_hat] * 2), (scope, noise, sign_zero)
+        assert m["acpo/rl_below_eps"].tolist() == [1.0, 1.0]
+    # just above ε the sign is taken as it is
+    _, m, _, _ = run("acpo", [(-10.0, -10.0, -12.0 + 20 * noise, -12.0, 20, 25)], alpha_scope=scope)
+    assert m["acpo/alpha_hat"].item() == approx(0.95 if noise < 0 else 0.3)
+
+
+@pytest.mark.pure
 def test_acpo_variant_delta_in_logratio_units():
     loss, m, _, _ = run("acpo", [CANONICAL], delta_units="logratio")
     assert (m["acpo/tau"].item(), m["acpo/alpha_raw"].item()) == approx((0.45, 1.1666667))
     assert (m["acpo/alpha_hat"].item(), loss.item()) == approx((0.95, 0.5190620))
 
 
+@pytest.mark.pure
 def test_acpo_variant_static_tau():
     loss, m, _, _ = run("acpo", [CANONICAL], tau="static")
     assert (m["acpo/alpha_raw"].item(), m["acpo/alpha_hat"].item()) == approx((0.0, 0.3))
@@ -123,6 +146,7 @@ def test_acpo_variant_static_tau():
 ABC = [ACPO_CASES[c][0] for c in "ABC"]
 
 
+@pytest.mark.pure
 def test_acpo_alpha_scope_over_abc():
     pair_loss_, _, _, _ = run("acpo", ABC)
     assert pair_loss_.mean().item() == approx(0.3732197)
@@ -143,6 +167,7 @@ def test_acpo_alpha_scope_over_abc():
     assert m["acpo/alpha_raw"][1].item() == approx((0.5 - tau) / -2.0)
 
 
+@pytest.mark.pure
 def test_acpo_equivalences_with_dpo_and_dpo_shift():
     # window [0, 1] on A: α̂ = 1, i.e. DPO
     acpo_loss, _, acpo_g_w, acpo_g_l = run("acpo", [CANONICAL], clip_lo=0.0, clip_hi=1.0)
@@ -155,6 +180,7 @@ def test_acpo_equivalences_with_dpo_and_dpo_shift():
     assert (shift[0].item(), shift[1].item(), shift[2].item()) == approx((0.5190620, -0.0404922, 0.0384675))
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("scope", ["pair", "batch"])
 def test_acpo_alpha_one_ablation_is_dpo(scope):
     rows = random_rows(16, seed=1)
@@ -165,6 +191,7 @@ def test_acpo_alpha_one_ablation_is_dpo(scope):
     assert (acpo_out[1]["acpo/alpha_hat"] == 1).all()
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("scope", ["pair", "batch", "hybrid"])
 def test_acpo_gradient_is_eq14_closed_form(scope):
     # rewards near the target so that many α̂ are interior, where a non-detached α̂ would change the gradient
@@ -201,6 +228,7 @@ STEP0 = [(name, {}) for name in DPO_LIKE if name != "cw_dpo"] + [
 ]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name,hparams", STEP0)
 def test_step0_policy_equals_reference_gives_ln2(name, hparams):
     loss, _, g_w, g_l = run(name, random_rows(32, seed=2, same_policy_as_reference=True), dtype=torch.float32,
@@ -210,6 +238,7 @@ def test_step0_policy_equals_reference_gives_ln2(name, hparams):
     assert (g_w < 0).all() and (g_l > 0).all(), "step 0 must push chosen up and rejected down"
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", [n for n in PAIR_OBJECTIVES if n != "aspo"])  # aspo: test_aspo_contract
 def test_loss_fn_contract(name):
     """[B] loss with grad, [B] detached metric samples, defaults constructible, needs_reference honest."""
@@ -224,6 +253,7 @@ def test_loss_fn_contract(name):
     assert all(isinstance(v, float) for v in summarize_metrics(metrics).values())
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", DPO_LIKE)
 def test_standard_trl_metrics(name):
     rows = [CANONICAL, (-5, -10, -30, -10, 5, 7)]
@@ -240,6 +270,7 @@ def test_standard_trl_metrics(name):
     assert m["rewards/accuracies"].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", PAIR_OBJECTIVES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_policy_logps_raise(name, bad):
@@ -249,6 +280,7 @@ def test_non_finite_policy_logps_raise(name, bad):
         OBJECTIVES[name].loss_fn(logps, OBJECTIVES[name].config_cls())
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", PREFERENCE)
 def test_reference_inputs_are_checked(name):
     logps = make_logps([CANONICAL])
@@ -260,6 +292,7 @@ def test_reference_inputs_are_checked(name):
         OBJECTIVES[name].loss_fn(logps, OBJECTIVES[name].config_cls())
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name", PAIR_OBJECTIVES)
 def test_mis_shaped_inputs_raise(name):
     # a [B, 1] length next to [B] log-probs would silently broadcast the loss to [B, B]
@@ -269,6 +302,7 @@ def test_mis_shaped_inputs_raise(name):
         OBJECTIVES[name].loss_fn(logps, OBJECTIVES[name].config_cls())
 
 
+@pytest.mark.pure
 def test_sft_is_per_token_nll_of_chosen_and_ignores_the_rest():
     pol_w = torch.tensor([-10.0, -3.0], dtype=F64, requires_grad=True)
     pol_l = torch.tensor([float("nan"), 1e9], dtype=F64, requires_grad=True)
@@ -282,6 +316,7 @@ def test_sft_is_per_token_nll_of_chosen_and_ignores_the_rest():
 
 
 # --------------------------------------------------------------------------------------- configs and registry
+@pytest.mark.pure
 @pytest.mark.parametrize("name,params,field", [
     ("dpo", {"beta": 0.0}, "dpo.beta"),
     ("dpo", {"beta": -1.0}, "dpo.beta"),
@@ -302,6 +337,7 @@ def test_config_validation_names_the_field(name, params, field):
         build_objective_config(name, params)
 
 
+@pytest.mark.pure
 def test_build_objective_config():
     cfg = build_objective_config("acpo", {"beta": 0.2, "alpha_scope": "batch"})
     assert (cfg.beta, cfg.alpha_scope, cfg.clip_lo, cfg.clip_hi, cfg.sign_zero) == (0.2, "batch", 0.3, 0.95, -1)
@@ -312,6 +348,7 @@ def test_build_objective_config():
     assert OBJECTIVES["sft"].needs_reference(None) is False
 
 
+@pytest.mark.pure
 def test_summarize_metrics():
     samples = {
         "acpo/alpha_hat": torch.tensor([0.3, 0.95, 0.5, 0.95]),
@@ -330,6 +367,7 @@ def test_summarize_metrics():
     assert summarize_metrics({}) == {}
 
 
+@pytest.mark.pure
 def test_pair_loss_functional_without_process_group():
     logps = make_logps(ABC)
     per_pair, summary = pair_loss("acpo", *list(vars(logps).values())[:6], beta=0.1, alpha_scope="batch")
@@ -342,6 +380,7 @@ def test_pair_loss_functional_without_process_group():
     assert summary["rewards/margins"] == approx((0.4 + 2.5 + 1.5) / 3)
 
 
+@pytest.mark.pure
 def test_reduce_helpers_without_group():
     t = torch.arange(3.0)
     out = all_reduce_sum(t, None)
@@ -378,6 +417,7 @@ def _two_rank_worker(rank, store_path, expected):
         dist.destroy_process_group()
 
 
+@pytest.mark.multirank
 def test_acpo_batch_scope_across_two_ranks(tmp_path):
     expected = {}
     for scope in SCOPES:

@@ -40,6 +40,7 @@ M_13_2 = [4.0, 1.0, -2.0, 0.5]
 STATE_13_2 = {"gap_mean": 0.5, "gap_std": 1.0}
 
 
+@pytest.mark.pure
 def test_beta_dpo_batch_statistics_13_2():
     cfg = build_objective_config("beta_dpo", {})
     m = torch.tensor(M_13_2, dtype=F64)
@@ -56,6 +57,7 @@ def _masked_mean(loss, metrics):
     return (loss.sum() / metrics["pair_weight"].sum()).item()
 
 
+@pytest.mark.pure
 def test_beta_dpo_rho0_keeps_all_13_2():
     ctx = ObjectiveContext(step=0, total_steps=10, state=STATE_13_2)
     loss, m, g_w, g_l = run("beta_dpo", margin_rows(M_13_2), ctx=ctx, rho=0.0)
@@ -73,6 +75,7 @@ def test_beta_dpo_rho0_keeps_all_13_2():
     assert m["beta_dpo/gap_std"].tolist() == approx([1.1462214] * 4)
 
 
+@pytest.mark.pure
 def test_beta_dpo_given_mask_13_2(monkeypatch):
     # drive the selection: S = {1, 2, 3} (0-based), as in the spec
     given = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=F64)
@@ -93,6 +96,7 @@ def test_beta_dpo_given_mask_13_2(monkeypatch):
     assert summary["beta_dpo/beta_used"] == approx(0.05775) and summary["beta_dpo/frac_kept"] == 0.75
 
 
+@pytest.mark.pure
 def test_beta_dpo_step0_is_ln2():
     rows = random_rows(32, seed=2, same_policy_as_reference=True)
     loss, m, g_w, g_l = run("beta_dpo", rows, dtype=torch.float32, rho=0.0)
@@ -110,6 +114,7 @@ def test_beta_dpo_step0_is_ln2():
     assert (loss[~kept] == 0).all()
 
 
+@pytest.mark.pure
 def test_beta_dpo_state_carries_across_steps():
     cfg = build_objective_config("beta_dpo", {"rho": 0.25})
     assert beta_dpo.initial_state() == {"gap_mean": 0.0, "gap_std": 0.0}
@@ -129,6 +134,7 @@ def test_beta_dpo_state_carries_across_steps():
         beta_dpo.loss_fn(make_logps(random_rows(4, seed=1)), cfg, ctx=ObjectiveContext(state={"gap_mean": 0.0}))
 
 
+@pytest.mark.pure
 def test_beta_dpo_selection_is_seeded_per_step():
     cfg = build_objective_config("beta_dpo", {"rho": 0.5, "selection_seed": 3})
     w = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -151,6 +157,7 @@ def test_beta_dpo_selection_is_seeded_per_step():
     assert mask.sum().item() == 4 and mask[1] == mask[5] == 1
 
 
+@pytest.mark.pure
 def test_beta_dpo_weights_are_sampled_by_weight():
     # multinomial without replacement draws one pair at a time with probability ∝ w among those left (the code's
     # torch.multinomial): the inclusion probability of each §13.2 pair in the 3 kept of 4, enumerated exactly
@@ -170,6 +177,7 @@ def test_beta_dpo_weights_are_sampled_by_weight():
         assert abs(counts[i].item() - steps * inclusion[i]) <= 4 * sd + 1, (i, counts.tolist(), inclusion)
 
 
+@pytest.mark.pure
 def test_beta_dpo_guards():
     cfg = build_objective_config("beta_dpo", {})
     m = torch.zeros(4, dtype=F64)
@@ -208,6 +216,7 @@ def _split_runs(name, rows, hparams, ctx_kwargs, split=2):
     return torch.cat(losses), torch.cat(g_ws), torch.cat(g_ls)
 
 
+@pytest.mark.pure
 def test_beta_dpo_global_batch_equals_two_micro_batches():
     rows = random_rows(4, seed=21)
     hparams = {"rho": 0.5, "selection_seed": 7}
@@ -222,6 +231,7 @@ def test_beta_dpo_global_batch_equals_two_micro_batches():
     assert not torch.allclose(alone, loss)
 
 
+@pytest.mark.pure
 def test_cw_sftc_global_batch_equals_two_micro_batches():
     # per-token NLL(y−) = (0.6, 1.6 | 0.4, 0.3): the global mean 0.725 < C = 1 turns the gate on, while the first
     # micro-batch alone (mean 1.1) would leave it off
@@ -258,6 +268,7 @@ def _beta_dpo_two_rank_worker(rank, store_path, rows, expected):
         dist.destroy_process_group()
 
 
+@pytest.mark.multirank
 def test_beta_dpo_all_gather_across_two_ranks(tmp_path):
     rows = random_rows(4, seed=31)
     loss, m, g_w, g_l = run("beta_dpo", rows, ctx=ObjectiveContext(**BETA_TWO_RANK_CTX), **BETA_TWO_RANK)
@@ -268,6 +279,7 @@ def test_beta_dpo_all_gather_across_two_ranks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- CW-DPO §13.4
+@pytest.mark.pure
 def test_cw_sftc_per_token_13_4():
     loss, m, g_w, g_l = run("cw_sftc", [CANONICAL], drop_reference=True, lam=0.5, c=1.0)
     assert (m["sftc/nll_pos"].item(), m["sftc/nll_neg"].item()) == approx((0.5, 0.6))
@@ -277,6 +289,7 @@ def test_cw_sftc_per_token_13_4():
         assert run("cw_sftc", [CANONICAL], gate=gate)[0].item() == approx(0.7)
 
 
+@pytest.mark.pure
 def test_cw_sftc_sequence_sum_13_4():
     loss, _, g_w, g_l = run("cw_sftc", [CANONICAL], drop_reference=True, lam=0.5, c=20.0, reduction="sum")
     assert loss.item() == approx(12.5)
@@ -286,6 +299,7 @@ def test_cw_sftc_sequence_sum_13_4():
 SFTC_BATCH = [(-10.0, 0.0, -15.0, 0.0, 20, 25), (-12.0, 0.0, -40.0, 0.0, 20, 25)]  # NLL(y−)/len = (0.6, 1.6)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("gate,expected", [("batch", 0.55), ("per_sample", 0.65)])
 def test_cw_sftc_batch_of_two_13_4(gate, expected):
     loss, m, _, _ = run("cw_sftc", SFTC_BATCH, drop_reference=True, lam=0.5, c=1.0, gate=gate)
@@ -294,6 +308,7 @@ def test_cw_sftc_batch_of_two_13_4(gate, expected):
     assert m["sftc/gate_active"].tolist() == ([0.0, 0.0] if gate == "batch" else [1.0, 0.0])
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("c", [1.0, 1.5])
 def test_cw_sftc_surrogate_gives_the_batch_objective_and_its_gradient(c):
     # the mean of the per-pair surrogate over the global batch is the literal S1 objective, value and gradient
@@ -317,6 +332,7 @@ CW_STAGE2 = {
 }
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("stop_gradient", [True, False])
 def test_cw_dpo_stage2_13_4(stop_gradient):
     lbar_l, w_c, logit, loss_ref, g_w_ref, g_l_ref = CW_STAGE2[stop_gradient]
@@ -329,6 +345,7 @@ def test_cw_dpo_stage2_13_4(stop_gradient):
     assert "pair_weight" not in m
 
 
+@pytest.mark.pure
 def test_cw_dpo_step0_and_filter_hook():
     # ℓ̄(y_l) from −0.1 to −3.1 nats/token: w_c from 0.86 to 0.015, clear of fp32 underflow, so every negative is
     # pushed (by β·w_c/2)
@@ -346,6 +363,7 @@ def test_cw_dpo_step0_and_filter_hook():
     torch.testing.assert_close(loss_f[keep], loss[keep], rtol=0, atol=0)
 
 
+@pytest.mark.pure
 def test_cw_metrics_summary():
     _, summary = pair_loss("cw_dpo", *columns([CANONICAL, (-5, -10, -30, -10, 5, 5)]))
     assert {"cw/w_c_mean", "cw/w_c_min", "cw/w_c_max", "cw/w_c_std", "cw/lbar_l_mean", "cw/lbar_w_mean",
@@ -380,6 +398,7 @@ def run_aspo(segments, rows=(CANONICAL,), dtype=F64, **hparams):
 CANONICAL_SEGMENTS = ([SEG_POL], [SEG_REF], [SEG_LEN], [SEG_SIM])
 
 
+@pytest.mark.pure
 def test_aspo_sentence_weights_13_6():
     pol, lengths, sim = (torch.tensor([x], dtype=F64) for x in (SEG_POL, SEG_LEN, SEG_SIM))
     valid = lengths > 0
@@ -400,6 +419,7 @@ ASPO_13_6 = {
 }
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("normalization", sorted(ASPO_13_6))
 def test_aspo_13_6(normalization):
     factor, m_star, loss_ref, g_ref = ASPO_13_6[normalization]
@@ -416,6 +436,7 @@ def test_aspo_13_6(normalization):
     assert summary["aspo/w_mean"] == approx((0.7322356 + 0.75) / 3)
 
 
+@pytest.mark.pure
 def test_aspo_single_sentence_is_dpo_13_6():
     loss, summary, g_seg, _ = run_aspo(([[-10.0]], [[-11.0]], [[20]], [[0.3]]))
     assert (summary["aspo/w_mean"], summary["aspo/norm_factor_mean"]) == approx((0.0, 1.0))
@@ -424,6 +445,7 @@ def test_aspo_single_sentence_is_dpo_13_6():
     assert summary["aspo/frac_single_sentence"] == 1.0
 
 
+@pytest.mark.pure
 def test_aspo_padding_slots_and_unknown_similarity():
     nan = float("nan")
     # row 0: §13.6 with one padding slot; row 1: one sentence padded to K = 4 (garbage in padded similarity)
@@ -448,6 +470,7 @@ def test_aspo_padding_slots_and_unknown_similarity():
     assert w_s.tolist() == [approx([1.0, 0.0, 0.5])]
 
 
+@pytest.mark.pure
 def test_aspo_step0_is_ln2():
     g = torch.Generator().manual_seed(4)
     seg = -torch.rand(8, 3, generator=g, dtype=torch.float32) * 30
@@ -462,6 +485,7 @@ def test_aspo_step0_is_ln2():
     assert (g_seg < 0).all() and (g_l > 0).all()
 
 
+@pytest.mark.pure
 def test_aspo_input_checks():
     cols = columns([CANONICAL])
     with pytest.raises(ValueError, match=r"per-sentence inputs \['policy_chosen_segment_logps', "
@@ -485,6 +509,7 @@ def test_aspo_input_checks():
                   chosen_segment_lengths=-lengths)
 
 
+@pytest.mark.pure
 def test_aspo_contract():
     """What tests/test_objectives*.py check for every objective, with the sentence inputs ASPO needs."""
     b, k = 6, 4
@@ -513,6 +538,7 @@ def test_aspo_contract():
 
 
 # ------------------------------------------------------------------------------------- registry and configs
+@pytest.mark.pure
 def test_registry_entries():
     assert OBJECTIVES["beta_dpo"].needs_reference(None) and OBJECTIVES["beta_dpo"].next_state is beta_dpo.next_state
     assert OBJECTIVES["beta_dpo"].global_stats is beta_dpo.global_stats
@@ -529,6 +555,7 @@ def test_registry_entries():
     assert ObjectiveContext(1, 2, state={"gap_mean": 1.0}) == ObjectiveContext(1, 2)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("name,params,field", [
     ("beta_dpo", {"beta0": 0.0}, "beta_dpo.beta0"),
     ("beta_dpo", {"a": -0.1}, "beta_dpo.a"),

@@ -19,6 +19,8 @@ from megatron_po.objectives.dpo_shift import shift_lambda
 
 from objective_helpers import CANONICAL, F64, LN2, PAIR_OBJECTIVES, TRL_KEYS, columns, random_rows
 
+pytestmark = pytest.mark.pure
+
 # a config for every registered objective: the registry defaults, combo as RPO (DPO + SFT)
 CONFIGS = {name: {} for name in OBJECTIVES} | {"combo": {"weights": {"dpo": 1.0, "sft": 0.5}}}
 # a C above every negative's NLL opens SFT-C's gate, so the rejected response gets a gradient

@@ -13,6 +13,8 @@ from megatron_po.objectives import OBJECTIVES, build_objective_config, pair_loss
 from megatron_po.objectives import p2_dpo
 from megatron_po.objectives.p2_dpo import P2DPOConfig, P2Logps
 
+pytestmark = pytest.mark.pure
+
 F64 = torch.float64
 LN2 = math.log(2)
 NAN = float("nan")

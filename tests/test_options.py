@@ -15,6 +15,8 @@ from megatron_po.config import ConfigError, load_config
 from megatron_po.models.base import VLMBase
 from megatron_po.train.metrics import MetricsWriter
 
+pytestmark = pytest.mark.pure
+
 
 class _Parts(torch.nn.Module):
     """The three parts every family's model has (tiny_vlm, InternVL3, Qwen2.5-VL all derive from VLMBase)."""
@@ -48,14 +50,49 @@ def test_freeze_settings_that_cannot_train_are_refused(switches, match):
         load_config(None, switches)
 
 
-def test_all_families_take_the_same_switches():
-    # one implementation: every family's model class is a VLMBase and calls freeze_as_configured when built
-    from megatron_po.models import internvl3, qwen2_5_vl
-    from megatron_po.models.tiny_vlm import model as tiny
+PARTS = ("vision", "projector", "language_model")
+SWITCHES = [  # each switch moved from its default alone, then all three (freeze_llm alone would train nothing)
+    pytest.param([], {"language_model"}, id="defaults"),
+    pytest.param(["model.freeze_vit=false"], {"vision", "language_model"}, id="vit"),
+    pytest.param(["model.freeze_aligner=false"], {"projector", "language_model"}, id="aligner"),
+    pytest.param(["model.freeze_llm=true", "model.freeze_aligner=false"], {"projector"}, id="aligner_only"),
+    pytest.param(["model.freeze_vit=false", "model.freeze_aligner=false"], set(PARTS), id="all"),
+]
 
-    for cls in (tiny.VLMModel, internvl3.InternVL3Model, qwen2_5_vl.Qwen25VLModel):
-        assert issubclass(cls, VLMBase)
-        assert "freeze_as_configured" in cls.__init__.__code__.co_names, cls
+
+@pytest.fixture(scope="module")
+def family_settings(tmp_path_factory) -> dict[str, list[str]]:
+    """The overrides that build each family's model: tiny_vlm from the config, the HF families from the tiny
+    random checkpoints of tests/hf_*_fixture.py (built once for the module)."""
+    settings = {"tiny_vlm": []}
+    if importlib.util.find_spec("transformers") is not None:
+        import hf_internvl3_fixture
+        import hf_qwen2_5_vl_fixture
+
+        root = tmp_path_factory.mktemp("families")
+        for family, hf in (("internvl3", hf_internvl3_fixture.make_checkpoint(root / "internvl3", "vit300m")),
+                           ("qwen2_5_vl", hf_qwen2_5_vl_fixture.make_hf_dir(root / "qwen2_5_vl"))):
+            settings[family] = [f"model.family={family}", f"model.hf_path={hf}", f"checkpoint.init_from={root}"]
+    return settings
+
+
+@pytest.mark.parametrize("family", ["tiny_vlm", "internvl3", "qwen2_5_vl"])
+@pytest.mark.parametrize("switches, trained", SWITCHES)
+def test_every_family_trains_exactly_the_parts_the_switches_name(family_settings, groups, family, switches, trained):
+    """Built as the trainer builds it (the family's spec), every parameter of a part named trained has
+    requires_grad and no other parameter has: the same three switches mean the same for every family."""
+    from megatron_po.families import family_spec
+
+    if family not in family_settings:
+        pytest.skip("transformers is not installed (the [hf] extra)")
+    cfg = load_config(None, [*family_settings[family], *switches])
+    model = family_spec(family).build_model(cfg, groups, 256)
+    by_part: dict[str, set[bool]] = {}
+    for name, param in model.named_parameters():
+        by_part.setdefault(name.split(".")[0], set()).add(param.requires_grad)
+    assert set(by_part) == set(PARTS), by_part.keys()  # every parameter belongs to one of the three parts
+    assert {part: flags == {True} for part, flags in by_part.items()} == {part: part in trained for part in PARTS}
+    assert all(len(flags) == 1 for flags in by_part.values()), by_part  # no part half frozen
 
 
 class _FakeRun:

@@ -11,6 +11,8 @@ import torch
 from megatron_po.data.packing import balance_over_dp, best_packing, first_fit_decreasing, pack_rows
 from megatron_po.train.rows import packed_mask
 
+pytestmark = pytest.mark.pure
+
 
 def test_first_fit_decreasing_is_deterministic_and_respects_capacity():
     lengths = [5, 9, 3, 9, 2, 7, 1]
@@ -154,3 +156,41 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
             sums.append(token_logps_sums(token_logps(model, out, view.rows.labels, None), view.rows, view))
     assert torch.allclose(sums[0].seq, sums[1].seq, rtol=1e-6, atol=1e-6)
     assert torch.allclose(sums[0].segments, sums[1].segments, rtol=1e-6, atol=1e-6)
+
+
+# per-sequence sums of -token over the supervised positions of collated(): row 0 predicts tokens 2, 3; row 1 12..15;
+# row 2 22 (every value distinct, so a sum moved to another sequence or lost cannot go unnoticed)
+SEQUENCE_SUMS = [-5.0, -54.0, -22.0]
+
+
+def _per_token(rows) -> torch.Tensor:
+    """A known 'log-prob' at each position, a function of the position's own token and label only: the packed and
+    the unpacked layouts hold the same value at the same token of the same sequence, wherever packing put it."""
+    return torch.where(rows.labels != -100, -rows.tokens.float(), torch.zeros(()))
+
+
+@pytest.mark.parametrize("capacity, rows", [(6, 3), (8, 2), (13, 1)])
+def test_packed_sums_are_the_unpacked_rows_sums(capacity, rows):
+    """token_logps_sums of packed rows gives each sequence its own sum, in collated order, as the unpacked rows do
+    (sentence sums too), whatever rows the sequences were packed into: capacity 6 keeps one sequence per row, 8
+    puts sequence 1 alone and 0 + 2 together, 13 all three in one row. (A shift of the sums by one sequence was
+    caught only by a 4-minute layout launch before.)"""
+    from megatron_po.train.batch import MicroBatch
+    from megatron_po.train.step import token_logps_sums
+
+    sums = {}
+    for packed in (False, True):
+        batch = collated()
+        batch["chosen_segment_ids"] = torch.tensor([[-1, 0, 1, -1, -1, -1]])  # two sentences: tokens 2 | 3
+        batch["num_segments"] = torch.tensor([2])
+        if packed:
+            batch = pack_rows(batch, capacity=capacity, pad_multiple=2, pad_id=0)
+            assert batch["tokens"].shape[0] == rows and batch["num_sequences"] == 3
+        batch.update(images=torch.zeros(1, 3, 8, 8), chosen_lengths=torch.tensor([2]),
+                     rejected_lengths=torch.tensor([4]))
+        mb = MicroBatch.from_collated(batch)
+        assert mb.rows.packed == packed
+        sums[packed] = token_logps_sums(_per_token(mb.rows), mb.rows, mb)
+    assert sums[False].seq.tolist() == SEQUENCE_SUMS
+    assert sums[True].seq.tolist() == SEQUENCE_SUMS
+    assert sums[False].segments.tolist() == sums[True].segments.tolist() == [[-2.0, -3.0]]

@@ -9,13 +9,16 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from conftest import subprocess_env
 from megatron_po.data.pope import SPLITS, ObjectStats, absent_object, generate_pope_set, pope_metrics
 from megatron_po.data.records import read_records
 from megatron_po.data.synthetic import COLOURS, SHAPES, generate_synthetic_dataset
-from megatron_po.train.evaluate import _pope
+from megatron_po.train.evaluate import _pope, probe_answers
 
 
+@pytest.mark.pure
 def test_metrics_equal_the_confusion_matrix_by_hand():
     says_yes = [True, True, False, False, True, False, True, False]
     present = [True, False, True, False, True, False, False, False]
@@ -27,6 +30,19 @@ def test_metrics_equal_the_confusion_matrix_by_hand():
     assert pope_metrics([False] * 4, [True, False, True, False])["f1"] == 0.0
 
 
+@pytest.mark.pure
+def test_probe_answers_stay_on_the_log_probs_device():
+    """The probe's log-probs live on the last stage's device (CUDA in a GPU job): the answers are computed there,
+    whatever the device (the meta device stands in for CUDA here; a CPU-built `present` made every GPU evaluation
+    with a probe fail with a device mismatch)."""
+    chosen, rejected = torch.tensor([-1.0, -2.0, -3.0, -1.0]), torch.tensor([-2.0, -1.0, -3.0, -4.0])
+    present, says_yes = probe_answers(chosen, rejected, [True, True, False, False])
+    assert says_yes.tolist() == [True, False, False, False]  # a tie is "no"
+    assert present.tolist() == [True, True, False, False]
+    present, says_yes = probe_answers(chosen.to("meta"), rejected.to("meta"), [True, False, True, False])
+    assert present.device.type == says_yes.device.type == "meta"
+
+
 @pytest.fixture(scope="module")
 def pope(tmp_path_factory):
     out = tmp_path_factory.mktemp("pope")
@@ -36,6 +52,7 @@ def pope(tmp_path_factory):
     return ObjectStats(train), read_records(path), path, train
 
 
+@pytest.mark.pure
 def test_each_split_is_balanced_and_reproducible(pope, tmp_path):
     _, records, path, train = pope
     for split in SPLITS:
@@ -44,6 +61,7 @@ def test_each_split_is_balanced_and_reproducible(pope, tmp_path):
     assert generate_pope_set(tmp_path, train, num_images=40, seed=9).read_bytes() == path.read_bytes()
 
 
+@pytest.mark.pure
 def test_absent_objects_are_drawn_as_their_split_says(pope):
     stats, records, _, _ = pope
     everything = {(c, s) for c in COLOURS for s in SHAPES}
@@ -68,6 +86,7 @@ def test_absent_objects_are_drawn_as_their_split_says(pope):
         absent_object("x", set(), stats, None)
 
 
+@pytest.mark.pure
 def test_probe_reports_each_split():
     records = [SimpleNamespace(meta={"pope": s}) for s in ("random", "random", "adversarial", "adversarial")]
     got = _pope("probe", records, [True, True, True, False], [True, False, True, False])
@@ -75,6 +94,7 @@ def test_probe_reports_each_split():
     assert got["probe/adversarial/f1"] == 1.0 and "probe/popular/f1" not in got
 
 
+@pytest.mark.e2e
 def test_a_run_logs_pope_metrics(tmp_path):
     run = subprocess.run([sys.executable, "-m", "megatron_po.train", f"output_dir={tmp_path}", "train.train_steps=1",
                           "data.num_train=8", "data.num_eval=4", "train.global_batch_size=2", "eval.max_pairs=2",
@@ -87,14 +107,13 @@ def test_a_run_logs_pope_metrics(tmp_path):
         assert {f"probe/{split}/{k}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")} <= set(last)
 
 
+@pytest.mark.e2e
 def test_eval_entry_scores_alike_in_any_layout(tmp_path):
     """`megatron-po eval`: the same held-out pairs and POPE probe scored by one process and by TP=2 + SP under
     torchrun (same seed: the same weights) give the same numbers."""
-    import os
-
     args = [f"output_dir={tmp_path}", "data.num_train=8", "data.num_eval=4", "eval.max_pairs=4",
             "train.global_batch_size=2", "train.micro_batch_size=2", "eval.probe_style=pope", "eval.probe_images=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     one = subprocess.run([sys.executable, "-m", "megatron_po.cli", "eval", *args], capture_output=True, text=True,
                          env=env)
     assert one.returncode == 0, one.stderr[-3000:]

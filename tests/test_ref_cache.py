@@ -6,13 +6,13 @@ and every gradient within 1e-6) is checked in tests/test_layouts.py.
 
 import json
 import math
-from pathlib import Path
 
-from conftest import REPO, run_python, run_torchrun
+import pytest
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s"}
+from conftest import REPO, TIMING_KEYS, read_metrics, run_python, run_torchrun
 
 
+@pytest.mark.pure
 def test_key_refuses_changed_inputs_and_incomplete_caches(tmp_path):
     run_python([str(REPO / "tests" / "dist" / "ref_cache_checks.py"), str(tmp_path)])
     r = json.loads((tmp_path / "result.json").read_text())
@@ -39,10 +39,26 @@ def test_key_refuses_changed_inputs_and_incomplete_caches(tmp_path):
                                                 "setting ")) == 1, r[case]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.pure
+def test_reference_gap_is_measured_against_the_dtypes_rounding():
+    """The step-0 gap between the policy and its reference: the largest |Δ| in nats and its ratio to 16 ulp per
+    token of the sequence (fp32: a cache from another layout is far below 1, a reference from other weights far
+    above; bf16 allows ~6e4 times more)."""
+    import torch
+
+    from megatron_po.train.step import reference_gap
+
+    ref = torch.tensor([-300.0, -40.0], dtype=torch.float64)
+    tokens = torch.tensor([100.0, 10.0], dtype=torch.float64)
+    rounding = reference_gap(ref + torch.tensor([3e-5, -2e-6], dtype=torch.float64), ref, tokens, torch.float32)
+    assert rounding[0].item() == pytest.approx(3e-5) and rounding[1].item() < 0.05
+    other = reference_gap(ref + torch.tensor([0.5, -2.0], dtype=torch.float64), ref, tokens, torch.float32)
+    assert other[0].item() == pytest.approx(2.0) and other[1].item() > 1e3
+    assert reference_gap(ref + 0.5, ref, tokens, torch.bfloat16)[1].item() < 1
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_precompute_at_dp2_pp2_then_train_from_the_cache(tmp_path):
     """precompute-ref at DP=2 x PP=2 (the CLI; 15 train and 3 eval pairs, so the last DP rank's share is padded),
     then the same 3 steps at TP=2 + SP with the cache and with the live reference: the same metrics, and no
@@ -62,14 +78,18 @@ def test_cli_precompute_at_dp2_pp2_then_train_from_the_cache(tmp_path):
                         "reference.source=cache", *common])
     assert "no reference model built" in log
     run_torchrun(["-m", "megatron_po.train", f"output_dir={live}", "parallel.tp=2", "parallel.sp=true", *common])
-    a, b = _metrics(live), _metrics(cached)
+    a, b = read_metrics(live), read_metrics(cached)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
     # until the first update the policy is the reference: rewards are exactly 0 live and ±1e-7 from a cache computed
     # in another layout, so the share of positive margins or negative rewards is decided by rounding there
     ties = {f"{p}rewards/{k}" for p in ("", "eval/") for k in ("accuracies", "frac_chosen_negative")}
+    # the step-0 gap between policy and reference: 0 live; the other layout's rounding only, from the cache
+    assert a[1]["reference/step0_max_gap"] == 0.0
+    assert 0 < b[1]["reference/step0_max_gap"] < 1e-4 and b[1]["reference/step0_gap_over_rounding"] < 1, b[1]
+    gap_keys = {"reference/step0_max_gap", "reference/step0_gap_over_rounding"}
     for ma, mb in zip(a, b):
         assert ma.keys() == mb.keys()
-        for k in ma.keys() - TIMING_KEYS - {"step"} - (ties if ma["step"] <= 1 else set()):
+        for k in ma.keys() - TIMING_KEYS - gap_keys - {"step"} - (ties if ma["step"] <= 1 else set()):
             # rewards are β-scaled differences of log-prob sums of ~100 tokens, whose fp32 rounding differs between
             # the layouts (1e-7 relative of the sums): compared absolutely at that scale. The loss and gradients
             # are held to 1e-6 against the live reference in tests/test_layouts.py.

@@ -1,8 +1,11 @@
 """The image-slot layout of train/rows.py: per-row image lists -> the flat [T, h] embeddings the models take."""
 
+import pytest
 import torch
 
 from megatron_po.train.rows import slot_embeds
+
+pytestmark = pytest.mark.pure
 
 
 def test_uniform_images_follow_the_rows():

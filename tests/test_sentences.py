@@ -13,6 +13,8 @@ from megatron_po.data.records import PreferenceRecord, RecordError, read_records
 from megatron_po.data.sentences import split_sentences, token_segments
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.pure
+
 
 def _assert_covering(text: str, spans: list[tuple[int, int]]) -> None:
     assert spans[0][0] == 0 and spans[-1][1] == len(text)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_python, run_torchrun
+from conftest import REPO, TIMING_KEYS, assert_metrics_equal, read_metrics, run_python, run_torchrun
 from megatron_po.objectives.beta_dpo import initial_state as beta_dpo_initial_state
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s"}
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 # padding differs by layout (sequence parallelism pads rows to a multiple of the TP size), so does this
 LAYOUT_KEYS = {"data/padding_efficiency"}
 COMMON = ["parallel.tp=2", "parallel.sp=true", "train.progress_bar=false", "data.num_train=64",
@@ -25,21 +26,11 @@ REL_TOL, ABS_TOL = 1e-5, 1e-6
 LAYOUT_WEIGHT_TOL = 1e-4  # max |w_a - w_b| after 4 steps across layouts (measured 1.2e-7; movement from init ~1e-2)
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def train(out: Path, *overrides: str) -> str:
     return run_torchrun(["-m", "megatron_po.train", f"output_dir={out}", *COMMON, *overrides])
-
-
-def assert_metrics_equal(a: list[dict], b: list[dict]) -> None:
-    """Same steps, same keys, bit-identical values (timings aside)."""
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for ma, mb in zip(a, b):
-        assert ma.keys() == mb.keys(), (ma["step"], ma.keys() ^ mb.keys())
-        for k in ma.keys() - TIMING_KEYS:
-            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
 
 
 def assert_metrics_close(a: list[dict], b: list[dict]) -> float:
@@ -269,3 +260,19 @@ def test_p2_dpo_demo_config_from_sft(tmp_path, sft_run):
     assert [r["step"] for r in evals] == [0, 4] and evals[-1]["eval/delta_logp"] != 0.0
     assert not any(k.startswith("eval/rewards") for k in evals[-1])
     assert 0.0 <= evals[-1]["probe/accuracy"] <= 1.0
+
+
+def test_resume_in_the_second_epoch_equals_straight_run(tmp_path):
+    """train.epochs=2 over 12 pairs (3 global batches of 4 per epoch, 6 steps), stopped by exit_interval after step
+    4 (the second epoch's first batch) and relaunched: the same per-step metrics as the 6 steps straight. The
+    relaunched sampler starts inside epoch 2 and must take that epoch's permutation for steps 5 and 6."""
+    epochs = ["data.num_train=12", "train.epochs=2", "objective.name=acpo"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, *epochs, "checkpoint.save=false")  # nothing to resume from: its saves would only cost time
+    assert [m["step"] for m in metrics(straight)] == [1, 2, 3, 4, 5, 6], "train.epochs=2 is not 2 x 3 steps"
+    train(resumed, *epochs, "train.exit_interval=4")
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3, 4], "exit_interval did not stop the first launch"
+    saved = json.loads((ckpt(resumed, 4) / "trainer_state.json").read_text())["sampler"]
+    assert saved["consumed_samples"] == 16 and saved["num_samples"] == 12, saved
+    assert "resumed from" in train(resumed, *epochs)
+    assert_metrics_equal(metrics(straight), metrics(resumed))

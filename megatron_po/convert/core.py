@@ -101,7 +101,11 @@ class HFCheckpoint:
 
 @contextlib.contextmanager
 def single_process_parallel() -> Iterator:
-    """A 1-rank gloo group with TP=PP=1 (the converters' own process), unless the caller already set one up."""
+    """A 1-rank gloo group with TP=PP=1 (the converters' own process), unless the caller already set one up.
+
+    The CPU is asked for by name (`backend="gloo"`), so this runs on a GPU machine too (step 1 of a GPU recipe):
+    conversion builds the module on the meta device and converts tensors from memory-mapped shards straight into
+    the written checkpoint: a GPU would only add copies. The process sees no CUDA afterwards (parallel/cpu.py)."""
     import torch.distributed as dist
 
     from megatron_po.parallel.groups import init_parallel, teardown

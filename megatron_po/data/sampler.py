@@ -17,6 +17,15 @@ from collections.abc import Iterator
 import torch
 
 
+_ORDER_FIELDS = {
+    "seed": "train.seed",
+    "num_samples": "the number of training samples (data.num_train, or the kept pairs of data.train_path)",
+    "global_batch_size": "train.global_batch_size",
+    "drop_last": "drop_last",
+}
+"""The sampler state that decides the data order, and how a user sets it."""
+
+
 class PairBatchSampler:
     """Yields this rank's micro-batches of dataset indices, global batch after global batch, forever.
 
@@ -112,20 +121,28 @@ class PairBatchSampler:
             yield from micro_batches
 
     def state_dict(self) -> dict:
+        """What fixes the data order (checked on resume) and how far the run got."""
         return {"consumed_samples": self.consumed_samples, "num_samples": self.num_samples,
                 "global_batch_size": self.global_batch_size, "seed": self.seed, "drop_last": self.drop_last}
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes at ``state["consumed_samples"]``; dp_size and micro_batch_size may differ from the saver's.
 
+        Args:
+            state: a :meth:`state_dict` of the run being resumed (the checkpoint's ``trainer_state.json``).
+
         Raises:
-            ValueError: the order would differ from the saved run's (other dataset size, seed, global batch
-                size or drop_last), or consumed_samples is not a whole number of global batches.
+            ValueError: the order would differ from the saved run's (another train.seed, number of kept samples,
+                train.global_batch_size or drop_last: the message names each and both values), or
+                consumed_samples is not a whole number of global batches.
         """
-        for key in ("num_samples", "global_batch_size", "seed", "drop_last"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
-                                 f"{key}={getattr(self, key)!r}: resuming would change the data order")
+        # global batch k is a function of (seed, num_samples, global_batch_size, drop_last): resuming with any of
+        # them changed would silently train on other pairs than the saved run's steps k+1.. and repeat or skip some
+        changed = [f"{what} is {state[key]!r} in the checkpoint but {getattr(self, key)!r} in this run"
+                   for key, what in _ORDER_FIELDS.items() if key in state and state[key] != getattr(self, key)]
+        if changed:
+            raise ValueError("cannot resume: the data order would change: " + "; ".join(changed) +
+                             " (resume with the saved run's settings, or start in a new output_dir)")
         consumed = int(state["consumed_samples"])
         if consumed < 0 or consumed % self.global_batch_size != 0:
             raise ValueError(f"consumed_samples ({consumed}) must be a non-negative multiple of "

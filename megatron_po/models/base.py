@@ -93,18 +93,41 @@ class VLMBase(MegatronModule):
             return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
                                        decoder_input=None, packed_seq_params=packed_seq_params)
         emb = self.language_model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
-        slots = 0 if image_token_mask is None else int(image_token_mask.sum())
         given = 0 if image_embeds is None else image_embeds.shape[0]
-        if given != slots:
-            raise ValueError(f"image_embeds has {given} embeddings for {slots} image slots")
-        if slots:
-            emb = emb.transpose(0, 1)
-            emb = emb.masked_scatter(image_token_mask.unsqueeze(-1).expand_as(emb), image_embeds.to(emb.dtype))
-            emb = emb.transpose(0, 1).contiguous()
+        if image_token_mask is not None:
+            check_image_slots(image_token_mask, given)
+        if given:
+            emb = splice_image_embeds(emb.transpose(0, 1), image_token_mask, image_embeds).transpose(0, 1).contiguous()
         if self.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
         return self.language_model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
                                    decoder_input=emb, packed_seq_params=packed_seq_params)
+
+
+def splice_image_embeds(emb: torch.Tensor, image_token_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """[b, s, h] `emb` with its image-token slots (row-major) replaced by the [T, h] `image_embeds`, in order.
+
+    A trained tower's embeddings take a gradient: masked_scatter's gradient for its source is a masked_select,
+    which makes the host wait for the GPU in backward, so they are gathered by each slot's running count instead
+    (the same values; the gradient is an index_add). Frozen embeddings keep the cheaper masked_scatter.
+    """
+    image_embeds = image_embeds.to(emb.dtype)
+    mask = image_token_mask.unsqueeze(-1)
+    if not (image_embeds.requires_grad and torch.is_grad_enabled()):
+        return emb.masked_scatter(mask.expand_as(emb), image_embeds)
+    slot = (image_token_mask.reshape(-1).cumsum(0) - 1).clamp_min(0)  # positions before the first slot: unused
+    return torch.where(mask, image_embeds.index_select(0, slot).view_as(emb), emb)
+
+
+def check_image_slots(image_token_mask: torch.Tensor, given: int) -> None:
+    """Raises ValueError unless `image_token_mask` has `given` True positions, without the host waiting for the
+    count on a GPU: the comparison is a device-side assert there (a mismatch stops the job with a CUDA error; on the
+    CPU it raises at once, as here)."""
+    try:
+        torch._assert_async(image_token_mask.sum() == given, f"image_embeds has {given} embeddings for another "
+                            "number of image slots")
+    except RuntimeError:
+        raise ValueError(f"image_embeds has {given} embeddings for {int(image_token_mask.sum())} image slots") from None
 
 
 def to_device(model: VLMBase, device: torch.device) -> VLMBase:

@@ -8,6 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.logprobs import CPU_CHUNK_TOKENS, auto_chunk_tokens
 from megatron_po.models.specs import LMShape, build_decoder_spec, build_lm_config, use_te_spec
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -21,16 +22,24 @@ class LanguageModel(GPTModel):
     """
 
     output_hidden: bool = False
-    logprob_chunk_tokens: int = 256
-    """Tokens per chunk of the fused log-prob stage (its [chunk, V/tp] fp32 buffer)."""
+    logprob_chunk_tokens: int = CPU_CHUNK_TOKENS
+    """Tokens per chunk of the fused log-prob stage (its [chunk, V/tp] fp32 buffer), resolved by `configure`."""
 
     packed_thd: bool = False
     """Packed rows come as one THD row with cu_seqlens (TE attention), not as rows with a block-diagonal mask."""
 
-    def configure(self, model: ModelConfig) -> "LanguageModel":
-        """What the trainer's step reads off the language model: the log-prob path and the packed layout."""
+    def configure(self, model: ModelConfig, device_type: str = "cpu") -> "LanguageModel":
+        """What the trainer's step reads off the language model: the log-prob path and its chunk, the packed layout.
+
+        Args:
+            model: the model config.
+            device_type: where the model runs (``groups.device.type``): `model.logprob_chunk_tokens=0` becomes
+                `logprobs.auto_chunk_tokens` of this rank's vocabulary slice there (the weights may still be on
+                the CPU while the model is built).
+        """
         self.output_hidden = model.logprobs == "fused"
-        self.logprob_chunk_tokens = model.logprob_chunk_tokens
+        vocab_local = self.vocab_size // self.config.tensor_model_parallel_size
+        self.logprob_chunk_tokens = model.logprob_chunk_tokens or auto_chunk_tokens(vocab_local, device_type)
         self.packed_thd = use_te_spec(model)
         return self
 
@@ -129,4 +138,4 @@ def build_language_model(
         post_process=groups.is_last_stage,
         pg_collection=groups.pg_collection,
     )
-    return lm.configure(model)
+    return lm.configure(model, groups.device.type)

@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from megatron_po.config import ModelConfig, ParallelConfig
+from megatron_po.models.attention import FlatRowRotarySelfAttention
 
 
 class SPNorm(torch.nn.Module):
@@ -128,14 +130,18 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        # the full master weight is drawn on the CPU then sliced, so every TP layout starts from the same weights
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
+        # the full master weight is drawn on the CPU then sliced, so every TP layout starts from the same weights.
+        # Weights a checkpoint overwrites are allocated on the device and "initialised" by a no-op: megatron's init
+        # path must still run, since it is what tags sharded weights as tensor-parallel (perform_initialization=False
+        # leaves them untagged, and the gradient norm then drops the other TP ranks' shards: measured)
+        use_cpu_initialization=model.init_weights,
+        **({} if model.init_weights else
+           {"init_method": skip_init, "output_layer_init_method": skip_init, "embedding_init_method": skip_init}),
+        # the unfused softmax: TE's attention has its own, and the local spec's fused one needs apex
         masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
+        # TE's fused RoPE does not take M-RoPE (every family's positions are M-RoPE's, see models/lm.py)
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusion_settings(model),
         **recompute_settings(model),
     )
     # the micro-batches of a step differ in rows (P2-DPO's branches) and length (each is padded to its own longest
@@ -143,6 +149,37 @@ def build_lm_config(model: ModelConfig, par: ParallelConfig, shape: LMShape | No
     # construction: TransformerConfig rejects the flag with its default MoE dispatcher even in a dense model.
     cfg.variable_seq_lengths = par.pp > 1
     return cfg
+
+
+def skip_init(tensor: torch.Tensor) -> torch.Tensor:
+    """The init method of weights a checkpoint will overwrite (model.init_weights=false)."""
+    return tensor
+
+
+def have_apex_wgrad() -> bool:
+    """apex's fused weight-gradient kernel, which megatron's own linear layers (the output layer, the local spec)
+    need for gradient_accumulation_fusion; TE's layers bring theirs."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_settings(model: ModelConfig) -> dict:
+    """megatron's kernel fusions for `model.fusions` (auto: on with the TE spec, whose image brings the kernels).
+
+    bias + SwiGLU and bias-dropout-add are megatron's jit-fused functions; persist_layer_norm is TE's / apex's
+    norm; gradient-accumulation fusion (weight gradients GEMM-accumulated straight into DDP's fp32 main_grad, no
+    bf16 weight-gradient tensor) needs TE's linears and, for the output layer megatron builds itself, apex.
+    """
+    te = use_te_spec(model)
+    on = model.fusions == "on" or (model.fusions == "auto" and te)
+    wgrad = on and te and have_apex_wgrad()
+    if on and model.fusions == "on" and not wgrad:
+        # explicit 'on' without the kernels: keep the fusions that exist and say which one is missing
+        import warnings
+
+        warnings.warn("model.fusions=on: gradient-accumulation fusion needs the TE spec and apex's "
+                      "fused_weight_gradient_mlp_cuda; it stays off")
+    return {"bias_activation_fusion": on, "bias_dropout_fusion": on, "persist_layer_norm": on and te,
+            "gradient_accumulation_fusion": wgrad}
 
 
 def recompute_settings(model: ModelConfig) -> dict:
@@ -217,6 +254,17 @@ def _seeded(layer: ModuleSpec, init_seed: int | None) -> ModuleSpec:
                       submodules=layer.submodules)
 
 
+def _with_self_attention(layer: ModuleSpec, module: type[SelfAttention]) -> ModuleSpec:
+    """`layer` with its self-attention built as `module` (same submodules, params and weights' names)."""
+    attention = layer.submodules.self_attention
+    if attention.module is not SelfAttention:
+        raise TypeError(f"expected megatron's SelfAttention in the layer spec, got {attention.module!r}")
+    layer = copy.deepcopy(layer)
+    layer.submodules.self_attention = ModuleSpec(module=module, params=dict(attention.params),
+                                                 submodules=attention.submodules)
+    return layer
+
+
 def build_decoder_spec(model: ModelConfig, lm: TransformerConfig, pp_rank: int,
                        init_seed: int | None = None) -> TransformerBlockSubmodules | ModuleSpec:
     """The decoder layers of pipeline stage `pp_rank` (TE: a layer spec megatron repeats per stage itself).
@@ -225,7 +273,12 @@ def build_decoder_spec(model: ModelConfig, lm: TransformerConfig, pp_rank: int,
     trained from random weights: tiny_vlm); None for models whose weights come from a checkpoint.
     """
     if use_te_spec(model):
-        return _seeded(get_gpt_layer_with_transformer_engine_spec(), init_seed)
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        if lm.context_parallel_size == 1:
+            # packed micro-batches are THD rows here: rotate each row in one pass, not megatron's per-sequence
+            # walk with its host syncs (models/attention.py); under CP megatron's walk is the right one
+            layer = _with_self_attention(layer, FlatRowRotarySelfAttention)
+        return _seeded(layer, init_seed)
     layer = _seeded(_with_norms(get_gpt_layer_local_spec(normalization="RMSNorm"), AttnMaskType.causal), init_seed)
     n = get_num_layers_to_build(lm, vp_stage=None, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SPNorm)

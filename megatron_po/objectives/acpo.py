@@ -56,7 +56,8 @@ class ACPOConfig:
     """Units of δ (§7.3-B): "reward" (U1, τ = δ·len, Eq. 12) or "logratio" (U2, τ = β·δ·len, the Sec. 4.1
     gloss)."""
     sign_zero: int = -1
-    """sgn(0) in the ε clamp (§7.3-C): −1 treats r_l = 0 as negative, so step 0 starts at α̂ = clip_hi."""
+    """sgn(r_l) for |r_l| < ε in the ε clamp (§7.3-C): −1 treats r_l ≈ 0 as negative, so step 0 starts at α̂ =
+    clip_hi whatever the sign of the rounding noise between policy and reference."""
     tau: str = "adaptive"
     """"adaptive" (Eq. 8) or "static": the Table 2 ablation "τ → static β" replacing τ_i by ``static_tau``."""
     static_tau: float = 0.1
@@ -134,8 +135,10 @@ def _alpha(
         sums = all_reduce_sum(torch.stack([lengths.sum(), n]), group)
         lengths = sums[0] / sums[1]
     tau = torch.full_like(r_w, cfg.static_tau) if cfg.tau == "static" else delta * lengths
-    # torch.sign(0) = 0 would make den = 0 and α* = ±inf/NaN at step 0; sgn(0) is a config choice (§7.3-C)
-    sgn = torch.where(r_l == 0, float(cfg.sign_zero), torch.where(r_l > 0, 1.0, -1.0))
+    # torch.sign(0) = 0 would make den = 0 and α* = ±inf/NaN at step 0; sgn(0) is a config choice (§7.3-C). Below ε
+    # the sign is rounding noise (a reference cached in another layout leaves |r_l| ~ 1e-6 of random sign at step
+    # 0, which would flip α̂ between the window's ends per pair): |r_l| < ε counts as r_l = 0 (§7.3-C, 2026-12-07)
+    sgn = torch.where(r_l.abs() < cfg.eps, float(cfg.sign_zero), torch.where(r_l > 0, 1.0, -1.0))
     den = sgn * r_l.abs().clamp_min(cfg.eps)
     alpha_raw = (r_w - tau) / den
     alpha_hat = torch.ones_like(alpha_raw) if cfg.alpha_one else alpha_raw.clamp(cfg.clip_lo, cfg.clip_hi)
@@ -165,7 +168,7 @@ def loss_fn(
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "acpo")
+    check_pair_logps(logps, "acpo", ctx=ctx)
     r_w, r_l = implicit_rewards(logps, cfg.beta)
     lengths = logps.chosen_lengths + logps.rejected_lengths
     stats = ctx.global_stats if ctx is not None else None

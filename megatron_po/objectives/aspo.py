@@ -143,13 +143,13 @@ def loss_fn(
             ``chosen_segment_similarity`` optional) are required.
         cfg: hyper-parameters.
         group: unused (no batch statistics, §11); accepted so every objective has one signature.
-        ctx: unused, likewise.
+        ctx: only ``inputs_checked`` is read.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "aspo")
-    check_segment_logps(logps, "aspo")
+    check_pair_logps(logps, "aspo", ctx=ctx)
+    check_segment_logps(logps, "aspo", ctx=ctx)
     seg_pol, seg_len = logps.policy_chosen_segment_logps, logps.chosen_segment_lengths
     w, valid, known = sentence_weights(seg_pol, seg_len, logps.chosen_segment_similarity, cfg.alpha_mix)
     factor = normalization_factor(w, valid, seg_len, cfg.normalization)

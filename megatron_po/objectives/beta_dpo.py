@@ -256,7 +256,7 @@ def loss_fn(
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "beta_dpo")
+    check_pair_logps(logps, "beta_dpo", ctx=ctx)
     ctx = ctx or ObjectiveContext()
     delta_w, delta_l = log_ratios(logps)
     margin = delta_w - delta_l

@@ -62,6 +62,10 @@ class ObjectiveContext:
     """Objective state carried across optimizer steps (JSON-serialisable floats, saved in checkpoints), as committed
     by the registry entry's ``next_state`` after the previous step; None = the objective's initial state. Every
     micro-batch of a step sees the same pre-step state (β-DPO's EMA of the margin statistics)."""
+    inputs_checked: bool = False
+    """The caller checks the inputs' finiteness itself (the trainer: once per optimizer step for all micro-batches
+    and ranks, so a NaN stops every rank at the same step instead of one rank raising mid-schedule, and without
+    one host sync per micro-batch); the objectives then skip their own finiteness check."""
 
     def __post_init__(self):
         if self.step < 0:
@@ -90,10 +94,12 @@ def check_pair_logps(
     objective: str,
     logp_fields: Sequence[str] = LOGP_FIELDS,
     length_fields: Sequence[str] = LENGTH_FIELDS,
+    ctx: Optional[ObjectiveContext] = None,
 ) -> None:
     """Rejects missing, mis-shaped or non-finite inputs before a loss is computed (OBJECTIVES.md §0.4).
 
-    Costs one host sync (a single ``isfinite().all()``); the per-field search runs only on failure.
+    Costs one host sync (a single ``isfinite().all()``), none when ``ctx.inputs_checked``; the per-field search
+    runs only on failure.
 
     Args:
         logps: the batch.
@@ -118,6 +124,8 @@ def check_pair_logps(
             raise ValueError(
                 f"objective {objective!r}: {name} must have shape [B] = {list(shape)}, got {list(t.shape)}"
             )
+    if ctx is not None and ctx.inputs_checked:
+        return
     if not torch.isfinite(torch.cat([t.detach() for t in tensors.values()])).all():
         bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
         raise ValueError(f"objective {objective!r}: non-finite log-probs in {bad}")
@@ -128,8 +136,10 @@ def check_segment_logps(
     objective: str,
     fields: Sequence[str] = SEGMENT_FIELDS,
     optional: Sequence[str] = ("chosen_segment_similarity",),
+    ctx: Optional[ObjectiveContext] = None,
 ) -> None:
-    """Rejects missing, mis-shaped or non-finite per-sentence inputs (``[B, K]``, ASPO OBJECTIVES.md §10).
+    """Rejects missing, mis-shaped or non-finite per-sentence inputs (``[B, K]``, ASPO OBJECTIVES.md §10); the
+    value checks (two host syncs) are the caller's when ``ctx.inputs_checked``.
 
     Call after ``check_pair_logps``, which fixes B. Log-prob segment fields must be finite; lengths must be >= 0;
     ``optional`` fields may be None and may hold NaN (unknown), but must have the common ``[B, K]`` shape.
@@ -152,6 +162,8 @@ def check_segment_logps(
                 f"objective {objective!r}: {name} must have shape [B, K] = [{b}, K] like {fields[0]} "
                 f"{list(shape)}, got {list(t.shape)}"
             )
+    if ctx is not None and ctx.inputs_checked:
+        return
     logp_fields = [name for name in fields if "logps" in name]
     if not torch.isfinite(torch.cat([getattr(logps, n).detach().reshape(-1) for n in logp_fields])).all():
         bad = [name for name in logp_fields if not torch.isfinite(getattr(logps, name)).all()]

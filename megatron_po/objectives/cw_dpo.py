@@ -121,7 +121,8 @@ def sftc_loss_fn(
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "cw_sftc", logp_fields=("policy_chosen_logps", "policy_rejected_logps"))
+    check_pair_logps(logps, "cw_sftc", logp_fields=("policy_chosen_logps", "policy_rejected_logps"),
+                     ctx=ctx)
     pol_w, pol_l = logps.policy_chosen_logps, logps.policy_rejected_logps
     nll_pos = _nll(pol_w, logps.chosen_lengths, cfg.reduction)
     nll_neg = _nll(pol_l, logps.rejected_lengths, cfg.reduction)
@@ -212,12 +213,12 @@ def loss_fn(
         logps: the batch; reference log-probs (of the stage-1 model) are required.
         cfg: hyper-parameters.
         group: unused (no batch statistics, §11); accepted so every objective has one signature.
-        ctx: unused, likewise.
+        ctx: only ``inputs_checked`` is read.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "cw_dpo")
+    check_pair_logps(logps, "cw_dpo", ctx=ctx)
     w_c = cooling_weight(logps, cfg)
     r_w, r_l = implicit_rewards(logps, cfg.beta)
     z = r_w - w_c * r_l

@@ -43,12 +43,12 @@ def loss_fn(
         logps: the batch; reference log-probs are required.
         cfg: hyper-parameters.
         group: unused (DPO has no batch statistics); accepted so every objective has one signature.
-        ctx: unused (no schedule), likewise.
+        ctx: only ``inputs_checked`` is read (no schedule).
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "dpo")
+    check_pair_logps(logps, "dpo", ctx=ctx)
     r_w, r_l = implicit_rewards(logps, cfg.beta)
     z = r_w - r_l
     loss = -F.logsigmoid(z)

@@ -87,7 +87,7 @@ def loss_fn(
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "dpo_shift")
+    check_pair_logps(logps, "dpo_shift", ctx=ctx)
     lam = shift_lambda(cfg, ctx)
     r_w, r_l = implicit_rewards(logps, cfg.beta)
     loss = -F.logsigmoid(r_w - lam * r_l)

@@ -59,12 +59,12 @@ def loss_fn(
         logps: the batch; reference log-probs are required.
         cfg: hyper-parameters.
         group: unused (IPO has no batch statistics); accepted so every objective has one signature.
-        ctx: unused (no schedule).
+        ctx: only ``inputs_checked`` is read (no schedule).
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "ipo")
+    check_pair_logps(logps, "ipo", ctx=ctx)
     delta_w, delta_l = log_ratios(logps)
     if cfg.reduction == "mean":
         delta_w = per_token_mean(delta_w, logps.chosen_lengths)

@@ -222,7 +222,7 @@ def loss_fn(
         logps: the batch (see ``P2Logps``).
         cfg: hyper-parameters.
         group: unused (no batch statistics, §11); accepted so every objective has one signature.
-        ctx: unused, likewise.
+        ctx: only ``inputs_checked`` is read.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
@@ -264,9 +264,11 @@ def loss_fn(
     checks += [(n, t, has_r) for n, t in zip(ROBUST_FIELDS, robust_t) if t is not None]
     if use_ddw:
         checks += [(n, getattr(logps, n), both) for n in CLIP_FIELDS]
-    # one host sync for all finiteness checks; the per-field search runs only on failure
-    ok = torch.stack([(torch.isfinite(t.detach()) | ~m).all() for _, t, m in checks])
-    if not ok.all():
+    # one host sync for all finiteness checks (none when the trainer checks them per step); the per-field search
+    # runs only on failure
+    checked = ctx is not None and ctx.inputs_checked
+    ok = None if checked else torch.stack([(torch.isfinite(t.detach()) | ~m).all() for _, t, m in checks])
+    if ok is not None and not ok.all():
         bad = [n for (n, _, _), good in zip(checks, ok.tolist()) if not good]
         raise ValueError(f"objective 'p2_dpo': non-finite values in present samples of {bad}")
 

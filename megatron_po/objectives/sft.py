@@ -31,12 +31,13 @@ def loss_fn(
         logps: the batch; only ``policy_chosen_logps`` and ``chosen_lengths`` are used.
         cfg: unused.
         group: unused.
-        ctx: unused.
+        ctx: only ``inputs_checked`` is read.
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "sft", logp_fields=("policy_chosen_logps",), length_fields=("chosen_lengths",))
+    check_pair_logps(logps, "sft", logp_fields=("policy_chosen_logps",), length_fields=("chosen_lengths",),
+                     ctx=ctx)
     pol_w = logps.policy_chosen_logps
     loss = -pol_w / logps.chosen_lengths.clamp_min(1).to(pol_w.dtype)
     return loss, {

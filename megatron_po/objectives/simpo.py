@@ -63,12 +63,12 @@ def loss_fn(
         logps: the batch; ``ref_*`` are not read and may be None.
         cfg: hyper-parameters.
         group: unused (no batch statistics); accepted so every objective has one signature.
-        ctx: unused (no schedule).
+        ctx: only ``inputs_checked`` is read (no schedule).
 
     Returns:
         ``(per_pair_loss [B] with grad, per-pair metric samples: name -> detached [B])``.
     """
-    check_pair_logps(logps, "simpo", logp_fields=("policy_chosen_logps", "policy_rejected_logps"))
+    check_pair_logps(logps, "simpo", logp_fields=("policy_chosen_logps", "policy_rejected_logps"), ctx=ctx)
     mean_w = per_token_mean(logps.policy_chosen_logps, logps.chosen_lengths)
     mean_l = per_token_mean(logps.policy_rejected_logps, logps.rejected_lengths)
     r_w, r_l = cfg.beta * mean_w, cfg.beta * mean_l

@@ -39,6 +39,7 @@ def reduce_over_cp(partial_sums: torch.Tensor, cp_group) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(partial_sums, group=cp_group)
 
 
-def counts_on_one_cp_rank(count: int, cp_group) -> int:
-    """`count` on CP rank 0, 0 on the others: megatron sums the loss normaliser over DP x CP."""
-    return count if cp_group is None or dist.get_rank(cp_group) == 0 else 0
+def counts_on_one_cp_rank(count, cp_group):
+    """`count` (an int or a tensor) on CP rank 0, 0 on the others: megatron sums the loss normaliser over DP x
+    CP."""
+    return count if cp_group is None or dist.get_rank(cp_group) == 0 else count * 0

@@ -2,8 +2,11 @@
 
 megatron-core hard-codes CUDA in a handful of places (see ../shared/MEGATRON_ON_CPU.md). This module redirects
 exactly those to the CPU so that TP/SP/DP/PP, the optimizer and dist_checkpointing run unchanged on a laptop and
-in CI. It is a no-op when a CUDA device is present: `enable_cpu_backend()` refuses to run there, so a GPU job can
-never silently train on the CPU path.
+in CI.
+
+On a machine with CUDA the CPU path is taken only on request: `parallel.backend=gloo` said by name (the HF
+converter's own 1-rank group, the in-process CPU tests) is a request to run on the CPU; `backend=auto` resolves to
+NCCL there and an unrequested `enable_cpu_backend()` raises, so a GPU job never silently trains on the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
 _LOCK = threading.Lock()
+_CUDA_IS_AVAILABLE = torch.cuda.is_available
+"""The CUDA query as it was before `enable_cpu_backend` may have hidden the devices from this process."""
+
+
+def cuda_present() -> bool:
+    """Whether this machine has a usable CUDA device, also after the CPU backend hid it from the process."""
+    return bool(_CUDA_IS_AVAILABLE())
+
+
+def cpu_backend_enabled() -> bool:
+    """Whether this process runs megatron on the CPU (`enable_cpu_backend` has run): it cannot start NCCL then."""
+    return _ENABLED
 
 
 def _is_cuda_device(device) -> bool:
@@ -55,18 +70,35 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def enable_cpu_backend() -> None:
+def enable_cpu_backend(*, requested: bool = False) -> None:
     """Patch the CUDA-only calls of megatron-core so it runs on the CPU (idempotent, main thread).
 
     Must be called before any megatron model, optimizer or schedule is built.
+
+    Args:
+        requested: the run asked for the CPU by name (`parallel.backend=gloo`). Only then may a machine with CUDA
+            take this path; the process then stops seeing its CUDA devices (`torch.cuda.is_available()` is False
+            from here on, as under `CUDA_VISIBLE_DEVICES=""`), so later checks — `model.spec=auto`'s, megatron's
+            own — agree that this process runs on the CPU. (`backend=auto` still means NCCL on this machine, and
+            NCCL is then refused in this process: `parallel.groups.init_process_group`.)
+
+    Raises:
+        RuntimeError: CUDA is present and the CPU was not requested (also when an earlier request enabled it).
     """
     global _ENABLED
+    if cuda_present() and not requested:
+        # checked before the idempotence shortcut: an earlier explicit request must not let an unrequested call through
+        raise RuntimeError("enable_cpu_backend() called on a machine with CUDA without parallel.backend=gloo: "
+                           "use the NCCL path, or ask for the CPU by name")
     with _LOCK:
         if _ENABLED:
             return
-        if torch.cuda.is_available():
-            raise RuntimeError("enable_cpu_backend() called on a machine with CUDA: use the NCCL path instead")
         from megatron.core.tensor_parallel import random as mrandom
+
+        if cuda_present():
+            # half a CUDA process (CPU tensors, gloo, CUDA's RNG and current device redirected, yet TE layers
+            # picked because CUDA answers) would fail far from here: hide the devices instead
+            torch.cuda.is_available = lambda: False
 
         # allocation device for TP gather/scatter buffers
         torch.cuda.current_device = lambda: "cpu"

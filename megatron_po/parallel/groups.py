@@ -17,7 +17,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_po.config import ParallelConfig
-from megatron_po.parallel.cpu import enable_cpu_backend
+from megatron_po.parallel.cpu import cpu_backend_enabled, cuda_present, enable_cpu_backend
 
 
 @dataclass
@@ -76,22 +76,30 @@ class ParallelGroups:
         return dist.get_rank() == 0
 
 
-def _backend(cfg: ParallelConfig) -> str:
+def resolve_backend(cfg: ParallelConfig) -> str:
+    """The torch.distributed backend of `cfg`: `auto` is NCCL wherever the machine has CUDA (also in a process
+    that hid its devices for an explicit CPU request), gloo only without it."""
     if cfg.backend != "auto":
         return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if cuda_present() else "gloo"
 
 
 def init_process_group(cfg: ParallelConfig) -> str:
     """Starts torch.distributed from torchrun's env (a 1-process group when run without torchrun)."""
-    backend = _backend(cfg)
+    backend = resolve_backend(cfg)
     # megatron-core 0.16.1 calls collectives torch 2.13 has renamed; the message repeats every step
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     if backend == "gloo":
         # CUDA_DEVICE_MAX_CONNECTIONS tunes CUDA streams: meaningless on the CPU
         warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-        enable_cpu_backend()
+        # only a backend named `gloo` may run on the CPU where CUDA exists (the converter, in-process CPU tests);
+        # `auto` resolved to gloo only because there is no CUDA
+        enable_cpu_backend(requested=cfg.backend == "gloo")
     else:
+        if cpu_backend_enabled():
+            # CUDA's device, RNG and stream calls are redirected to the CPU in this process: NCCL would half-work
+            raise RuntimeError(f"backend {backend!r} in a process that already runs on the CPU (an explicit "
+                               "parallel.backend=gloo earlier): run it in a process of its own")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -117,6 +125,13 @@ def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelGroups:
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
+        # megatron-core 0.16.1 would add a gloo twin of each data-parallel group (DP, DP×CP, expert DP; one per
+        # DP group of the world, built collectively by every rank). Only the distributed optimizer reads them, for
+        # its dp-zero / memory-efficient checkpoint formats; ours gets use_gloo_process_groups=False and its
+        # checkpoints use the default fully_sharded_model_space format (no communication), while DDP, the
+        # schedules and dist_checkpointing never touch them. On NCCL clusters they cost start-up time and, with
+        # several NICs, gloo's interface choice can hang the job; on the CPU the default groups are gloo already.
+        create_gloo_process_groups=False,
     )
     # seeds the default generator (same on every rank, so replicated weights agree) and the TP-rank RNG tracker
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

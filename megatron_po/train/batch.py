@@ -6,21 +6,69 @@ from one shared list of images. Its optional fields are filled by whoever produc
 (train/data.step_micro_batches), the reference log-probs by the reference pass or the cache (train/reference.py),
 the frozen towers' image embeddings by the first pass of the step that encodes them (train/step.py). Packed rows
 (data/packing.py) hold several sequences each; log-prob sums come back per sequence in collated order.
+
+A micro-batch is made on the host and then moved to its device (`MicroBatch.to`): what the step needs to know on
+the host about the rows (where the supervised positions are, the THD sequence boundaries, how many tokens each
+image has) is computed there, from CPU tensors, when the rows are built, and travels with them. On a GPU the step
+then never waits for the device to learn a shape.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
-from megatron_po.logprobs import segment_sums
+from megatron_po.logprobs import ResponseIndex, segment_sums
 from megatron_po.parallel.context import cp_positions
 
 Images = Union[Tensor, dict]
 """tiny_vlm: ``[N, 3, H, W]``; HF families: the processor's dict (``pixel_values``, ``num_tokens``, ...)."""
+
+
+def move(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device` without stalling the host: a CPU tensor bound for a GPU is pinned first, so the copy runs
+    asynchronously (``non_blocking`` from pageable memory is a synchronous copy)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def move_images(images: Images, device: torch.device) -> Images:
+    """A micro-batch's images on `device`: pixels move; a processor's integer bookkeeping (``num_tokens``,
+    ``image_grid_thw``, ``num_patches``) stays on the host, where it is only ever read (shapes, splits, windows):
+    on the device every read of it would wait for the GPU."""
+    if torch.is_tensor(images):
+        return move(images, device)
+    return {k: move(v, device) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in images.items()}
+
+
+@dataclass(frozen=True)
+class ThdRuns:
+    """Packed rows laid end to end as one THD row: megatron's ``cu_seqlens`` (a run per sequence, each row's
+    padding a run of its own) and the longest run, computed on the host when the rows are built."""
+
+    cu_seqlens: Tensor
+    """[runs + 1] int32 offsets of the runs in the flattened rows (on the rows' device)."""
+    max_seqlen: int
+
+    @classmethod
+    def of(cls, sequence_ids: Tensor) -> "ThdRuns":
+        """From [R, S] sequence ids (-1 = padding): on the host when they are there (the trainer's case)."""
+        ids = sequence_ids.reshape(-1)
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[1:] = ids[1:] != ids[:-1]
+        bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([ids.numel()], device=ids.device)])
+        cu = bounds.to(torch.int32)
+        return cls(cu, int((cu[1:] - cu[:-1]).max()))
+
+    def to(self, device: torch.device) -> "ThdRuns":
+        return ThdRuns(move(self.cu_seqlens, device), self.max_seqlen)
 
 
 @dataclass
@@ -45,11 +93,41 @@ class Rows:
     cp_slots: Optional[Tensor] = None
     """Context parallelism (`cp_shard`): indices, among the image slots of the whole rows in row-major order, of
     the slots among this rank's positions; None without CP."""
+    # --- derived from the fields above where the rows are built (on the host in the trainer), see __post_init__
+    response: Optional[ResponseIndex] = None
+    """Where the supervised positions are (`logprobs.ResponseIndex` of `labels`)."""
+    thd: Optional[ThdRuns] = None
+    """Packed rows: their THD runs (`ThdRuns.of(sequence_ids)`); None unpacked."""
+    image_order: Optional[Tensor] = None
+    """[n] long: `row_images` flattened, the images of the slots in row-major order."""
+    image_tokens: Optional[tuple[int, ...]] = None
+    """Tokens of each of the micro-batch's images when they differ per image (HF families' ``num_tokens``), on the
+    host; None for fixed-size images."""
+
+    def __post_init__(self) -> None:
+        # computed where the tensors are: once on the host for the trainer's micro-batches (`MicroBatch.to` then
+        # moves them); rows built on a device (generation, tests) pay a host sync here, once
+        if self.response is None:
+            self.response = ResponseIndex.of(self.labels)
+        if self.thd is None and self.packed:
+            self.thd = ThdRuns.of(self.sequence_ids)
+        if self.image_order is None:
+            self.image_order = torch.tensor([i for images in self.row_images for i in images], dtype=torch.long,
+                                            device=self.tokens.device)
 
     @classmethod
-    def from_collated(cls, d: dict) -> "Rows":
+    def from_collated(cls, d: dict, image_tokens: Optional[tuple[int, ...]] = None) -> "Rows":
         return cls(d["tokens"], d["labels"], d["position_ids"], d["image_token_mask"], d["row_images"],
-                   d["row_lengths"], d.get("sequence_ids"), d.get("num_sequences"))
+                   d["row_lengths"], d.get("sequence_ids"), d.get("num_sequences"), image_tokens=image_tokens)
+
+    def to(self, device: torch.device) -> "Rows":
+        """The rows on `device` (host-side fields as they are)."""
+        opt = lambda t: None if t is None else move(t, device)  # noqa: E731
+        return Rows(move(self.tokens, device), move(self.labels, device), move(self.position_ids, device),
+                    move(self.image_token_mask, device), self.row_images, move(self.lengths, device),
+                    opt(self.sequence_ids), self.num_sequences, opt(self.cp_slots),
+                    self.response.to(device), None if self.thd is None else self.thd.to(device),
+                    move(self.image_order, device), self.image_tokens)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,7 +146,7 @@ class Rows:
         flat = lambda t: t.reshape(*t.shape[:-2], 1, -1)  # noqa: E731  ([3,] R, S) -> ([3,] 1, R * S)
         return Rows(flat(self.tokens), flat(self.labels), flat(self.position_ids), flat(self.image_token_mask),
                     [[i for images in self.row_images for i in images]], self.lengths.sum().reshape(1),
-                    flat(self.sequence_ids), self.num_sequences)
+                    flat(self.sequence_ids), self.num_sequences, image_tokens=self.image_tokens)
 
     def cp_shard(self, cp_size: int, cp_rank: int) -> "Rows":
         """This CP rank's share of the rows (parallel/context.py): its positions of every per-position tensor,
@@ -79,7 +157,7 @@ class Rows:
         slot_no = (self.image_token_mask.flatten().cumsum(0) - 1).view(self.shape)
         kept = self.image_token_mask[:, pos]
         return Rows(self.tokens[:, pos], self.labels[:, pos], self.position_ids, kept, self.row_images,
-                    self.lengths, cp_slots=slot_no[:, pos][kept])
+                    self.lengths, cp_slots=slot_no[:, pos][kept], image_tokens=self.image_tokens)
 
     @property
     def num_logical(self) -> int:
@@ -149,6 +227,8 @@ class MicroBatch:
     image_embeds: dict[str, Tensor] = field(default_factory=dict)
     """No-grad image embeddings of frozen towers by tower key (train/step.Tower), shared by every pass of the
     step that uses the same tower (first pipeline stage only)."""
+    segment_slots: Optional[int] = None
+    """K of `num_segment_slots`, counted on the host when collated (None: counted on demand)."""
 
     @classmethod
     def from_collated(cls, d: dict) -> "MicroBatch":
@@ -156,13 +236,36 @@ class MicroBatch:
         p2 = None
         if "p2_rows" in d:
             p2 = P2Fields(d["p2_rows"], d["has_focus"], d["has_robust"], d["clip_crop_score"], d["clip_image_score"])
-        ref_rows = Rows.from_collated(d["ref_rows"]) if "ref_rows" in d else None
-        ids, lengths = d.get("chosen_segment_ids"), None
+        images = d["images"]
+        counts = images.get("num_tokens") if isinstance(images, dict) else None
+        image_tokens = None if counts is None else tuple(int(n) for n in counts.tolist())
+        ref_rows = Rows.from_collated(d["ref_rows"], image_tokens) if "ref_rows" in d else None
+        ids, lengths, slots = d.get("chosen_segment_ids"), None, None
         if ids is not None:
-            lengths = segment_sums((ids >= 0).double(), ids, int(d["num_segments"].max()))
-        return cls(Rows.from_collated(d), d["images"], d["num_pairs"], list(d["ids"]), d.get("chosen_lengths"),
-                   d.get("rejected_lengths"), ids, d.get("chosen_segment_slots"),
-                   d.get("num_segments"), lengths, d.get("segment_similarity"), p2, ref_rows)
+            slots = int(d["num_segments"].max())
+            lengths = segment_sums((ids >= 0).double(), ids, slots)
+        return cls(Rows.from_collated(d, image_tokens), images, d["num_pairs"], list(d["ids"]),
+                   d.get("chosen_lengths"), d.get("rejected_lengths"), ids, d.get("chosen_segment_slots"),
+                   d.get("num_segments"), lengths, d.get("segment_similarity"), p2, ref_rows, segment_slots=slots)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """The micro-batch on `device`: every tensor (pinned on the way to a GPU, so nothing waits), the rows with
+        their host-side layout; images by `move_images`."""
+        out = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if torch.is_tensor(value):
+                setattr(out, f.name, move(value, device))
+        out.rows = self.rows.to(device)
+        out.ref_rows = None if self.ref_rows is None else self.ref_rows.to(device)
+        out.images = move_images(self.images, device)
+        if self.p2 is not None:
+            out.p2 = P2Fields(*(move(getattr(self.p2, f.name), device) for f in fields(P2Fields)))
+        if self.ref_logps is not None:
+            seq, segments = self.ref_logps.seq, self.ref_logps.segments
+            out.ref_logps = SeqLogps(move(seq, device), None if segments is None else move(segments, device))
+        out.image_embeds = {k: move(v, device) for k, v in self.image_embeds.items()}
+        return out
 
     def as_thd(self) -> "MicroBatch":
         """The packed rows (and the reference's) as one THD row each (`Rows.as_one_row`)."""
@@ -193,5 +296,8 @@ class MicroBatch:
 
     @property
     def num_segment_slots(self) -> int:
-        """K: sentence slots of the chosen rows' segment sums (the batch's largest sentence count)."""
-        return int(self.num_segments.max())
+        """K: sentence slots of the chosen rows' segment sums (the batch's largest sentence count), counted on the
+        host when the micro-batch was collated."""
+        if self.segment_slots is None:
+            self.segment_slots = int(self.num_segments.max())
+        return self.segment_slots

@@ -4,21 +4,36 @@ Layout of `output_dir/checkpoints/`:
     iter_0000004/            dist_checkpointing directory (model + optimizer shards)
     iter_0000004/trainer_state.json   step, sampler, scheduler (JSON: nothing is unpickled on resume)
     latest                   name of the last *complete* checkpoint, written atomically after every rank finished
-A crash during a save leaves `latest` pointing at the previous complete checkpoint.
+A crash during a save, or before `latest` moves, leaves `latest` pointing at the previous complete checkpoint.
+
+`Checkpointer` writes them synchronously, or in the background with megatron's asynchronous dist_checkpointing
+(`checkpoint.async_save`): training goes on while the shards are written, and `latest` moves only in the finalize
+step that megatron runs once every rank's shards are on disk. `checkpoint.keep_last` prunes older ones.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_po.config import CheckpointConfig
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+EXTRA_STATE = "_extra_state"
+"""Suffix of Transformer-Engine modules' extra state (FP8 scaling metadata), which a checkpoint written with the
+local spec (the converter's) does not hold."""
+logger = logging.getLogger(__name__)
 
 
 def _model_sd(policy, prefix: str = "model."):
@@ -26,29 +41,96 @@ def _model_sd(policy, prefix: str = "model."):
     return policy.sharded_state_dict(prefix=prefix)
 
 
-def save_checkpoint(root: Path, step: int, policy, optimizer, trainer_state: dict,
-                    conversion: Optional[tuple[Path, dict]] = None) -> Path:
-    """Saves model + optimizer shards and trainer state; all ranks call it. `conversion` (HF families: the hf/
-    directory and the conversion record) makes the checkpoint exportable by itself (tools/convert_hf.py)."""
-    path = root / f"iter_{step:07d}"
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)  # dist_checkpointing requires an existing directory
-    dist.barrier()
-    model_sd = _model_sd(policy)
-    sd = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
-    dist_checkpointing.save(sd, str(path))
-    dist.barrier()
-    if dist.get_rank() == 0:
+class Checkpointer:
+    """Saves training checkpoints under `root`, synchronously or asynchronously, and prunes old ones.
+
+    All ranks call every method (each is collective). `poll` once per step lets finished background saves move
+    `latest`; `close` waits for the pending one (or abandons it after an error, leaving `latest` where it was).
+    """
+
+    def __init__(self, root: Path, cfg: CheckpointConfig):
+        self.root = Path(root)
+        self.keep_last = cfg.keep_last
+        self.queue = AsyncCallsQueue() if cfg.async_save else None
+
+    def save(self, step: int, policy, optimizer, trainer_state: dict,
+             conversion: Optional[tuple[Path, dict]] = None) -> Path:
+        """Model + optimizer shards and trainer state of `step`. `conversion` (HF families: the hf/ directory and
+        the conversion record) makes the checkpoint exportable by itself (tools/convert_hf.py)."""
+        path = self.root / f"iter_{step:07d}"
+        if self.queue is not None:
+            # one save in flight at a time: the previous one must have moved `latest` before this one may
+            self.queue.maybe_finalize_async_calls(blocking=True)
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)  # dist_checkpointing requires an existing directory
+        dist.barrier()
+        model_sd = _model_sd(policy)
+        sd = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+        publish = partial(self._publish, path, trainer_state, conversion)
+        if self.queue is None:
+            dist_checkpointing.save(sd, str(path))
+            dist.barrier()
+            publish()
+            dist.barrier()
+        else:
+            # the shards are copied to host memory here; a background process writes them, and megatron runs the
+            # finalize functions (its metadata, then `publish`) on every rank once all ranks' writes are done
+            request = dist_checkpointing.save(sd, str(path), async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+        return path
+
+    def poll(self) -> None:
+        """Finalizes the background saves that every rank has finished (a no-op for synchronous saves)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def close(self, abort: bool = False) -> None:
+        """Waits for a pending background save (`abort`: gives it up; `latest` keeps naming the previous one)."""
+        if self.queue is not None:
+            self.queue.close(abort=abort)
+            self.queue = None
+
+    def _publish(self, path: Path, trainer_state: dict, conversion: Optional[tuple[Path, dict]]) -> None:
+        """After every rank's shards are written: trainer state, then `latest` (rank 0), then pruning."""
+        if dist.get_rank() != 0:
+            return
         if conversion is not None:
             from megatron_po.convert.core import write_conversion
 
             write_conversion(path, *conversion)
         (path / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(path.name)
-        os.replace(tmp, root / LATEST)  # atomic: `latest` only ever names a complete checkpoint
-    dist.barrier()
-    return path
+        publish_latest(self.root, path)
+        if self.keep_last:
+            prune(self.root, self.keep_last)
+
+
+def publish_latest(root: Path, path: Path) -> None:
+    """Points `latest` at `path`, atomically: `latest` only ever names a complete checkpoint."""
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(path.name)
+    os.replace(tmp, root / LATEST)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("iter_"))
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Deletes the checkpoints older than the `keep_last` newest complete ones up to `latest` (and incomplete ones
+    older than `latest`); checkpoints newer than `latest` are unfinished saves and are left alone. Returns what
+    was deleted."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return []
+    older = sorted((p for p in root.glob("iter_*") if p.is_dir() and _step_of(p) <= _step_of(latest)),
+                   key=_step_of, reverse=True)
+    complete = [p for p in older if (p / STATE_FILE).exists()]
+    keep = set(complete[:keep_last]) | {latest}
+    gone = [p for p in older if p not in keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
@@ -72,13 +154,30 @@ def load_checkpoint(path: Path, policy, optimizer) -> dict:
 
 
 def load_model_weights(path: Path, model) -> None:
-    """Loads only the weights of a checkpoint (a previous stage) into `model` (policy or reference)."""
+    """Loads only the weights of a checkpoint (a previous stage, or a converted HF model) into `model` (policy or
+    reference), whichever layer spec wrote it and reads it.
+
+    The local and the Transformer-Engine specs name every weight alike (megatron's local spec maps its norms onto
+    TE's fused names), but TE modules also carry `_extra_state` (FP8 scaling metadata) that a local-spec
+    checkpoint, such as every converted one, lacks. Those entries, and only those, may be absent: the module keeps
+    its fresh extra state (a bf16 run has no FP8 history to restore). Any other missing tensor is an error.
+    """
     if not (Path(path) / STATE_FILE).exists() and (Path(path) / LATEST).exists():
         path = latest_checkpoint(Path(path))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint.init_from: no checkpoint directory at {path}")
-    loaded = dist_checkpointing.load({"model": _model_sd(model)}, str(path))
-    model.load_state_dict(_strip(loaded["model"]), strict=True)
+    # megatron's "unexpected" keys are those requested but absent from the checkpoint
+    loaded, _, absent = dist_checkpointing.load({"model": _model_sd(model)}, str(path),
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    not_extra = sorted(k for k in absent if EXTRA_STATE not in k)
+    if not_extra:
+        raise RuntimeError(f"checkpoint {path} lacks {len(not_extra)} tensor(s) of the model, e.g. {not_extra[:3]}")
+    state = _strip(loaded["model"])
+    own = model.state_dict()
+    for name in own.keys() - state.keys():
+        if name.endswith(EXTRA_STATE):
+            state[name] = own[name]
+    model.load_state_dict(state, strict=True)
 
 
 def _strip(sd: dict, prefix: str = "model.") -> dict:

@@ -23,7 +23,7 @@ from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_po.families import family_spec
 from megatron_po.models.specs import use_te_spec
 from megatron_po.objectives import Objective
-from megatron_po.train.batch import MicroBatch
+from megatron_po.train.batch import MicroBatch, move
 
 logger = logging.getLogger(__name__)
 
@@ -192,22 +192,28 @@ def build_eval_sets(cfg: Config, datasets: dict[str, PreferenceDataset], groups)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of the batch (and of nested views such as P2's `ref_rows`) on `device`; other values as they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict)
-            else v for k, v in batch.items()}
+    """Tensors of a collated batch (and of nested views such as P2's `ref_rows`) on `device`, pinned on the way
+    to a GPU so the copies do not stall the host (`batch.move`); other values as they are. The trainer's
+    micro-batches move as `MicroBatch.to` instead, with their host-side layout."""
+    return {k: move(v, device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def make_micro_batch(ds: PreferenceDataset, indices: list[int], groups, packing: Optional[Config] = None) -> MicroBatch:
     """Dataset samples `indices` as one micro-batch on this rank: collated, with `packing` (a config with
-    data.packing) packed into rows of model.max_seq_length (one THD row on the TE spec), this CP rank's share."""
+    data.packing) packed into rows of model.max_seq_length (one THD row on the TE spec), this CP rank's share.
+
+    Everything is laid out on the host (the supervised positions, THD runs and image layout the step needs there
+    are computed from CPU tensors: `Rows`), then moved to the device at once (`MicroBatch.to`: pinned, async)."""
     batch = ds.collator([ds[i] for i in indices])
     pack = packing is not None and packing.data.packing
     if pack:
         batch = pack_rows(batch, packing.model.max_seq_length, pad_to_multiple_of(packing),
                           ds.collator.tokenizer.pad_id)
-    mb = MicroBatch.from_collated(to_device(batch, groups.device)).cp_shard(groups.cp_size, groups.cp_rank)
-    # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
-    return mb.as_thd() if pack and use_te_spec(packing.model) else mb
+    mb = MicroBatch.from_collated(batch).cp_shard(groups.cp_size, groups.cp_rank)
+    if pack and use_te_spec(packing.model):
+        mb = mb.as_thd()  # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
+    return mb.to(groups.device)
 
 
 def micro_batches(ds: PreferenceDataset, indices: list[list[int]], groups) -> Iterator[MicroBatch]:
@@ -235,7 +241,7 @@ def step_micro_batches(cfg: Config, ds: PreferenceDataset, sampler: PairBatchSam
     for start in range(0, len(mine), cfg.train.micro_batch_size):
         positions = mine[start:start + cfg.train.micro_batch_size]
         mb = make_micro_batch(ds, [order[p] for p in positions], groups, packing=cfg)
-        mb.sample_index = torch.tensor(positions, device=groups.device)
+        mb.sample_index = move(torch.tensor(positions), groups.device)
         out.append(mb)
     return out
 

@@ -96,11 +96,9 @@ def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
     samples = score_pairs(step, model, ev)
     out = None
     if samples is not None:
-        chosen, rejected = samples["logps/chosen"], samples["logps/rejected"]
         records = _ordered_records(ev, step)
-        present = torch.tensor([bool(r.meta.get("present")) for r in records], dtype=torch.bool)
-        # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
-        says_yes = torch.where(present, chosen > rejected, rejected > chosen)
+        present, says_yes = probe_answers(samples["logps/chosen"], samples["logps/rejected"],
+                                          [bool(r.meta.get("present")) for r in records])
         correct = says_yes == present
         absent = ~present
         out = {
@@ -110,6 +108,22 @@ def probe(step: PreferenceStep, model, ev: EvalSet) -> dict[str, float]:
         }
         out.update(_pope(ev.name, records, says_yes.tolist(), present.tolist()))
     return broadcast_from_last_stage(out, step.groups.pp)
+
+
+def probe_answers(chosen: torch.Tensor, rejected: torch.Tensor, present: list[bool]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which yes/no questions the model answers "yes", from the log-probs of each record's two answers.
+
+    Args:
+        chosen, rejected: [N] log-probs of each record's correct and opposite answer, on any device (the last
+            stage's: CUDA on a GPU job).
+        present: per record, whether the object asked about is in the image.
+    Returns:
+        ``(present, says_yes)``, [N] bool on the log-probs' device.
+    """
+    present_t = torch.tensor(present, dtype=torch.bool, device=chosen.device)
+    # the yes-answer is the chosen one for present objects, the rejected one for absent ones; a tie is "no"
+    return present_t, torch.where(present_t, chosen > rejected, rejected > chosen)
 
 
 def _pope(name: str, records: list, says_yes: list[bool], present: list[bool]) -> dict[str, float]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -16,9 +18,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_po.config import Config, config_to_dict
+from megatron_po.config import Config, ConfigError, config_to_dict
 from megatron_po.families import FAMILIES, family_spec
 from megatron_po.models.base import VLMBase
+from megatron_po.models.init import uninitialised
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import broadcast_from_last_stage
@@ -28,6 +31,8 @@ from megatron_po.train.batch_stats import gather_global_stats
 from megatron_po.train.data import (build_eval_datasets, build_eval_sets, build_sampler, build_tokenizer,
                                     build_train_dataset, prepare_data, step_micro_batches)
 from megatron_po.train.evaluate import maybe_evaluate
+from megatron_po.train.guards import StepVerdict, guarded_optimizer_step, step_verdict
+from megatron_po.train.jobcontrol import NonFiniteStep, Requeue, StopRequests
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
 from megatron_po.train.ref_cache import open_cache
 from megatron_po.train.reference import CachedReference, LiveReference, ReferenceSource
@@ -45,15 +50,24 @@ class TrainState:
     scheduler: OptimizerParamScheduler
     step: PreferenceStep
     groups: ParallelGroups
+    skip_nonfinite: bool = False
+    """train.skip_nonfinite_steps: skip a non-finite step instead of raising NonFiniteStep."""
+    skipped_steps: int = 0
+    """Steps skipped so far for a NaN/Inf (train/skipped_steps; carried across resumes)."""
 
 
 def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
     """One VLM of `model.family` (this rank's pipeline stage of it), as the family's spec builds it (tiny_vlm from
     the config's shapes, an HF family from model.hf_path/config.json).
 
-    Weights depend only on train.seed (then on checkpoint.init_from), never on the layout.
+    Weights depend only on train.seed (then on checkpoint.init_from), never on the layout. When
+    checkpoint.init_from will overwrite them, they are allocated on the device and not initialised.
     """
-    return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
+    if not cfg.checkpoint.init_from:
+        return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_weights=False))
+    with uninitialised(groups.device):
+        return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
 
 
 def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int,
@@ -122,12 +136,18 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     lm_cfg = policy.config
     # sum-of-pair-losses / global pair count: megatron divides grads by the all-reduced count once per step
     lm_cfg.calculate_per_token_loss = True
+    par = cfg.parallel
     ddp = DistributedDataParallel(
         config=lm_cfg,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            # the DP reduction runs bucket by bucket during the last micro-batch's backward; with the distributed
+            # optimizer the updated shards' all-gather runs during the next forward (forward pre-hooks)
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            overlap_param_gather=par.overlap_param_gather and par.use_distributed_optimizer,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+            # NaN/Inf are checked once per step over all ranks (train/guards.py), naming the step and the term
+            check_for_nan_in_grad=False,
         ),
         module=policy,
         pg_collection=groups.pg_collection,
@@ -147,7 +167,8 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         ),
         [ddp],
-        # the optimizer's extra gloo groups are for distributed-optimizer checkpoints (broken on CPU anyway)
+        # gloo groups serve only the distributed optimizer's dp_zero / fully_reshardable checkpoint formats; ours is
+        # megatron's default fully_sharded_model_space, and no gloo groups exist (parallel/groups.py)
         use_gloo_process_groups=False,
         pg_collection=groups.pg_collection,
     )
@@ -156,7 +177,7 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     lm_cfg.no_sync_func = ddp.no_sync
     lm_cfg.grad_scale_func = optimizer.scale_loss
     step = PreferenceStep(objective, groups, policy_tower(policy), total_steps=cfg.train.train_steps)
-    return TrainState(ddp, reference, optimizer, scheduler, step, groups)
+    return TrainState(ddp, reference, optimizer, scheduler, step, groups, cfg.train.skip_nonfinite_steps)
 
 
 def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int) -> None:
@@ -181,29 +202,67 @@ def forward_backward(state: TrainState, batches: list[MicroBatch]) -> list[dict]
     return run_schedule(state.groups, ddp, batches, partial(train_forward_step, state.step), forward_only=False)
 
 
-def train_step(state: TrainState, batches: list[MicroBatch], iteration: int = 0) -> dict:
-    """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank)."""
+def train_step(state: TrainState, batches: list[MicroBatch], iteration: int = 0,
+               stops: Optional[StopRequests] = None) -> dict:
+    """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank), with
+    "stop" listing why the run should stop after it (a signal, the time limit; see `finish_step`)."""
     prepare_step(state, batches, iteration)
-    return finish_step(state, forward_backward(state, batches))
+    return finish_step(state, forward_backward(state, batches), stops)
 
 
-def finish_step(state: TrainState, outputs: list[dict]) -> dict:
+def finish_step(state: TrainState, outputs: list[dict], stops: Optional[StopRequests] = None) -> dict:
     """The optimizer and LR steps after `forward_backward`, the objective's state update, and the global-batch
-    metrics of `outputs`; metrics and state are computed on the last stage and the same on every rank after."""
+    metrics of `outputs`; metrics and state are computed on the last stage and the same on every rank after.
+
+    A NaN/Inf in the step's log-probs, loss or gradient norm (on any rank) leaves the weights as they were and
+    raises NonFiniteStep on every rank, or with train.skip_nonfinite_steps skips the step (no update, no LR step,
+    as megatron skips an overflowed step; counted in `train/skipped_steps`).
+    """
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron: 0 on the first warm-up step)
-    ok, grad_norm, _ = state.optimizer.step()
-    if not ok:
-        raise FloatingPointError("optimizer step skipped (non-finite gradients)")
-    state.scheduler.step(increment=1)
     step, groups = state.step, state.groups
+    verdict = step_verdict(outputs, stops or _NO_STOPS, groups, step.measure_reference_gap)
+    updated, grad_norm = guarded_optimizer_step(state.optimizer, veto=bool(verdict.nonfinite))
+    if not math.isfinite(grad_norm):
+        verdict.nonfinite.append("grad norm")
+    if verdict.nonfinite:
+        if not state.skip_nonfinite:
+            raise NonFiniteStep(f"step {step.iteration + 1}: non-finite {', '.join(verdict.nonfinite)}")
+        state.skipped_steps += 1
+        if groups.is_logging_rank:
+            logger.warning("step %d: non-finite %s: skipped (train.skip_nonfinite_steps)", step.iteration + 1,
+                           ", ".join(verdict.nonfinite))
+    else:
+        state.scheduler.step(increment=1)
     result = None
     if groups.is_last_stage:  # the loss, its samples and the objective's statistics exist only there
-        step.commit_state()
+        if updated:
+            step.commit_state()
         result = (global_batch_metrics(outputs, groups.dp, step.objective.summarize), step.objective_state)
     metrics, step.objective_state = broadcast_from_last_stage(result, groups.pp)
-    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    metrics["lr"] = lr
+    metrics.update({"grad_norm": grad_norm, "lr": lr, "train/skipped_steps": state.skipped_steps,
+                    "stop": verdict.stop})
+    if verdict.reference_gap is not None:
+        metrics.update(_reference_gap_metrics(verdict, groups))
     return metrics
+
+
+class _NoStops:
+    @staticmethod
+    def local_flags() -> list[float]:
+        return [0.0, 0.0]
+
+
+_NO_STOPS = _NoStops()
+
+
+def _reference_gap_metrics(verdict: StepVerdict, groups: ParallelGroups) -> dict:
+    gap, ratio = verdict.reference_gap
+    if ratio > 1 and groups.is_logging_rank:
+        logger.warning("step 1: the reference log-probs differ from the policy's, which starts from the same "
+                       "weights, by up to %.3g nats per sequence (%.3g x what rounding in the model's dtype "
+                       "explains): was the reference cache computed from checkpoint.init_from, in this dtype?",
+                       gap, ratio)
+    return {"reference/step0_max_gap": gap, "reference/step0_gap_over_rounding": ratio}
 
 
 def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, policy, reference_model,
@@ -238,7 +297,22 @@ def with_epochs(cfg: Config, num_samples: int) -> Config:
 
 def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> dict:
     """Trains `objective` (built from cfg.objective by the driver) according to `cfg`; returns the last step's
-    metrics."""
+    metrics.
+
+    Raises:
+        Requeue: a stop signal or train.exit_duration_minutes ended the run after a step, saved (exit code 75).
+        NonFiniteStep: a step was not finite (without train.skip_nonfinite_steps); nothing of it was saved.
+    """
+    # handlers first: a signal while the models are built stops the run after its first step, saved
+    stops = StopRequests(cfg.train.exit_duration_minutes)
+    try:
+        return _train(cfg, objective, groups, stops)
+    finally:
+        stops.close()
+
+
+def _train(cfg: Config, objective: Objective, groups: ParallelGroups, stops: StopRequests) -> dict:
+    """`run_training` with its stop handlers installed: data, models, resume, the step loop, saves."""
     out = Path(cfg.output_dir)
     train_path, tok_path = prepare_data(cfg, objective)
     tokenizer = build_tokenizer(cfg, tok_path)
@@ -251,21 +325,17 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
     ckpt_root = out / "checkpoints"
-    conversion = None  # HF families: each checkpoint carries hf/ and conversion.json (exportable as it is)
-    if FAMILIES[cfg.model.family].from_hf:
-        from megatron_po.convert.core import conversion_record
-
-        conversion = (Path(cfg.model.hf_path), conversion_record(
-            Path(cfg.checkpoint.init_from), Path(cfg.model.hf_path), cfg.model.family,
-            torch.bfloat16 if cfg.model.params_dtype == "bf16" else torch.float32))
-    start = 0
-    eval_baselines: dict = {}
+    start, eval_baselines = 0, {}
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is not None:
         ts = ckpt.load_checkpoint(latest, policy, state.optimizer)
+        try:
+            sampler.load_state_dict(ts["sampler"])
+        except ValueError as e:  # the data order would change: not a resume of this run
+            raise ConfigError(f"cannot resume from {latest}: {e}") from None
         state.scheduler.load_state_dict(ts["scheduler"])
-        sampler.load_state_dict(ts["sampler"])
         state.step.objective_state = ts.get("objective_state")
+        state.skipped_steps = ts.get("skipped_steps", 0)
         eval_baselines = ts.get("eval_baselines", {})
         start = ts["step"]
         if groups.is_logging_rank:
@@ -285,43 +355,99 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
             return {}
         return maybe_evaluate(state.step, state.policy, eval_sets, probe_sets, state.reference)
 
+    def save(step_no: int) -> None:
+        sampler.consumed_samples = step_no * cfg.train.global_batch_size
+        trainer_state = {"step": step_no, "scheduler": state.scheduler.state_dict(), "sampler": sampler.state_dict(),
+                         "objective": cfg.objective.name, "objective_state": state.step.objective_state,
+                         "skipped_steps": state.skipped_steps,
+                         "eval_baselines": {ev.name: ev.baseline for ev in eval_sets}}
+        with params_in_sync(state.policy):
+            saver.save(step_no, policy, state.optimizer, trainer_state, _conversion(cfg))
+
+    saver = ckpt.Checkpointer(ckpt_root, cfg.checkpoint)
     last: dict = {}
+    failed = True
     try:
         if start == 0 and (baseline := run_eval(0)):
             writer.log({"step": 0, **baseline})
         for it in range(start, cfg.train.train_steps):
             t0 = time.perf_counter()
             batches = step_micro_batches(cfg, ds, sampler, it, groups)
-            metrics = train_step(state, batches, it)
+            # the run's first step, where the policy equals the reference: how far the reference is from it
+            state.step.measure_reference_gap = it == 0 and state.reference is not None
+            metrics = train_step(state, batches, it, stops)
+            stop = metrics.pop("stop")
             dt = time.perf_counter() - t0
-            # real tokens (the policy's rows) and the positions processed for them, over the global batch
-            counts = torch.tensor([sum(int(b.rows.lengths.sum()) for b in batches),
-                                   sum(b.rows.tokens.numel() for b in batches)], dtype=torch.float64,
-                                  device=groups.device)
-            dist.all_reduce(counts, group=groups.dp)
-            last = {"step": it + 1, **metrics, "tokens_per_s": counts[0].item() / dt, "step_time_s": dt,
-                    "data/padding_efficiency": (counts[0] / counts[1]).item()}
+            last = {"step": it + 1, **metrics, **_token_counts(batches, groups, dt), "step_time_s": dt}
             last.update(run_eval(it + 1))
             if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
                 writer.log(last)
             done = it + 1 == cfg.train.train_steps
             exiting = bool(cfg.train.exit_interval) and (it + 1) % cfg.train.exit_interval == 0
             interval = cfg.checkpoint.save_interval
-            if cfg.checkpoint.save and (done or exiting or (interval and (it + 1) % interval == 0)):
-                sampler.consumed_samples = (it + 1) * cfg.train.global_batch_size
-                trainer_state = {
-                    "step": it + 1,
-                    "scheduler": state.scheduler.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "objective": cfg.objective.name,
-                    "objective_state": state.step.objective_state,
-                    "eval_baselines": {ev.name: ev.baseline for ev in eval_sets},
-                }
-                ckpt.save_checkpoint(ckpt_root, it + 1, policy, state.optimizer, trainer_state, conversion)
+            if cfg.checkpoint.save and (done or exiting or stop or (interval and (it + 1) % interval == 0)):
+                save(it + 1)
+            saver.poll()
+            if stop and not done:
+                saver.close()  # `latest` names this step's checkpoint before the job exits
+                # every rank is past its save before any exits (srun's --kill-on-bad-exit ends the others' tasks)
+                dist.barrier()
+                stops.close(ignore=True)
+                raise Requeue(f"stopped after step {it + 1} ({', '.join(stop)})"
+                              + ("" if cfg.checkpoint.save else "; checkpoint.save=false: nothing was saved"))
             if exiting and not done:
                 if groups.is_logging_rank:
                     logger.warning("exit_interval: stopping after step %d (resume by relaunching)", it + 1)
                 break
+        failed = False
+    except NonFiniteStep as e:
+        # raised on every rank alike: earlier saves may still finish; this step's weights are never saved
+        failed = False
+        saver.close()
+        named = ckpt.latest_checkpoint(ckpt_root)
+        raise NonFiniteStep(f"{e}. Stopped without saving; latest checkpoint: {named or 'none'} (set "
+                            "train.skip_nonfinite_steps=true to skip such steps instead)") from None
+    except Requeue:
+        failed = False
+        raise
     finally:
+        # after an error on some ranks only, a pending save is abandoned (no collective): `latest` stays
+        saver.close(abort=failed)
         writer.close()
     return last
+
+
+def _conversion(cfg: Config) -> Optional[tuple[Path, dict]]:
+    """HF families: each checkpoint carries hf/ and conversion.json (exportable as it is)."""
+    if not FAMILIES[cfg.model.family].from_hf:
+        return None
+    from megatron_po.convert.core import conversion_record
+
+    return (Path(cfg.model.hf_path), conversion_record(
+        Path(cfg.checkpoint.init_from), Path(cfg.model.hf_path), cfg.model.family,
+        torch.bfloat16 if cfg.model.params_dtype == "bf16" else torch.float32))
+
+
+def _token_counts(batches: list[MicroBatch], groups: ParallelGroups, seconds: float) -> dict:
+    """Real tokens (the policy's rows) and the positions processed for them over the global batch: one
+    all-reduce and one host read per step."""
+    real = torch.stack([b.rows.lengths.sum() for b in batches]).sum().double()
+    counts = torch.stack([real, real.new_tensor(float(sum(b.rows.tokens.numel() for b in batches)))])
+    dist.all_reduce(counts, group=groups.dp)
+    real, processed = counts.tolist()
+    return {"tokens_per_s": real / seconds, "data/padding_efficiency": real / processed}
+
+
+@contextlib.contextmanager
+def params_in_sync(ddp: DistributedDataParallel):
+    """With overlapped parameter all-gathers (distributed optimizer), the updated shards reach the other ranks only
+    at the next forward: gather them now, so a checkpoint holds the updated weights (as Megatron-LM does around
+    its saves)."""
+    overlapped = ddp.ddp_config.overlap_param_gather and ddp.ddp_config.use_distributed_optimizer
+    if overlapped:
+        ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if overlapped:
+            ddp.enable_forward_pre_hook()

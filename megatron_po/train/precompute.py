@@ -20,8 +20,7 @@ from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.data import (build_eval_datasets, build_tokenizer, build_train_dataset, micro_batches,
                                     prepare_data)
-from megatron_po.train.loop import build_model
-from megatron_po.train import checkpoint as ckpt
+from megatron_po.train.loop import build_initial_model
 from megatron_po.train.ref_cache import CACHED_SPLITS, invalidate, key_components, sample_values, write_cache
 from megatron_po.train.step import Tower, run_logps_pass
 
@@ -80,9 +79,7 @@ def precompute_reference(cfg: Config, objective: Objective, groups: ParallelGrou
         invalidate(path)
     dist.barrier()
 
-    model = build_model(cfg, groups, tokenizer.vocab_size)
-    if cfg.checkpoint.init_from:
-        ckpt.load_model_weights(Path(cfg.checkpoint.init_from), model)
+    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
     model.requires_grad_(False)
     model.eval()
     splits = {}

@@ -5,17 +5,21 @@ A micro-batch (train/batch.py) holds rows of text whose image slots are filled f
 order). A preference pair's two rows name the same image; P2-DPO's calibration row names two ([I, I_crop]). The
 model contract (models/tiny_vlm/model.py and the HF families) takes the flat ``[T, h]`` embeddings of every slot in
 row-major order, on the first pipeline stage.
+
+Nothing here reads a device tensor's value on the host (no `.item()`, boolean-mask indexing, `nonzero`): the
+layout the host needs (image order and token counts, THD runs, supervised positions) comes with the `Rows`, computed
+when the micro-batch was made (train/batch.py). tests/test_host_syncs.py holds this path to it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_po.logprobs import response_token_logps, vocab_parallel_token_logps
-from megatron_po.train.batch import Rows
+from megatron_po.train.batch import Rows, ThdRuns
 
 
 def unwrap(model):
@@ -41,7 +45,10 @@ def packed_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
 
 
 def slot_embeds(
-    embeds: torch.Tensor, row_images: list[list[int]], num_tokens: Optional[list[int]] = None
+    embeds: torch.Tensor,
+    row_images: list[list[int]],
+    num_tokens: Optional[list[int]] = None,
+    order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The ``[T, h]`` embeddings of every image slot of the rows, in row-major order.
 
@@ -49,16 +56,19 @@ def slot_embeds(
         embeds: per-image embeddings from ``encode_images``: ``[N, p, h]`` (tiny_vlm: p tokens per image) or
             ``[T_img, h]`` (images concatenated, ``num_tokens[i]`` tokens for image i).
         row_images: per row, the indices of its images in slot order.
-        num_tokens: tokens per image; only for the ``[T_img, h]`` form.
+        num_tokens: tokens per image; only for the ``[T_img, h]`` form (host ints: `Rows.image_tokens`).
+        order: `row_images` flattened, on the embeddings' device (`Rows.image_order`); else made here (a copy from
+            host memory each call).
     """
-    order = [i for images in row_images for i in images]
     if embeds.dim() == 3:
+        if order is None:
+            order = torch.tensor([i for images in row_images for i in images], device=embeds.device)
         # one gather keeps the single-image layout (and its values) exactly as indexing a [b, p, h] tensor did
-        return embeds[torch.tensor(order, device=embeds.device)].flatten(0, 1)
+        return embeds.index_select(0, order).flatten(0, 1)
     if num_tokens is None:
         raise ValueError("[T_img, h] image embeddings need the tokens per image (images['num_tokens'])")
     per_image = embeds.split([int(n) for n in num_tokens])
-    return torch.cat([per_image[i] for i in order])
+    return torch.cat([per_image[i] for images in row_images for i in images])
 
 
 def encode(model, images) -> torch.Tensor:
@@ -80,36 +90,43 @@ def forward_rows(model, rows: Rows, embeds: Optional[torch.Tensor], images) -> t
     """
     flat = None
     if unwrap(model).pre_process:
-        num_tokens = images.get("num_tokens") if isinstance(images, dict) else None
-        flat = slot_embeds(embeds, rows.row_images, num_tokens)
+        num_tokens = rows.image_tokens
+        if num_tokens is None and isinstance(images, dict):
+            num_tokens = images.get("num_tokens")
+        flat = slot_embeds(embeds, rows.row_images, num_tokens, rows.image_order)
         if rows.cp_slots is not None:  # the slots among this CP rank's positions
             flat = flat[rows.cp_slots]
     tokens = rows.tokens
     if rows.packed and tokens.shape[0] == 1 and unwrap(model).language_model.packed_thd:
         # TE attention: sequences isolated by cu_seqlens (THD), no [S, S] mask
-        return model(tokens, rows.position_ids, None, flat, rows.image_token_mask,
-                     packed_seq_params=thd_params(rows.sequence_ids))
+        return model(tokens, rows.position_ids, None, flat, rows.image_token_mask, packed_seq_params=thd_params(rows))
     mask = packed_mask(rows.sequence_ids) if rows.packed else causal_mask(tokens.shape[1], tokens.device)
     return model(tokens, rows.position_ids, mask, flat, rows.image_token_mask)
 
 
-def thd_params(sequence_ids: torch.Tensor) -> PackedSeqParams:
+def thd_params(rows: Union[Rows, torch.Tensor]) -> PackedSeqParams:
     """megatron's THD description of one row of packed sequences [1, T]: a run per sequence (each row's padding,
-    -1, a run of its own: it attends to itself and is never read)."""
-    ids = sequence_ids.reshape(-1)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([ids.numel()], device=ids.device)])
-    cu = bounds.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    -1, a run of its own: it attends to itself and is never read).
+
+    Args:
+        rows: packed rows (their `Rows.thd`, computed on the host when they were made), or [R, S] sequence ids
+            (computed here, where they are).
+    """
+    runs = rows.thd if isinstance(rows, Rows) else ThdRuns.of(rows)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=runs.cu_seqlens, cu_seqlens_kv=runs.cu_seqlens,
+                           max_seqlen_q=runs.max_seqlen, max_seqlen_kv=runs.max_seqlen)
 
 
-def token_logps(model, output: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
-    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of ``labels`` from the last stage's ``output``:
-    the final hidden states [S(/tp), R, h] (model.logprobs=fused: response positions only, chunked) or the
-    logits [R, S, V/tp]."""
+def token_logps(model, output: torch.Tensor, rows: Union[Rows, torch.Tensor], tp_group) -> torch.Tensor:
+    """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of the rows' labels from the last stage's
+    ``output``: the final hidden states [S(/tp), R, h] (model.logprobs=fused: response positions only, chunked)
+    or the logits [R, S, V/tp].
+
+    Args:
+        rows: the rows (their labels and host-computed supervised positions: no host sync), or bare [R, S] labels
+            (the fused path then locates the supervised positions itself, which waits for the device).
+    """
+    labels, index = (rows.labels, rows.response) if isinstance(rows, Rows) else (rows, None)
     vlm = unwrap(model)
     # HF families pad the real vocabulary (lm_shape.vocab_size): padded entries must not enter the softmax
     shape = getattr(vlm, "lm_shape", None)
@@ -117,5 +134,5 @@ def token_logps(model, output: torch.Tensor, labels: torch.Tensor, tp_group) -> 
     lm = vlm.language_model
     if lm.output_hidden:
         return response_token_logps(output, lm.output_weight(), labels, tp_group, vlm.sequence_parallel, vocab,
-                                    lm.logprob_chunk_tokens)
+                                    lm.logprob_chunk_tokens, index)
     return vocab_parallel_token_logps(output, labels, tp_group, vocab)

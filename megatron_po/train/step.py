@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
-from megatron_po.logprobs import segment_sums
+from megatron_po.logprobs import IGNORE_INDEX, segment_sums
 from megatron_po.objectives import Objective
 from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.context import counts_on_one_cp_rank, reduce_over_cp
@@ -65,9 +65,14 @@ class PreferenceStep:
     objective_state: Optional[dict] = None
     """State an objective carries across optimizer steps (beta-DPO's EMA); JSON floats, saved in checkpoints."""
 
+    measure_reference_gap: bool = False
+    """Report the largest |policy − reference| sequence log-prob of this step (the run's first step, where they
+    start equal: a cache from another checkpoint or dtype shows at once)."""
+
     def context(self, mb: MicroBatch) -> ObjectiveContext:
+        # finiteness is checked once per step for every rank (`finite_flags`), not by each objective call
         return ObjectiveContext(step=self.iteration, total_steps=self.total_steps, global_stats=self.global_stats,
-                                pair_index=mb.sample_index, state=self.objective_state)
+                                pair_index=mb.sample_index, state=self.objective_state, inputs_checked=True)
 
     def commit_state(self) -> None:
         """After an optimizer step, on the last stage: fold this step's statistics into the objective's state."""
@@ -114,7 +119,7 @@ def stage_output(model, mb: MicroBatch, rows: Rows, tower: Tower) -> torch.Tenso
 def sequence_logps(model, output: torch.Tensor, rows: Rows, mb: MicroBatch, groups: ParallelGroups) -> SeqLogps:
     """Per-row sums of response log-probs and, for pair batches, per-sentence sums of the chosen rows (fp64),
     summed over the CP group (each CP rank holds part of every row: parallel/context.py)."""
-    return sum_over_cp(token_logps_sums(token_logps(model, output, rows.labels, groups.tp), rows, mb), groups.cp)
+    return sum_over_cp(token_logps_sums(token_logps(model, output, rows, groups.tp), rows, mb), groups.cp)
 
 
 def sum_over_cp(logps: SeqLogps, cp_group) -> SeqLogps:
@@ -158,18 +163,55 @@ def logps_forward_step(groups: ParallelGroups, tower: Tower, reference_rows: boo
     return output, loss_func
 
 
+FINITE_TERMS = ("policy log-probs", "reference log-probs", "policy loss")
+"""What `train_loss_func` checks for NaN/Inf, in the order of its ``finite`` flags."""
+
+
 def train_loss_func(step: PreferenceStep, model, mb: MicroBatch, last_output: torch.Tensor):
-    """The objective on this micro-batch (last stage): (Σ per-pair loss, pair count, {"samples": metrics})."""
+    """The objective on this micro-batch (last stage): (Σ per-pair loss, pair count, {"samples": metrics,
+    "finite": [3] bool flags of FINITE_TERMS, and at the run's first step "reference_gap"}).
+
+    Nothing here waits for the device: the finiteness flags and the pair count stay tensors, and the loop reads
+    them once per step for all micro-batches and ranks (train/loop.py).
+    """
     policy = sequence_logps(model, last_output, mb.rows, mb, step.groups)
-    inputs = loss_inputs(step.objective.inputs, mb, policy, mb.ref_logps)
+    ref = mb.ref_logps
+    inputs = loss_inputs(step.objective.inputs, mb, policy, ref)
     per_pair, samples = step.objective.loss(inputs, group=step.groups.dp, ctx=step.context(mb))
     samples = {k: v.detach() for k, v in samples.items()}
     # objectives that drop pairs (beta-DPO filtering) or samples (P2-DPO without a branch) weight them 0: the
     # step normalises by the global weighted count
     weight = samples.get("pair_weight")
-    count = counts_on_one_cp_rank(mb.num_samples if weight is None else int(weight.sum().round()), step.groups.cp)
+    count = per_pair.new_full((), mb.num_samples, dtype=torch.int) if weight is None else weight.sum().round().int()
+    count = counts_on_one_cp_rank(count, step.groups.cp)
     samples["loss"] = per_pair.detach()
-    return per_pair.sum(), torch.tensor(count, dtype=torch.int), {"samples": samples}
+    finite = torch.stack([policy.seq.detach().isfinite().all(),
+                          ref.seq.isfinite().all() if ref is not None else per_pair.new_ones((), dtype=torch.bool),
+                          per_pair.detach().isfinite().all()])
+    extra = {"samples": samples, "finite": finite}
+    if step.measure_reference_gap and ref is not None and mb.ref_rows is None:
+        tokens = sum_over_cp(token_logps_sums((mb.rows.labels != IGNORE_INDEX).double(), mb.rows, mb),
+                             step.groups.cp).seq
+        dtype = unwrap(model).language_model.config.params_dtype
+        extra["reference_gap"] = reference_gap(policy.seq.detach(), ref.seq, tokens, dtype)
+    return per_pair.sum(), count, extra
+
+
+def reference_gap(policy: torch.Tensor, ref: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """[2]: the largest |policy − reference| sequence log-prob (nats), and the largest ratio of a sequence's gap to
+    what rounding in `dtype` explains, 16 ulp per token of its log-prob and of its token count,
+    ``16·eps·(|ref| + n)`` (fp32: ~2e-6 nats per token; bf16: ~0.13). A cache written in another TP/PP layout from
+    the same checkpoint stays well below 1; one from other weights does not.
+
+    Args:
+        policy, ref: [R] sequence log-probs of the same rows.
+        tokens: [R] supervised tokens of each row.
+    """
+    eps = torch.finfo(dtype).eps
+    gap = (policy - ref).abs()
+    allowed = 16 * eps * (ref.abs() + tokens)
+    return torch.stack([gap.max(), (gap / allowed.clamp_min(16 * eps)).max()])
 
 
 def train_forward_step(step: PreferenceStep, data_iterator: Iterator[MicroBatch], model):

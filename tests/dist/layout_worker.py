@@ -449,40 +449,46 @@ def planned_vs_built(cfg: Config, vocab: int, policy, groups) -> dict:
 
 
 # the reference cache: computed at TP=2 from a saved reference checkpoint, consumed in these layouts by the
-# objectives with the most to lose (segment sums, P2's own reference rows, global-batch statistics)
-CACHE_CASES = {("dpo", "drifted"), ("aspo", "drifted"), ("acpo_batch", "drifted"), ("p2_dpo_rejected", "drifted")}
+# objectives with the most to lose (segment sums, P2's own reference rows, global-batch statistics), and by ACPO at
+# step 0 (the cache's reference is the policy itself: its log-probs differ from the policy's by the other
+# layout's rounding only, |r_l| ~ 1e-7 of either sign, which must not decide α̂: OBJECTIVES.md §7.3-C)
+CACHE_CASES = {("dpo", "drifted"), ("aspo", "drifted"), ("acpo_batch", "drifted"), ("p2_dpo_rejected", "drifted"),
+               ("acpo", "same")}
 CACHE_LAYOUTS = {"tp1_dp2", "pp2", "pp2_packed"}
 
 
-def cache_cfg(cfg: Config, out: Path, label: str) -> Config:
-    """`cfg` reading the reference from the cache of `label`, whose reference is the saved drifted checkpoint."""
+def cache_cfg(cfg: Config, out: Path, label: str, mode: str) -> Config:
+    """`cfg` reading the reference from the cache of `label`, whose reference is the saved `mode` checkpoint (the
+    drifted reference, or the policy's own weights)."""
     return dataclasses.replace(
-        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(out / "ref_ckpt")),
-        reference=dataclasses.replace(cfg.reference, source="cache", cache_path=str(out / f"cache_{label}")))
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(out / f"ref_ckpt_{mode}")),
+        reference=dataclasses.replace(cfg.reference, source="cache", cache_path=str(out / f"cache_{label}_{mode}")))
 
 
 def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed) -> tuple[set, dict]:
-    """Saves the drifted reference as a checkpoint (TP=1) and runs `precompute_reference` at TP=2 for each cache
-    case; returns the cases and each label's full training set (the cache's key covers the whole set)."""
+    """Saves the reference of each mode as a checkpoint (TP=1) and runs `precompute_reference` at TP=2 for each
+    cache case; returns the cases and each case's full training set (the cache's key covers the whole set)."""
     todo = {(label, mode) for label, _, _, mode in cases if (label, mode) in CACHE_CASES}
     if not todo or not CACHE_LAYOUTS & set(layouts):
         return set(), {}
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
-    _, reference = build_pair(make_cfg(out, PLAIN, "dpo", {}), vocab, groups, "drifted")
-    if dist.get_rank() == 0:
-        (out / "ref_ckpt").mkdir(exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": reference.sharded_state_dict(prefix="model.")}, str(out / "ref_ckpt"))
+    for mode in sorted({mode for _, mode in todo}):
+        _, reference = build_pair(make_cfg(out, PLAIN, "dpo", {}), vocab, groups, mode)
+        if dist.get_rank() == 0:
+            (out / f"ref_ckpt_{mode}").mkdir(exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save({"model": reference.sharded_state_dict(prefix="model.")}, str(out / f"ref_ckpt_{mode}"))
     destroy_parallel()
     groups = init_parallel(ParallelConfig(tp=2), seed=seed)
     full = {}
     for label, objective, params, _ in OBJECTIVE_CASES:
-        if (label, "drifted") in todo:
-            cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label)
-            obj = build_objective(objective, params)
-            precompute_reference(cfg, obj, groups)
-            full[label] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, obj)
-                           if objective == "p2_dpo" else ds)
+        for mode in ("drifted", "same"):
+            if (label, mode) in todo:
+                cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label, mode)
+                obj = build_objective(objective, params)
+                precompute_reference(cfg, obj, groups)
+                full[label, mode] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, obj)
+                                     if objective == "p2_dpo" else ds)
     destroy_parallel()
     return todo, full
 
@@ -548,10 +554,11 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
             entry["plain_objective_state"] = plain.get("objective_state")
             report[f"{label}/ref={mode}/{name}"] = entry
             if (label, mode) in caches and name in CACHE_LAYOUTS:
-                cache = open_cache(cache_cfg(cfg, out, label), build_objective(objective, params),
-                                   {"train": full[label]})
+                cache = open_cache(cache_cfg(cfg, out, label, mode), build_objective(objective, params),
+                                   {"train": full[label, mode]})
                 entry, _ = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain, cache, raw)
-                report[f"{label}/ref=cache/{name}"] = entry | {"plain_objective_state": plain.get("objective_state")}
+                cached = "cache" if mode == "drifted" else f"cache_{mode}"
+                report[f"{label}/ref={cached}/{name}"] = entry | {"plain_objective_state": plain.get("objective_state")}
         destroy_parallel()
     if dist.get_rank() == 0:
         (out / "layouts.json").write_text(json.dumps(report, indent=1))

@@ -57,7 +57,9 @@ def main(out: Path) -> None:
     long = json.loads(lines[3])
     long.update(id="too-long", chosen=" ".join(["red square"] * 200))
     train_path.write_text("\n".join(lines[:5] + [json.dumps(long)] + lines[5:]) + "\n")
-    model = build_model(cfg, groups, build_tokenizer(cfg, tok_path).vocab_size)
+    # the reference weights to save: drawn (a config with init_from only allocates what the checkpoint will fill)
+    drawn = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=""))
+    model = build_model(drawn, groups, build_tokenizer(cfg, tok_path).vocab_size)
     (out / "ckpt").mkdir()
     dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model.")}, str(out / "ckpt"))
 

@@ -103,7 +103,7 @@ class VLMModel(VLMBase):
             post_process=groups.is_last_stage,
             pg_collection=groups.pg_collection,
         )
-        self.language_model.configure(model)
+        self.language_model.configure(model, groups.device.type)
         self.freeze_as_configured(model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
