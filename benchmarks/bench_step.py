@@ -55,8 +55,7 @@ from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_po.objectives import OBJECTIVES, build_objective  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.batch import MicroBatch  # noqa: E402
-from megatron_po.train.data import (build_sampler, build_train_dataset, prepare_data, step_micro_batches,  # noqa: E402
-                                    to_device)
+from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, step_micro_batches  # noqa: E402
 from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
@@ -85,8 +84,7 @@ def step_batches(cfg, ds, sampler, step: int, seq: int, pad_id: int, groups) -> 
         return batches
     out = []
     for mb, idx in zip(batches, sampler.micro_batches(step)):
-        padded = MicroBatch.from_collated(to_device(pad_batch(ds.collator([ds[i] for i in idx]), seq, pad_id),
-                                                    groups.device))
+        padded = MicroBatch.from_collated(pad_batch(ds.collator([ds[i] for i in idx]), seq, pad_id)).to(groups.device)
         padded.sample_index = mb.sample_index
         out.append(padded)
     return out

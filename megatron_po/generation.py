@@ -69,7 +69,8 @@ def next_token_logits(model, tokenizer, prompts: Prompts, embeds: torch.Tensor, 
     the padded rows of the output layer are cut off); ``embeds`` = ``encode(model, prompts.images)``."""
     batch = layout_rows(tokenizer, list(zip(prompts.prefixes, responses)), pad_to_multiple_of)
     device = groups.device
-    rows = Rows.from_collated({k: v.to(device) for k, v in batch.items()} | {"row_images": prompts.row_images})
+    # laid out on the host, then moved, as the trainer's rows are: no host sync per generated token
+    rows = Rows.from_collated(batch | {"row_images": prompts.row_images}).to(device)
     logits = forward_rows(model, rows, embeds, prompts.images)  # [R, S, V/tp]
     last = batch["row_lengths"].to(device) - 1
     picked = logits[torch.arange(logits.shape[0], device=device), last].float()

@@ -332,13 +332,6 @@ class ResponseIndex:
         flat = (labels != IGNORE_INDEX).t().reshape(-1).nonzero().flatten()
         return cls(flat, tuple(flat.tolist()))
 
-    def to(self, device: torch.device) -> "ResponseIndex":
-        """On `device`; from host memory to a GPU through pinned memory (an asynchronous copy, as train/batch.move)."""
-        flat = self.flat
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
-        return ResponseIndex(flat.to(device, non_blocking=True), self.positions)
-
     def shard_bounds(self, shards: int, positions_per_shard: int) -> list[int]:
         """Offsets into `flat` where each of `shards` equal contiguous blocks of flat positions begins (and the
         end): block k holds ``flat[bounds[k]:bounds[k + 1]]``."""

@@ -50,7 +50,7 @@ def test_fp32_output_gemms_are_there():
 @pytest.mark.parametrize("into_main_grad", [False, True])
 def test_bf16_stage_equals_fp32_log_softmax_without_host_syncs(into_main_grad):
     hidden, weight, labels, vocab = problem()
-    index = ResponseIndex.of(labels).to(hidden.device)
+    index = ResponseIndex.of(labels.to(hidden.device))
     labels = labels.cuda()
     upstream = torch.randn(labels.shape, device="cuda")
     # plain autograd in fp32 on the same (bf16-valued) inputs

@@ -165,6 +165,7 @@ def test_packed_forward_and_logps_make_no_host_syncs(groups, tiny, trained_tower
     attention needs a GPU): image splice and decoder forward (`VLMBase.decode`), the fused response log-probs,
     the per-sequence and per-sentence sums, and the backward through all of it (into the image embeddings too
     when the tower trains)."""
+    from megatron_po.logprobs import response_token_logps
     from megatron_po.train.rows import forward_rows, token_logps
     from megatron_po.train.step import Tower, image_embeds, token_logps_sums
 
@@ -178,9 +179,12 @@ def test_packed_forward_and_logps_make_no_host_syncs(groups, tiny, trained_tower
         sums = token_logps_sums(token_logps(model, out, mb.rows, None), mb.rows, mb)
         (sums.seq.sum() + sums.segments.sum()).backward()
     # the same sums as from bare labels (the stage then finds the supervised positions itself)
+    lm = model.language_model
     with torch.no_grad():
-        again = token_logps_sums(token_logps(model, forward_rows(model, mb.rows, embeds, mb.images),
-                                             mb.rows.labels, None), mb.rows, mb)
+        hidden = forward_rows(model, mb.rows, embeds, mb.images)
+        bare = response_token_logps(hidden, lm.output_weight(), mb.rows.labels, None, model.sequence_parallel,
+                                    None, lm.logprob_chunk_tokens)
+        again = token_logps_sums(bare, mb.rows, mb)
     assert torch.equal(sums.seq.detach(), again.seq)
 
 

@@ -137,7 +137,7 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     from megatron_po.models.specs import padded_vocab_size
     from megatron_po.objectives import build_objective
     from megatron_po.train.batch import MicroBatch
-    from megatron_po.train.data import build_dataset, prepare_data, to_device
+    from megatron_po.train.data import build_dataset, prepare_data
     from megatron_po.train.rows import forward_rows, token_logps
     from megatron_po.train.step import Tower, image_embeds, token_logps_sums
 
@@ -146,14 +146,14 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     tokenizer = Tokenizer(tok_path)
     ds = build_dataset(cfg, train_path, tokenizer)
     batch = pack_rows(ds.collator([ds[i] for i in range(4)]), cfg.model.max_seq_length, 1, tokenizer.pad_id)
-    mb = MicroBatch.from_collated(to_device(batch, groups.device))
+    mb = MicroBatch.from_collated(batch).to(groups.device)
     assert mb.rows.shape[0] > 1
     model = build_vlm(cfg.model, cfg.parallel, padded_vocab_size(tokenizer.vocab_size, 1), groups, seed=1)
     sums = []
     with torch.no_grad():
         for view in (mb, mb.as_thd()):
             out = forward_rows(model, view.rows, image_embeds(model, view, Tower("policy", True)), view.images)
-            sums.append(token_logps_sums(token_logps(model, out, view.rows.labels, None), view.rows, view))
+            sums.append(token_logps_sums(token_logps(model, out, view.rows, None), view.rows, view))
     assert torch.allclose(sums[0].seq, sums[1].seq, rtol=1e-6, atol=1e-6)
     assert torch.allclose(sums[0].segments, sums[1].segments, rtol=1e-6, atol=1e-6)
 

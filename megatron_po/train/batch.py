@@ -126,7 +126,8 @@ class Rows:
         return Rows(move(self.tokens, device), move(self.labels, device), move(self.position_ids, device),
                     move(self.image_token_mask, device), self.row_images, move(self.lengths, device),
                     opt(self.sequence_ids), self.num_sequences, opt(self.cp_slots),
-                    self.response.to(device), None if self.thd is None else self.thd.to(device),
+                    ResponseIndex(move(self.response.flat, device), self.response.positions),
+                    None if self.thd is None else self.thd.to(device),
                     move(self.image_order, device), self.image_tokens)
 
     @property

@@ -191,14 +191,6 @@ def build_eval_sets(cfg: Config, datasets: dict[str, PreferenceDataset], groups)
     return [e for e in sets if e.name == "eval"], [e for e in sets if e.name == "probe"]
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a collated batch (and of nested views such as P2's `ref_rows`) on `device`, pinned on the way
-    to a GPU so the copies do not stall the host (`batch.move`); other values as they are. The trainer's
-    micro-batches move as `MicroBatch.to` instead, with their host-side layout."""
-    return {k: move(v, device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v
-            for k, v in batch.items()}
-
-
 def make_micro_batch(ds: PreferenceDataset, indices: list[int], groups, packing: Optional[Config] = None) -> MicroBatch:
     """Dataset samples `indices` as one micro-batch on this rank: collated, with `packing` (a config with
     data.packing) packed into rows of model.max_seq_length (one THD row on the TE spec), this CP rank's share.

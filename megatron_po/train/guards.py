@@ -33,10 +33,10 @@ class StepVerdict:
     (train/step.reference_gap), when measured."""
 
 
-def step_verdict(outputs: list[dict], stops: StopRequests, groups: ParallelGroups,
+def step_verdict(outputs: list[dict], stops: Optional[StopRequests], groups: ParallelGroups,
                  measure_gap: bool) -> StepVerdict:
     """Every rank's flags of this step, reduced in one all-reduce; `outputs` are this rank's `loss_func` outputs
-    (empty off the last stage)."""
+    (empty off the last stage); `stops` None: no stop requests (benchmarks, tests)."""
     bad = torch.zeros(len(FINITE_TERMS), device=groups.device)
     if outputs:
         bad = (~torch.stack([o["finite"] for o in outputs]).all(0)).float()
@@ -44,7 +44,8 @@ def step_verdict(outputs: list[dict], stops: StopRequests, groups: ParallelGroup
     gaps = [o["reference_gap"] for o in outputs if "reference_gap" in o]
     if gaps:
         gap = torch.stack(gaps).max(0).values.float()
-    flags = torch.cat([torch.tensor(stops.local_flags(), device=groups.device), bad, gap])
+    local = stops.local_flags() if stops is not None else [0.0, 0.0]
+    flags = torch.cat([torch.tensor(local, device=groups.device), bad, gap])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     f = flags.tolist()  # the one host read of the step's flags
     stop = [name for name, on in zip(("signal", "time limit"), f[:2]) if on]

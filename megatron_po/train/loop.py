@@ -220,7 +220,7 @@ def finish_step(state: TrainState, outputs: list[dict], stops: Optional[StopRequ
     """
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron: 0 on the first warm-up step)
     step, groups = state.step, state.groups
-    verdict = step_verdict(outputs, stops or _NO_STOPS, groups, step.measure_reference_gap)
+    verdict = step_verdict(outputs, stops, groups, step.measure_reference_gap)
     updated, grad_norm = guarded_optimizer_step(state.optimizer, veto=bool(verdict.nonfinite))
     if not math.isfinite(grad_norm):
         verdict.nonfinite.append("grad norm")
@@ -244,15 +244,6 @@ def finish_step(state: TrainState, outputs: list[dict], stops: Optional[StopRequ
     if verdict.reference_gap is not None:
         metrics.update(_reference_gap_metrics(verdict, groups))
     return metrics
-
-
-class _NoStops:
-    @staticmethod
-    def local_flags() -> list[float]:
-        return [0.0, 0.0]
-
-
-_NO_STOPS = _NoStops()
 
 
 def _reference_gap_metrics(verdict: StepVerdict, groups: ParallelGroups) -> dict:

@@ -117,16 +117,11 @@ def thd_params(rows: Union[Rows, torch.Tensor]) -> PackedSeqParams:
                            max_seqlen_q=runs.max_seqlen, max_seqlen_kv=runs.max_seqlen)
 
 
-def token_logps(model, output: torch.Tensor, rows: Union[Rows, torch.Tensor], tp_group) -> torch.Tensor:
+def token_logps(model, output: torch.Tensor, rows: Rows, tp_group) -> torch.Tensor:
     """Per-token log-probs [R, S] (fp32, 0 where unsupervised) of the rows' labels from the last stage's
-    ``output``: the final hidden states [S(/tp), R, h] (model.logprobs=fused: response positions only, chunked)
-    or the logits [R, S, V/tp].
-
-    Args:
-        rows: the rows (their labels and host-computed supervised positions: no host sync), or bare [R, S] labels
-            (the fused path then locates the supervised positions itself, which waits for the device).
-    """
-    labels, index = (rows.labels, rows.response) if isinstance(rows, Rows) else (rows, None)
+    ``output``: the final hidden states [S(/tp), R, h] (model.logprobs=fused: response positions only, chunked,
+    at the rows' host-computed supervised positions: no host sync) or the logits [R, S, V/tp]."""
+    labels, index = rows.labels, rows.response
     vlm = unwrap(model)
     # HF families pad the real vocabulary (lm_shape.vocab_size): padded entries must not enter the softmax
     shape = getattr(vlm, "lm_shape", None)

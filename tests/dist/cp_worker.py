@@ -33,7 +33,7 @@ from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.context import counts_on_one_cp_rank, cp_positions
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.train.batch import MicroBatch, SeqLogps
-from megatron_po.train.data import build_dataset, pad_to_multiple_of, prepare_data, to_device
+from megatron_po.train.data import build_dataset, pad_to_multiple_of, prepare_data
 from megatron_po.train.inputs import loss_inputs
 from megatron_po.train.rows import forward_rows, token_logps
 from megatron_po.train.step import Tower, image_embeds, sum_over_cp, token_logps_sums
@@ -70,16 +70,16 @@ def main(out_dir: str) -> None:
         groups = init_parallel(ParallelConfig(), seed=3)  # model layout: one rank (CP itself needs TE attention)
         ds = build_dataset(cfg, train_path, tokenizer)
         assert pad_to_multiple_of(cfg) == 2 * CP
-        mb = MicroBatch.from_collated(to_device(ds.collator([ds[i] for i in range(4)]), groups.device))
+        mb = MicroBatch.from_collated(ds.collator([ds[i] for i in range(4)])).to(groups.device)
         vocab = padded_vocab_size(tokenizer.vocab_size, 1)
         model = build_vlm(cfg.model, ParallelConfig(), vocab, groups, seed=7)
         reference = build_vlm(cfg.model, ParallelConfig(), vocab, groups, seed=8)
         tower = Tower("policy", frozen=True)
         with torch.no_grad():
             ref_full = token_logps_sums(token_logps(reference, forward_rows(reference, mb.rows, image_embeds(
-                reference, mb, Tower("ref", frozen=True)), mb.images), mb.rows.labels, None), mb.rows, mb)
+                reference, mb, Tower("ref", frozen=True)), mb.images), mb.rows, None), mb.rows, mb)
             full_tok = token_logps(model, forward_rows(model, mb.rows, image_embeds(model, mb, tower), mb.images),
-                                   mb.rows.labels, None)
+                                   mb.rows, None)
 
         # whole rows, one process
         whole = full_tok.clone().requires_grad_(True)
