@@ -41,17 +41,22 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
     if args.world_size is None:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return
-    from megatron_po.memory_plan import MissingShapes, build_plan, format_plan, rows_per_micro_batch
-    from megatron_po.train.data import check_data, takes_p2_records
+    from megatron_po.families import family_spec
+    from megatron_po.memory_plan import build_plan, format_plan, rows_per_micro_batch
+    from megatron_po.models.shapes import MissingShapes
+    from megatron_po.kinds import kind_of
+    from megatron_po.train.data import check_data
 
+    # built here, once, rather than with the objective: the config-only dry run imports no model code
+    family = family_spec(cfg.model.family)
     dp = cfg.validate_world(args.world_size)
     if not args.json:
         par = cfg.parallel
         print(f"layout ok: world={args.world_size} tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}")
-        print(check_data(cfg, objective))
-    rows = args.rows or rows_per_micro_batch(cfg, 6 if takes_p2_records(objective) else 2)
+        print(check_data(cfg, objective, family))
+    rows = args.rows or rows_per_micro_batch(cfg, kind_of(objective).rows_per_sample)
     try:
-        plan = build_plan(cfg, args.world_size, args.device_memory_gb, rows=rows,
+        plan = build_plan(cfg, family, args.world_size, args.device_memory_gb, rows=rows,
                           needs_reference=objective.needs_reference, te=cfg.model.spec != "local")
     except MissingShapes as e:
         print(f"no memory plan: {e}")
@@ -60,9 +65,10 @@ def dry_run(cfg: Config, objective, args: argparse.Namespace) -> None:
 
 
 def _distributed(argv: list[str] | None, prog: str, work) -> int:
-    """Parses `--config FILE [overrides]`, builds the objective (once: it is passed down), starts the process
-    groups (under torchrun or alone), runs `work(cfg, objective, groups)` and tears the groups down; config
-    problems are one `config error:` line and exit code 2, before any process group exists."""
+    """Parses `--config FILE [overrides]`, builds the objective and the model family's spec (once: they are
+    passed down, nothing below looks them up by name), starts the process groups (under torchrun or alone), runs
+    `work(cfg, objective, family, groups)` and tears the groups down; config problems are one `config error:` line
+    and exit code 2, before any process group exists."""
     args = _parse(sys.argv[1:] if argv is None else argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     quiet_megatron_notes()
@@ -74,6 +80,9 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
         if args.dry_run:
             dry_run(cfg, objective, args)
             return 0
+        from megatron_po.families import family_spec
+
+        family = family_spec(cfg.model.family)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # RecordError is a ValueError
         return _refuse("data" if isinstance(e, (RecordError, FileNotFoundError)) else "config", e)
 
@@ -89,7 +98,7 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
         if dist.get_rank() == 0 and not have_te():
             logger.warning("Transformer-Engine and Apex are not installed: megatron-core's local layers, torch norms "
                            "and torch optimizers are used (expected on CPU; the GPU image has both)")
-        work(cfg, objective, init_parallel(cfg.parallel, seed=cfg.train.seed))
+        work(cfg, objective, family, init_parallel(cfg.parallel, seed=cfg.train.seed))
     except (RecordError, FileNotFoundError, ConfigError) as e:
         # found by every rank alike while the data and the model are prepared, before the first step
         return _refuse("config" if isinstance(e, ConfigError) else "data", e)
@@ -106,18 +115,17 @@ def _distributed(argv: list[str] | None, prog: str, work) -> int:
     return 0
 
 
-def _generate_p2(cfg: Config, objective, groups, opts: argparse.Namespace) -> None:
+def _generate_p2(cfg: Config, objective, family, groups, opts: argparse.Namespace) -> None:
     import dataclasses
     import os.path
 
     import torch.distributed as dist
 
-    from megatron_po.families import family_spec
     from megatron_po.p2_pairs import P2GenConfig, clip_scorer, generate_p2_records, read_questions, write_records
     from megatron_po.train.data import build_tokenizer
-    from megatron_po.train.loop import build_initial_model
+    from megatron_po.train.models import build_initial_model
 
-    if not family_spec(cfg.model.family).generates or cfg.parallel.pp > 1:
+    if not family.generates or cfg.parallel.pp > 1:
         raise ConfigError(f"megatron-po generate-p2 does not run model.family={cfg.model.family} with "
                           f"parallel.pp={cfg.parallel.pp}: it needs a family with generation wired (tiny_vlm; the "
                           "HF families' processors and M-RoPE positions are not yet) and pp=1")
@@ -125,8 +133,8 @@ def _generate_p2(cfg: Config, objective, groups, opts: argparse.Namespace) -> No
         raise ConfigError("megatron-po generate-p2 needs data.tokenizer_path (the policy's tokenizer)")
     # the output layer's logits, not the fused log-prob path's hidden states
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, logprobs="logits"))
-    tokenizer = build_tokenizer(cfg, Path(cfg.data.tokenizer_path))
-    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
+    tokenizer = build_tokenizer(cfg, family, Path(cfg.data.tokenizer_path))
+    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size)
     model.eval()
     questions = read_questions(opts.questions)
     gen = P2GenConfig(max_new_tokens=opts.max_new_tokens, seed=cfg.data.seed)
@@ -151,8 +159,45 @@ def generate_p2_main(argv: list[str] | None = None) -> int:
                                                  "stand-in from the box's share of the image)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return _distributed(rest, "megatron-po generate-p2", lambda cfg, objective, groups:
-                        _generate_p2(cfg, objective, groups, opts))
+    return _distributed(rest, "megatron-po generate-p2", lambda cfg, objective, family, groups:
+                        _generate_p2(cfg, objective, family, groups, opts))
+
+
+def prepare_data_main(argv: list[str] | None = None) -> int:
+    """`megatron-po prepare-data --config F [overrides] [--workers N]`: the prepared index of every split the
+    config reads (training data, held-out pairs, probe), alone or under torchrun (ranks share the records). Every
+    record is parsed and tokenized and every image of a kept sample decoded, as a training launch without an
+    index would; a bad record or image is refused with the same message. Needs no GPU and ignores the layout."""
+    p = argparse.ArgumentParser(prog="megatron-po prepare-data", add_help=False)
+    p.add_argument("--workers", type=int, default=1, help="processes per rank that examine records")
+    opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = _parse(rest, "megatron-po prepare-data")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        from megatron_po.families import family_spec
+        from megatron_po.objectives import build_objective
+
+        cfg = load_config(args.config, args.overrides)
+        objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
+        family = family_spec(cfg.model.family)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return _refuse("config", e)
+    import dataclasses
+
+    from megatron_po.parallel.groups import init_process_group, teardown
+    from megatron_po.train.data import prepare_all
+
+    # host work only: a gloo group on any machine, whatever the config's layout
+    init_process_group(dataclasses.replace(cfg.parallel, backend="gloo"))
+    try:
+        summary = prepare_all(cfg, objective, family, max(1, opts.workers))
+    except (RecordError, FileNotFoundError, ValueError) as e:
+        return _refuse("data", e)
+    finally:
+        teardown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=1), flush=True)
+    return 0
 
 
 def _refuse(kind: str, e: Exception) -> int:
@@ -163,7 +208,7 @@ def _refuse(kind: str, e: Exception) -> int:
     return 2
 
 
-def _train(cfg: Config, objective, groups) -> None:
+def _train(cfg: Config, objective, family, groups) -> None:
     import torch.distributed as dist
 
     from megatron_po.train.loop import run_training
@@ -171,29 +216,29 @@ def _train(cfg: Config, objective, groups) -> None:
     if dist.get_rank() == 0:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    last = run_training(cfg, objective, groups)
+    last = run_training(cfg, objective, family, groups)
     if dist.get_rank() == 0 and last:
         keys = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
         print("final: " + " ".join(f"{k}={last[k]:.4g}" for k in keys if k in last), flush=True)
 
 
-def _precompute(cfg: Config, objective, groups) -> None:
+def _precompute(cfg: Config, objective, family, groups) -> None:
     import torch.distributed as dist
 
     from megatron_po.train.precompute import precompute_reference
 
-    path = precompute_reference(cfg, objective, groups)
+    path = precompute_reference(cfg, objective, family, groups)
     if dist.get_rank() == 0:
         print(f"reference cache written: {path} (train with reference.source=cache reference.cache_path={path})",
               flush=True)
 
 
-def _evaluate(cfg: Config, objective, groups) -> None:
+def _evaluate(cfg: Config, objective, family, groups) -> None:
     import torch.distributed as dist
 
     from megatron_po.train.evaluate import run_evaluation
 
-    out = run_evaluation(cfg, objective, groups)
+    out = run_evaluation(cfg, objective, family, groups)
     if dist.get_rank() == 0:
         print(json.dumps(out, indent=1, sort_keys=True), flush=True)
 
@@ -213,7 +258,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: megatron-po {train,precompute-ref,eval,generate-p2,demo} ...\n"
+        print("usage: megatron-po {prepare-data,train,precompute-ref,eval,generate-p2,demo} ...\n"
+              "  prepare-data    read and check a config's data once: the prepared index training starts from\n"
               "  train           run one training stage (under torchrun)\n"
               "  precompute-ref  write the reference log-prob cache of a config (under torchrun, any layout)\n"
               "  eval            score held-out pairs and the probe with checkpoint.init_from (any layout)\n"
@@ -221,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
               "  demo            the embedded SFT -> preference stages demo on this machine")
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare-data":
+        return prepare_data_main(rest)
     if cmd == "train":
         return train_main(rest)
     if cmd == "precompute-ref":

@@ -225,8 +225,25 @@ class DataConfig:
     """Pack each micro-batch's sequences into as few rows of up to model.max_seq_length tokens as first-fit-
     decreasing finds (attention isolated per sequence, positions restarting), after spreading the global batch
     over DP ranks by tokens. Losses and gradients equal the unpacked ones; only the padding goes."""
+    index: str = "auto"
+    """The prepared index of each split (data/index.py, `megatron-po prepare-data`): 'auto' uses a valid one and
+    prepares a missing or stale one at launch (all ranks sharing the work, the change named in the log);
+    'require' refuses to start without a valid one, naming what changed."""
+    index_dir: str = ""
+    """Where the prepared indexes live (one directory per split); empty: output_dir/data_index. Point several
+    runs (a sweep, the stages of a pipeline) at one directory to prepare once."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank that read, decode, tokenize, collate and pack the micro-batches ahead
+    of the step (0: inline, on the training thread); also the processes per rank that prepare an index at launch."""
+    prefetch_factor: int = 2
+    """Steps each worker makes ahead."""
 
     def __post_init__(self):
+        if self.index not in ("auto", "require"):
+            raise ConfigError(f"data.index must be auto|require, got {self.index!r}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ConfigError(f"data.num_workers must be >= 0 and data.prefetch_factor >= 1, got "
+                              f"{self.num_workers} and {self.prefetch_factor}")
         if self.source not in ("synthetic", "jsonl"):
             raise ConfigError(f"data.source must be synthetic|jsonl, got {self.source!r}")
         if self.format not in ("auto", "jsonl", "trl", "mpo", "hf"):

@@ -42,29 +42,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from megatron_po.config import Config
-from megatron_po.families import family_spec
 from megatron_po.logprobs import auto_chunk_tokens
-from megatron_po.models.family import VisionFootprint
+from megatron_po.models.family import FamilySpec
+from megatron_po.models.shapes import ModelShape
 from megatron_po.models.specs import LMShape, use_te_spec
 
 GiB = 1024**3
-
-
-class MissingShapes(ValueError):
-    """The HF family's config.json is not here (a cluster path): the config is valid, the plan cannot be made."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    lm: LMShape
-    padded_vocab: int
-    vision: VisionFootprint
-
-
-def model_shape(cfg: Config) -> ModelShape:
-    """The decoder and vision shapes of `cfg.model`, from the config and the files it names alone (no weights are
-    read): the family's spec says how."""
-    return family_spec(cfg.model.family).model_shape(cfg)
 
 
 # ---- parameters ----------------------------------------------------------------------------------------------------
@@ -224,12 +207,14 @@ def rows_per_micro_batch(cfg: Config, objective_rows: int = 2) -> int:
     return objective_rows * cfg.train.micro_batch_size
 
 
-def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, rows: int | None = None,
-               needs_reference: bool = True, headroom: float = 0.1, te: bool | None = None,
+def build_plan(cfg: Config, family: FamilySpec, world_size: int, device_memory_gb: float = 80.0,
+               rows: int | None = None, needs_reference: bool = True, headroom: float = 0.1, te: bool | None = None,
                row_tokens: int | None = None, device_type: str = "cuda") -> MemoryPlan:
     """The memory plan of `cfg` on `world_size` ranks.
 
     Args:
+        family: `model.family`'s spec: the decoder and vision shapes from the config and the files it names alone
+            (no weights are read; `MissingShapes` when an HF family's config.json is not there).
         rows: rows per micro-batch (default: 2 x micro_batch_size, chosen + rejected; packed rows are fewer).
         row_tokens: tokens per row (default: model.max_seq_length, the longest a row can be padded to).
         needs_reference: the objective reads reference log-probs (a reference model unless the cache serves them).
@@ -239,7 +224,7 @@ def build_plan(cfg: Config, world_size: int, device_memory_gb: float = 80.0, row
     """
     par, m, tr = cfg.parallel, cfg.model, cfg.train
     dp = cfg.validate_world(world_size)
-    shape = model_shape(cfg)
+    shape = family.model_shape(cfg)
     lm, vis = shape.lm, shape.vision
     te = use_te_spec(m) if te is None else te
     rows = rows or rows_per_micro_batch(cfg)

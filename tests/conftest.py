@@ -48,7 +48,7 @@ def run_python(args: list[str], timeout: int = 300, gpu: bool = False) -> str:
     return out
 
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s"}
+TIMING_KEYS = {"tokens_per_s", "step_time_s", "time/data_wait"}
 """Metrics that depend on the machine's speed: never compared between runs."""
 
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_po.data.collate import IGNORE_INDEX, CollateConfig, PairCollator, PreferenceDataset
+from megatron_po.data.collate import IGNORE_INDEX, CollateConfig, PairCollator, layout_rows
+from megatron_po.data.dataset import PreferenceDataset
+from megatron_po.data.fixed_images import FixedSizeImages
 from megatron_po.data.records import (PreferenceRecord, RecordError, iter_texts, load_image, read_records,
-                                      resolve_image)
+                                      resolve_image, resolve_images)
 from megatron_po.data.sampler import PairBatchSampler
 from megatron_po.data.sentences import split_sentences
 from megatron_po.data.synthetic import (COLOURS, YESNO_SHARE, generate_probe_set, generate_synthetic_dataset,
@@ -25,6 +27,7 @@ from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 pytestmark = pytest.mark.pure
 
 NUM_IMAGE_TOKENS = 5
+IMAGES = FixedSizeImages(32, NUM_IMAGE_TOKENS)  # tiny_vlm's handler: 32x32 pixels, NUM_IMAGE_TOKENS slots
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +50,16 @@ def tokenizer(records, tmp_path_factory) -> Tokenizer:
 
 def _collator(tokenizer, max_length=64, multiple=1) -> PairCollator:
     return PairCollator(tokenizer, CollateConfig(max_length=max_length, num_image_tokens=NUM_IMAGE_TOKENS,
-                                                 pad_to_multiple_of=multiple))
+                                                 pad_to_multiple_of=multiple), IMAGES)
 
 
 def _batch(records, synthetic_dir, n=4):
-    return [(r, load_image(resolve_image(r, synthetic_dir), 32)) for r in records[:n]]
+    return [(r, IMAGES.load([resolve_image(r, synthetic_dir)])) for r in records[:n]]
+
+
+def _blank():
+    """One black image as the handler loads it."""
+    return IMAGES.load_pils([Image.new("RGB", (32, 32))])
 
 
 # ---------------------------------------------------------------- synthetic dataset
@@ -315,7 +323,7 @@ def _segments_of_row(batch, i: int) -> list[int]:
 def test_collator_segments_cover_the_chosen_response(records, tokenizer, synthetic_dir):
     """Every supervised chosen token (``<|end|>`` included) lies in exactly one sentence, in order."""
     collator = _collator(tokenizer, max_length=96, multiple=8)
-    pairs = [(r, torch.zeros(3, 32, 32)) for r in records]
+    pairs = [(r, _blank()) for r in records]
     batch = collator(pairs)
     b = len(records)
     seg, labels = batch["chosen_segment_ids"], batch["labels"][:b]
@@ -363,7 +371,7 @@ def test_collator_segment_similarity_and_given_spans(records, tokenizer):
     inner = PreferenceRecord("i", base.image, base.prompt, text, base.rejected,
                              chosen_sentence_spans=[(0, start + 1), (start + 1, start + 2), (start + 2, len(text))],
                              chosen_sentence_similarity=[0.7, 0.8, 0.9])
-    batch = _collator(tokenizer, max_length=96)([(r, torch.zeros(3, 32, 32)) for r in (with_sim, no_sim, given, inner)])
+    batch = _collator(tokenizer, max_length=96)([(r, _blank()) for r in (with_sim, no_sim, given, inner)])
     assert batch["num_segments"].tolist() == [3, 1, 2, 2]
     sim = batch["segment_similarity"]
     assert sim.shape == (4, 3) and sim.dtype == torch.float32
@@ -376,6 +384,28 @@ def test_collator_segment_similarity_and_given_spans(records, tokenizer):
     assert row == [0] * n_first + [1] * (len(row) - n_first)
     # the chosen tokens are the same whichever split is used
     assert torch.equal(batch["tokens"][0], batch["tokens"][2]) and torch.equal(batch["tokens"][0], batch["tokens"][3])
+
+
+def test_fixed_images_collate_as_the_plain_tensors_did(records, tokenizer, synthetic_dir):
+    """tiny_vlm's handler gives the batch tiny_vlm had before it had a handler: every pair's images resized and
+    concatenated in order ([k, 3, S, S] for a pair of k images), the config's slots per image, plain positions."""
+    first = records[0]
+    two = PreferenceRecord("two", [first.image, records[1].image], first.prompt, first.chosen, first.rejected)
+    chosen = [records[2], two, records[3]]
+    collator = _collator(tokenizer, max_length=96, multiple=8)
+    batch = collator([(r, IMAGES.load(resolve_images(r, synthetic_dir))) for r in chosen])
+
+    # the layout without a handler: load_image tensors, CollateConfig.num_image_tokens slots, layout_rows' positions
+    pixels = [torch.stack([load_image(f, 32) for f in resolve_images(r, synthetic_dir)]) for r in chosen]
+    assert torch.equal(batch["images"], torch.cat(pixels).float()) and batch["images"].shape == (4, 3, 32, 32)
+    encoded = [collator._encode(r) for r in chosen]
+    end = tokenizer.response_end_ids
+    old = layout_rows(tokenizer, [(p, c + end) for p, c, _ in encoded] + [(p, r + end) for p, _, r in encoded], 8)
+    for key in ("tokens", "labels", "position_ids", "image_token_mask"):
+        assert torch.equal(batch[key], old[key]), key
+    s = batch["tokens"].shape[1]
+    assert torch.equal(batch["position_ids"], torch.arange(s).expand(6, s)) and batch["position_ids"].is_contiguous()
+    assert batch["row_images"] == [[0], [1, 2], [3]] * 2
 
 
 def test_collator_pads_to_longest_not_max_length(records, tokenizer, synthetic_dir):
@@ -394,23 +424,24 @@ def test_too_long_pair_is_dropped_and_counted_never_truncated(records, tokenizer
     assert collator.fits(long) == (False, "too_long")
     assert collator.fits(records[0]) == (True, "")
     with pytest.raises(ValueError, match="too_long"):
-        collator([(long, torch.zeros(3, 32, 32))])
+        collator([(long, _blank())])
 
-    with caplog.at_level(logging.INFO, logger="megatron_po.data.collate"):
+    with caplog.at_level(logging.INFO, logger="megatron_po.data.dataset"):
         dataset = PreferenceDataset(records[:10] + [long, empty, identical], synthetic_dir, tokenizer,
-                                    collator.cfg, image_size=32)
+                                    collator.cfg, images=IMAGES)
     assert len(dataset) == 10
     assert dataset.skipped == {"too_long": 1, "empty_response": 1, "identical_pair": 1}
     assert "kept 10 of 13" in caplog.text
     record, image = dataset[3]
-    assert record is records[3] and image.shape == (3, 32, 32)
+    assert record is records[3] and image["pixel_values"].shape == (1, 3, 32, 32)
+    assert image["num_tokens"].tolist() == [NUM_IMAGE_TOKENS]
     batch = dataset.collator([dataset[i] for i in range(len(dataset))])
     assert batch["tokens"].shape[1] <= 48
 
 
 def test_dataset_missing_image_names_path(records, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / records[0].image)):
-        PreferenceDataset(records[:2], tmp_path, tokenizer, CollateConfig(64, NUM_IMAGE_TOKENS), image_size=32)
+        PreferenceDataset(records[:2], tmp_path, tokenizer, CollateConfig(64, NUM_IMAGE_TOKENS), images=IMAGES)
 
 
 # ---------------------------------------------------------------- sampler
@@ -528,7 +559,8 @@ def test_sampler_validates(kwargs, message):
 
 def test_dataloader_end_to_end(records, tokenizer, synthetic_dir):
     """The pieces as the trainer wires them: dataset + sampler as batch_sampler + collator."""
-    dataset = PreferenceDataset(records, synthetic_dir, tokenizer, CollateConfig(96, NUM_IMAGE_TOKENS, 4), 32)
+    dataset = PreferenceDataset(records, synthetic_dir, tokenizer, CollateConfig(96, NUM_IMAGE_TOKENS, 4),
+                                images=IMAGES)
     sampler = PairBatchSampler(len(dataset), global_batch_size=8, micro_batch_size=2, dp_rank=1, dp_size=2,
                                seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collator)
@@ -537,6 +569,6 @@ def test_dataloader_end_to_end(records, tokenizer, synthetic_dir):
     sampler_indices = PairBatchSampler(len(dataset), 8, 2, 1, 2, seed=0)
     expected = sampler_indices.global_batch(0)[4:8] + sampler_indices.global_batch(1)[4:8]
     images = torch.cat([b["images"] for b in batches])
-    assert torch.equal(images, torch.stack([dataset[i][1] for i in expected]))
+    assert torch.equal(images, torch.cat([dataset[i][1]["pixel_values"] for i in expected]))
     assert sampler.consumed_samples == 16
     assert all(b["tokens"].shape[0] == 4 and b["tokens"].shape[1] % 4 == 0 for b in batches)

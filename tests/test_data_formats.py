@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_po.data.collate import CollateConfig, PairCollator, PreferenceDataset
-from megatron_po.data.formats import data_files, detect_format, read_preference_file
+from megatron_po.data.collate import CollateConfig, PairCollator
+from megatron_po.data.dataset import PreferenceDataset
+from megatron_po.data.fixed_images import FixedSizeImages
+from megatron_po.data.formats import detect_format
+from megatron_po.data.sources import hashed_files, read_preference_file, split_files
 from megatron_po.data.records import EmbeddedImage, RecordError, iter_texts, read_records
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 
 P = 16  # tiny_vlm image slots per image
+IMAGES = FixedSizeImages(32, P)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def _as_trl(record, conversational: bool) -> dict:
 
 
 def _prompt_ids(tok, record) -> list[int]:
-    return PairCollator(tok, CollateConfig(400, P))._encode(record)[0]
+    return PairCollator(tok, CollateConfig(400, P), IMAGES)._encode(record)[0]
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -152,9 +156,9 @@ def test_mpo_meta_reads_every_dataset_with_its_root(ours, tok, tmp_path):
     assert [(r.prompt, r.chosen) for r in got[:6]] == [(r.prompt, r.chosen) for r in records]
     # `<image>\n` is where the template puts the image: at the start here, as images-first
     assert [_prompt_ids(tok, r) for r in got[:6]] == [_prompt_ids(tok, r) for r in records]
-    ds = PreferenceDataset(got, meta.parent, tok, CollateConfig(160, P), 32)
+    ds = PreferenceDataset(got, meta.parent, tok, CollateConfig(160, P), images=IMAGES)
     assert ds.image_files(got[0]) == [tmp_path / "shapes_a" / "images" / Path(records[0].image).name]
-    assert data_files(meta) == [meta, tmp_path / "shapes_a.jsonl", tmp_path / "shapes_b.jsonl"]
+    assert hashed_files(meta, split_files(meta)) == [meta, tmp_path / "shapes_a.jsonl", tmp_path / "shapes_b.jsonl"]
     # an annotation file alone: its directory is the image root
     alone = read_preference_file(tmp_path / "shapes_a.jsonl")
     assert [r.id for r in alone] == ["line-1", "line-2", "line-3"] and alone[0].image_root is None
@@ -255,10 +259,10 @@ def test_hf_datasets_on_disk_read_like_ours(ours, tok, tmp_path, layout):
         assert all(isinstance(r.images[0], EmbeddedImage) for r in got)
         assert str(got[2].images[0]) == f"{path} row 2 image 0"
         # the embedded bytes decode to the very pixels of the files
-        ds = PreferenceDataset(got, tmp_path, tok, CollateConfig(160, P), 32, source=path,
-                               data_files=data_files(path))
-        theirs = PreferenceDataset(records, ours.parent, tok, CollateConfig(160, P), 32)
-        assert all((ds[i][1] == theirs[i][1]).all() for i in range(len(records)))
+        ds = PreferenceDataset(got, tmp_path, tok, CollateConfig(160, P), images=IMAGES, source=path,
+                               data_files=hashed_files(path, split_files(path)))
+        theirs = PreferenceDataset(records, ours.parent, tok, CollateConfig(160, P), images=IMAGES)
+        assert all(torch.equal(ds[i][1]["pixel_values"], theirs[i][1]["pixel_values"]) for i in range(len(records)))
         assert ds.image_files(got[0]) == [] and ds.data_files and all(p.is_file() for p in ds.data_files)
 
 
@@ -271,7 +275,7 @@ def test_hf_dataset_problems_are_named(ours, tok, tmp_path):
     broken = tmp_path / "broken.parquet"
     datasets.Dataset.from_list(rows, features=table.features).to_parquet(str(broken))
     with pytest.raises(RecordError, match=rf"cannot read image {broken} row 3 image 0"):
-        PreferenceDataset(read_preference_file(broken), tmp_path, tok, CollateConfig(160, P), 32)
+        PreferenceDataset(read_preference_file(broken), tmp_path, tok, CollateConfig(160, P), images=IMAGES)
     datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(RecordError, match=r"a DatasetDict with splits \['train'\]: point data.train_path at one"):
         read_preference_file(tmp_path / "dd")
@@ -291,12 +295,13 @@ def test_several_images_per_pair_collate_in_order(ours, tok, tmp_path):
     two[1]["image"] = [records[1].image, records[2].image]  # our format takes a list too
     path = _write(ours.parent / "multi.jsonl", two)
     got = read_preference_file(path)
-    ds = PreferenceDataset(got, path.parent, tok, CollateConfig(200, P), 32)
+    ds = PreferenceDataset(got, path.parent, tok, CollateConfig(200, P), images=IMAGES)
     batch = ds.collator([ds[i] for i in range(3)])
     assert batch["images"].shape[0] == 4  # 1 + 2 + 1 images, pair order
     assert batch["row_images"] == [[0], [1, 2], [3], [0], [1, 2], [3]]
     assert batch["image_token_mask"].sum(1).tolist() == [P * n for n in (1, 2, 1, 1, 2, 1)]
-    assert ds[1][1].shape[0] == 2 and torch.equal(batch["images"][1:3], ds[1][1])
+    two_images = ds[1][1]["pixel_values"]
+    assert two_images.shape[0] == 2 and torch.equal(batch["images"][1:3], two_images)
     with pytest.raises(RecordError, match=r"record 'x': image_offsets \[0\] are not 2 ordered offsets"):
         type(got[0])("x", ["a.png", "b.png"], "q", "a", "b", image_offsets=[0])
 

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from megatron_po.data.collate import IGNORE_INDEX, CollateConfig
-from megatron_po.data.p2_collate import P2_TERMS, P2Collator, P2Dataset
-from megatron_po.data.p2_records import (ROBUST_PROMPT, RecordError, degrade, iter_p2_texts, load_p2_images,
-                                         read_p2_records, vcd_coefficients, vcd_noise)
-from megatron_po.data.records import read_records
+from megatron_po.data.fixed_images import FixedSizeImages
+from megatron_po.data.dataset import P2Dataset
+from megatron_po.data.p2_collate import P2_TERMS, P2Collator
+from megatron_po.data.p2_records import (ROBUST_PROMPT, RecordError, degrade, iter_p2_texts, load_p2_pils,
+                                         noised_pixels, read_p2_records, vcd_coefficients, vcd_noise)
+from megatron_po.data.records import read_records, to_tensor
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.synthetic_p2 import generate_p2_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
@@ -23,6 +25,7 @@ from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
 pytestmark = pytest.mark.pure
 
 P = 4  # image tokens per image in these tests
+IMAGES_16, IMAGES_32 = FixedSizeImages(16, P), FixedSizeImages(32, P)  # tiny_vlm's handler at two sizes
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +107,11 @@ def test_bbox_outside_the_image_names_file_line(tmp_path, tokenizer):
     Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "x.png")
     path = _write(tmp_path / "p2.jsonl", [GOOD, GOOD | {"id": "b", "focus": FOCUS | {"bbox": [4, 4, 17, 12]}}])
     with pytest.raises(RecordError, match=rf"{path}:2: field 'focus.bbox' \[4, 4, 17, 12\] leaves the 16x16 image"):
-        P2Dataset(read_p2_records(path), tmp_path, tokenizer, CollateConfig(160, P), image_size=16)
+        P2Dataset(read_p2_records(path), tmp_path, tokenizer, CollateConfig(160, P), images=IMAGES_16)
     with pytest.raises(FileNotFoundError, match="c.png"):
         bad = GOOD | {"focus": {"chosen": "a.", "rejected": "b.", "bbox": [0, 0, 4, 4], "crop_image": "c.png"}}
-        P2Dataset(read_p2_records(_write(tmp_path / "c.jsonl", [bad])), tmp_path, tokenizer, CollateConfig(160, P), 16)
+        P2Dataset(read_p2_records(_write(tmp_path / "c.jsonl", [bad])), tmp_path, tokenizer, CollateConfig(160, P),
+                  images=IMAGES_16)
 
 
 # ---------------------------------------------------------------- image conditions
@@ -133,10 +137,22 @@ def test_degrade_fills_the_box_with_the_mean_colour():
     assert (deg[outside] == array[outside]).all()
 
 
-def test_load_p2_images(p2_dir, p2_records):
+def _conditions(ds, record) -> dict[str, torch.Tensor]:
+    """The sample's conditions as [3, S, S] pixels (each a one-image part of the handler)."""
+    _, parts = ds[ds.records.index(record)]
+    assert all(part["num_tokens"].tolist() == [P] for part in parts.values())
+    return {k: part["pixel_values"][0] for k, part in parts.items()}
+
+
+def test_p2_image_conditions(p2_dir, p2_records, tokenizer):
+    ds = P2Dataset(p2_records, p2_dir, tokenizer, CollateConfig(160, P), images=IMAGES_32)
     record = next(r for r in p2_records if r.focus is not None and r.robust is not None)
-    images = load_p2_images(record, p2_dir, 32)
+    images = _conditions(ds, record)
     assert set(images) == {"image", "crop", "deg", "noise"} and all(v.shape == (3, 32, 32) for v in images.values())
+    # bit for bit the tensors tiny_vlm trained on before it had an image handler (P2 metrics stay the same)
+    before = {k: to_tensor(im, 32) for k, im in load_p2_pils(record, p2_dir).items()}
+    before["noise"] = noised_pixels(before["image"], record.robust.noise_step, record.robust.noise_seed)
+    assert all(torch.equal(images[k], before[k]) for k in before)
     original = Image.open(p2_dir / record.image).convert("RGB")
     crop = np.asarray(original.crop(record.focus.bbox).resize((32, 32), Image.Resampling.BICUBIC))
     assert torch.equal(images["crop"], torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255)
@@ -149,7 +165,7 @@ def test_load_p2_images(p2_dir, p2_records):
     noised = vcd_noise((images["image"] - mean) / std, 600, record.robust.noise_seed)
     assert torch.allclose((images["noise"] - mean) / std, noised, atol=1e-5)
     robust_only = next(r for r in p2_records if r.focus is None)
-    assert set(load_p2_images(robust_only, p2_dir, 32)) == {"image", "noise"}
+    assert set(_conditions(ds, robust_only)) == {"image", "noise"}
 
 
 # ---------------------------------------------------------------- synthetic task
@@ -183,7 +199,8 @@ def _response(tokenizer, labels_row) -> str:
 
 @pytest.mark.parametrize("calib_reference", ["rejected", "chosen"])
 def test_collator_rows(p2_dir, p2_records, tokenizer, calib_reference):
-    ds = P2Dataset(p2_records, p2_dir, tokenizer, CollateConfig(160, P, pad_to_multiple_of=4), 32, calib_reference)
+    ds = P2Dataset(p2_records, p2_dir, tokenizer, CollateConfig(160, P, pad_to_multiple_of=4),
+                   calib_reference=calib_reference, images=IMAGES_32)
     picks = [next(i for i, r in enumerate(ds.records) if (r.focus is not None, r.robust is not None) == kind)
              for kind in ((True, True), (False, True), (True, False))]
     samples = [ds[i] for i in picks]
@@ -207,7 +224,8 @@ def test_collator_rows(p2_dir, p2_records, tokenizer, calib_reference):
             keys = {"calib_aug": ["image", "crop"], "calib_deg": ["deg"]}.get(term, ["image"] if "focus" in term
                                                                               else ["noise"])
             shown = batch["row_images"][row]
-            assert [torch.equal(images[j], conditions[k]) for j, k in zip(shown, keys)] == [True] * len(keys), term
+            assert [torch.equal(images[j], conditions[k]["pixel_values"][0])
+                    for j, k in zip(shown, keys)] == [True] * len(keys), term
             assert batch["image_token_mask"][row].sum() == P * len(keys)
             branch = record.focus if "focus" in term or "calib" in term else record.robust
             expected = branch.rejected if term.endswith("rejected") else branch.chosen
@@ -234,11 +252,11 @@ def test_unfit_samples_are_dropped_and_counted(tmp_path, tokenizer):
         GOOD | {"id": "files", "focus": files, "robust": None},
     ]))
     cfg = CollateConfig(64, P)
-    assert P2Collator(tokenizer, cfg).fits(records[1]) == (False, "too_long")
+    assert P2Collator(tokenizer, cfg, IMAGES_16).fits(records[1]) == (False, "too_long")
     with pytest.raises(ValueError, match="too_long"):
-        P2Collator(tokenizer, cfg)([(records[1], {})])
-    ds = P2Dataset(records, tmp_path, tokenizer, cfg, image_size=16)
+        P2Collator(tokenizer, cfg, IMAGES_16)([(records[1], {})])
+    ds = P2Dataset(records, tmp_path, tokenizer, cfg, images=IMAGES_16)
     assert [r.id for r in ds.records] == ["a", "files"] and ds.skipped["too_long"] == 1
-    _, images = ds[1]  # I_crop and I_deg read from their files
+    images = _conditions(ds, ds.records[1])  # I_crop and I_deg read from their files
     assert torch.equal(images["crop"], torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 16, 16))
     assert torch.equal(images["deg"], torch.full((3, 16, 16), 9 / 255))

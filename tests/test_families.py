@@ -48,3 +48,38 @@ def test_no_family_is_special_cased_outside_its_package():
             if re.search(rf"""(==|!=|\bin)\s*[(\[{{]?["']({names})["']|\[["']({names})["']\]""", line):
                 hits.append(f"{rel}:{no}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+LOOKUP = re.compile(r"\bfamily_spec\s*\(|\bFAMILIES\s*(\[|\.get\s*\()")
+"""A family spec looked up by name (`family_spec(cfg.model.family)`, `FAMILIES[...]`)."""
+LOOKUP_ALLOWED = {"megatron_po/cli.py", "megatron_po/families.py", "megatron_po/config.py"}
+"""The driver builds the family once and passes it down; the registry; config validation (imports no model code)."""
+
+
+def family_lookups(root=REPO) -> list[str]:
+    hits = []
+    for path in sorted((root / "megatron_po").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel in LOOKUP_ALLOWED:
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if LOOKUP.search(line):
+                hits.append(f"{rel}:{no}: {line.strip()}")
+    return hits
+
+
+def test_the_family_is_looked_up_by_name_only_in_the_driver():
+    hits = family_lookups()
+    assert not hits, "take the FamilySpec the driver built (megatron_po/cli.py) as a parameter:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("where, line", [
+    ("train/data.py", "    spec = family_spec(cfg.model.family)"),
+    ("data/hf_chat.py", "        self.family = FAMILIES[family].spec().hf"),
+])
+def test_a_family_lookup_below_the_driver_is_found(tmp_path, where, line):
+    planted = tmp_path / "megatron_po" / where
+    planted.parent.mkdir(parents=True)
+    planted.write_text(f"def f(cfg, family):\n{line}\n")
+    (tmp_path / "megatron_po" / "cli.py").write_text("family = family_spec(cfg.model.family)\n")
+    assert family_lookups(tmp_path) == [f"megatron_po/{where}:2: {line.strip()}"]

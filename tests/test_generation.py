@@ -24,21 +24,23 @@ def task(tmp_path_factory, groups):
     """The synthetic task's tokenizer, P2 questions about 6 images, and a config of a random tiny_vlm."""
     from megatron_po.config import load_config
     from megatron_po.data.synthetic_p2 import generate_p2_questions
+    from megatron_po.families import family_spec
     from megatron_po.objectives import build_objective
     from megatron_po.train.data import prepare_data
 
     out = tmp_path_factory.mktemp("gen")
     cfg = load_config(None, [f"output_dir={out}", "data.num_train=16", "data.num_eval=2", "model.logprobs=logits",
                              "model.init_method_std=0.1"])
-    _, tok_path = prepare_data(cfg, build_objective("sft", {}))
+    _, tok_path = prepare_data(cfg, build_objective("sft", {}), family_spec(cfg.model.family))
     questions = generate_p2_questions(out / "q", 6, seed=3)
     return cfg, tok_path, questions
 
 
 def _model(cfg, groups, tokenizer):
-    from megatron_po.train.loop import build_initial_model
+    from megatron_po.families import family_spec
+    from megatron_po.train.models import build_initial_model
 
-    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
+    model = build_initial_model(cfg, family_spec(cfg.model.family), groups, tokenizer.vocab_size)
     return model.eval()
 
 

@@ -19,9 +19,11 @@ from conftest import REPO, run_python, run_torchrun  # noqa: E402
 from megatron_po.data.collate import CollateConfig  # noqa: E402
 from megatron_po.data.formats import trl_record  # noqa: E402
 from megatron_po.data.hf_chat import HFImages, HFTokenizer  # noqa: E402
-from megatron_po.data.p2_collate import P2_TERMS, P2Dataset  # noqa: E402
+from megatron_po.data.dataset import P2Dataset  # noqa: E402
+from megatron_po.data.p2_collate import P2_TERMS  # noqa: E402
 from megatron_po.data.p2_records import read_p2_records, vcd_noise  # noqa: E402
 from megatron_po.data.synthetic_p2 import generate_p2_dataset  # noqa: E402
+from megatron_po.families import family_spec  # noqa: E402
 
 FAMILIES = {
     "qwen2_5_vl": (lambda d: hf_qwen2_5_vl_fixture.make_hf_dir(d), hf_qwen2_5_vl_fixture.load_processor),
@@ -57,7 +59,7 @@ def test_interleaved_images_match_the_processor(family, tmp_path):
                {"type": "image"}, {"type": "text", "text": " which one is red?"}]
     record = trl_record({"prompt": [{"role": "user", "content": content}], "chosen": "The left.",
                          "rejected": "The right.", "images": [str(p) for p in paths]}, "x:1", "a")
-    tok = HFTokenizer(name, hf)
+    tok = HFTokenizer(family_spec(name).hf, hf)
     counts = [HFImages(tok).num_tokens(p) for p in paths]
     ours = tok.prompt_ids(record.prompt, counts, record.image_offsets)
 
@@ -81,10 +83,10 @@ def test_p2_batches_for_hf_families(family, p2_data):
     """Each image condition at its own size: the crop takes its own slots, every row's slots are its images', the
     calibration row shows I then I_crop, and I_noise is VCD noise on the processor's normalised pixels."""
     name, hf = family
-    tok = HFTokenizer(name, hf)
+    tok = HFTokenizer(family_spec(name).hf, hf)
     images = HFImages(tok)
     records = read_p2_records(p2_data)
-    ds = P2Dataset(records, p2_data.parent, tok, CollateConfig(max_length=2000, num_image_tokens=0), image_size=0,
+    ds = P2Dataset(records, p2_data.parent, tok, CollateConfig(max_length=2000, num_image_tokens=0),
                    images=images)
     assert len(ds) == len(records)
     samples = [ds[i] for i in range(4)]
@@ -136,7 +138,7 @@ def test_transparent_images_read_from_disk_as_the_processor_sees_them(family, tm
     rgba = Image.fromarray(torch.randint(0, 256, (40, 60, 4), generator=torch.Generator().manual_seed(1),
                                          dtype=torch.uint8).numpy(), "RGBA")
     rgba.save(tmp_path / "a.png")
-    tok = HFTokenizer(name, hf)
+    tok = HFTokenizer(family_spec(name).hf, hf)
     ours = HFImages(tok).load([tmp_path / "a.png"])["pixel_values"]
     direct = tok.family.preprocess_images([rgba], tok.preprocessor_config, tok.hf_config)["pixel_values"]
     dropped = tok.family.preprocess_images([rgba.convert("RGB")], tok.preprocessor_config, tok.hf_config)

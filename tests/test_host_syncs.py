@@ -101,6 +101,7 @@ def tiny(groups, tmp_path_factory):
     """The embedded task's dataset and a tiny_vlm (local spec) with packing on."""
     from megatron_po.config import load_config
     from megatron_po.data.tokenizer import Tokenizer
+    from megatron_po.families import family_spec
     from megatron_po.models.specs import padded_vocab_size
     from megatron_po.models.tiny_vlm.model import build_vlm
     from megatron_po.objectives import build_objective
@@ -108,9 +109,10 @@ def tiny(groups, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("host_syncs")
     cfg = load_config(None, [f"output_dir={out}", "data.num_train=8", "data.num_eval=2", "data.packing=true"])
-    train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}))
+    family = family_spec(cfg.model.family)
+    train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}), family)
     tokenizer = Tokenizer(tok_path)
-    ds = build_dataset(cfg, train_path, tokenizer)
+    ds = build_dataset(cfg, family, train_path, tokenizer)
     model = build_vlm(cfg.model, cfg.parallel, padded_vocab_size(tokenizer.vocab_size, 1), groups, seed=1)
     return cfg, ds, model
 

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import subprocess_env
-from megatron_po.data.collate import CollateConfig, PreferenceDataset
+from megatron_po.data.collate import CollateConfig
+from megatron_po.data.dataset import PreferenceDataset
+from megatron_po.data.fixed_images import FixedSizeImages
 from megatron_po.data.records import RecordError, image_size, iter_texts, open_rgb, read_records
 from megatron_po.data.synthetic import generate_synthetic_dataset
 from megatron_po.data.tokenizer import Tokenizer, train_tokenizer
@@ -32,7 +34,8 @@ def _copy(data_dir: Path, dst: Path) -> Path:
 
 
 def _dataset(path: Path, tok: Tokenizer, **kw) -> PreferenceDataset:
-    return PreferenceDataset(read_records(path), path.parent, tok, CollateConfig(160, 16), 32, **kw)
+    return PreferenceDataset(read_records(path), path.parent, tok, CollateConfig(160, 16),
+                             images=FixedSizeImages(32, 16), **kw)
 
 
 @pytest.mark.pure

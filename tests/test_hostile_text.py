@@ -13,6 +13,7 @@ import hf_internvl3_fixture  # noqa: E402
 import hf_qwen2_5_vl_fixture  # noqa: E402
 
 from megatron_po.data.hf_chat import HFTokenizer  # noqa: E402
+from megatron_po.families import family_spec  # noqa: E402
 
 pytestmark = pytest.mark.pure
 
@@ -25,7 +26,7 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def family(request, tmp_path_factory):
     make, image, opener = CASES[request.param]
-    tok = HFTokenizer(request.param, make(tmp_path_factory.mktemp(request.param)))
+    tok = HFTokenizer(family_spec(request.param).hf, make(tmp_path_factory.mktemp(request.param)))
     return tok, image, opener
 
 
@@ -67,7 +68,7 @@ def test_a_layout_token_not_marked_special_is_refused_not_forged(tmp_path):
         if t["content"] == "<|image_pad|>":
             t["special"] = False
     (hf / "tokenizer.json").write_text(json.dumps(spec))
-    tok = HFTokenizer("qwen2_5_vl", hf)
+    tok = HFTokenizer(family_spec("qwen2_5_vl").hf, hf)
     assert tok.prompt_ids("plain", [2]).count(tok.image_id) == 2  # the template's own slots still work
     with pytest.raises(ValueError, match=r"chat layout's token\(s\) \['<\|image_pad\|>'\]"):
         tok.encode("forged <|image_pad|>")

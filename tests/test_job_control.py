@@ -66,12 +66,13 @@ def test_prune_keeps_the_newest_complete_checkpoints_up_to_latest(tmp_path):
 
 def _train_in_process(groups, out: Path, *overrides: str) -> dict:
     from megatron_po.config import load_config
+    from megatron_po.families import family_spec
     from megatron_po.objectives import build_objective
     from megatron_po.train.loop import run_training
 
     cfg = load_config(None, [f"output_dir={out}", "parallel.backend=gloo", *COMMON, *overrides])
     objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
-    return run_training(cfg, objective, groups)
+    return run_training(cfg, objective, family_spec(cfg.model.family), groups)
 
 
 @pytest.mark.pure

@@ -19,10 +19,16 @@ import torch
 
 from conftest import REPO, run_python
 from megatron_po.config import ParallelConfig, load_config
-from megatron_po.memory_plan import ModelShape, _layer_elements, build_plan, model_shape, stage_params
+from megatron_po.families import family_spec
+from megatron_po.memory_plan import _layer_elements, build_plan, stage_params
+from megatron_po.models.shapes import ModelShape
 
 SHAPES = REPO / "launch" / "configs" / "shapes"
 PLANS = sorted(SHAPES.glob("*.yaml"))
+
+
+def model_shape(cfg) -> ModelShape:
+    return family_spec(cfg.model.family).model_shape(cfg)
 
 
 def _numel(module) -> int:
@@ -61,8 +67,6 @@ HF_CASES = {
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_parameters_equal_the_built_hf_families(groups, tmp_path, case):
     pytest.importorskip("transformers")
-    from megatron_po.families import family_spec
-
     hf = HF_CASES[case](tmp_path / "hf")
     family = case.split("_vit")[0] if case.startswith("internvl3") else "qwen2_5_vl"
     cfg = load_config(None, [f"model.family={family}", f"model.hf_path={hf}", f"checkpoint.init_from={tmp_path}",
@@ -101,7 +105,7 @@ def test_published_shapes_equal_transformers_models(plan):
 def test_every_published_example_fits_a_node(plan):
     cfg = load_config(plan)
     world = int(plan.read_text().split("world size ")[1].split()[0])
-    result = build_plan(cfg, world, 80.0, te=True)
+    result = build_plan(cfg, family_spec(cfg.model.family), world, 80.0, te=True)
     assert result.fits, f"{plan.name}: {result.peak / 2**30:.1f} GiB"
 
 
@@ -184,7 +188,7 @@ def test_plan_terms_move_the_right_way():
     def plan(dp: int = 1, **changes):
         cfg = load_config(None, ["model.max_seq_length=4096", "train.micro_batch_size=1", "model.num_layers=16",
                                  "train.global_batch_size=8", *[f"{k}={v}" for k, v in changes.items()]])
-        return build_plan(cfg, cfg.parallel.tp * cfg.parallel.pp * dp).stages[0]
+        return build_plan(cfg, family_spec(cfg.model.family), cfg.parallel.tp * cfg.parallel.pp * dp).stages[0]
 
     none, sel, full = plan(), plan(**{"model.recompute": "selective"}), plan(**{"model.recompute": "full"})
     assert none.activations > sel.activations > full.activations

@@ -133,6 +133,7 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     TE's cu_seqlens attention itself needs a GPU: tests/test_gpu.py)."""
     from megatron_po.config import load_config
     from megatron_po.data.tokenizer import Tokenizer
+    from megatron_po.families import family_spec
     from megatron_po.models.tiny_vlm.model import build_vlm
     from megatron_po.models.specs import padded_vocab_size
     from megatron_po.objectives import build_objective
@@ -142,9 +143,10 @@ def test_thd_row_gives_the_packed_rows_logps(groups, tmp_path):
     from megatron_po.train.step import Tower, image_embeds, token_logps_sums
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_train=8", "data.num_eval=2", "data.packing=true"])
-    train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}))
+    family = family_spec(cfg.model.family)
+    train_path, tok_path = prepare_data(cfg, build_objective("aspo", {}), family)
     tokenizer = Tokenizer(tok_path)
-    ds = build_dataset(cfg, train_path, tokenizer)
+    ds = build_dataset(cfg, family, train_path, tokenizer)
     batch = pack_rows(ds.collator([ds[i] for i in range(4)]), cfg.model.max_seq_length, 1, tokenizer.pad_id)
     mb = MicroBatch.from_collated(batch).to(groups.device)
     assert mb.rows.shape[0] > 1

@@ -22,8 +22,9 @@ def test_key_refuses_changed_inputs_and_incomplete_caches(tmp_path):
     assert r["fresh"] == "ok" and r["restored"] == "ok" and r["objective_kind_same"] == "ok"
     assert r["lookup_seq_rel"] <= 1e-6 and r["lookup_segments_equal"]
     expected = {  # what each change must name
-        "data": "data file (train) train.jsonl",
-        "image": "images (train, 12 files)",
+        # the data key of the training split's prepared index: its data files' bytes, its images' path/size/mtime
+        "data": "data (train): data files and images",
+        "image": "data (train): data files and images",
         "tokenizer": "tokenizer/processor file tokenizer.model",
         "checkpoint": "reference checkpoint file __0_0.distcp",
         "setting": "setting model.max_seq_length: cache 160, now 170",
@@ -35,8 +36,7 @@ def test_key_refuses_changed_inputs_and_incomplete_caches(tmp_path):
     for case in ("data", "image", "tokenizer", "checkpoint", "setting"):
         assert "precompute-ref" in r[case] and "now" in r[case], r[case]
         # only what changed is named
-        assert sum(name in r[case] for name in ("data file", "images (", "tokenizer/", "reference checkpoint",
-                                                "setting ")) == 1, r[case]
+        assert sum(name in r[case] for name in ("data (", "tokenizer/", "reference checkpoint", "setting ")) == 1, r[case]
 
 
 @pytest.mark.pure

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     fam, hf_config, _ = read_conversion(conv)
     groups = init_parallel(ParallelConfig(tp=args.tp, sp=args.sp), seed=0)
     try:
-        tok = HFTokenizer(fam.name, conv / "hf")
+        module = fam.spec().hf
+        tok = HFTokenizer(module, conv / "hf")
         handler = HFImages(tok)
         parts = [handler.load([Path(f)]) for f in args.image]
         images = handler.collate(parts) if parts else None
@@ -54,7 +55,6 @@ def main(argv=None) -> int:
         if args.sp and len(ids) % args.tp:
             ids += [tok.pad_id] * (args.tp - len(ids) % args.tp)  # SP shards the sequence evenly; pads come last
         tokens = torch.tensor([ids])
-        module = fam.spec().hf
         # logits out of the output layer: parity is checked on the whole vocabulary, not the trainer's log-probs
         model_cfg = ModelConfig(spec=args.spec, family=fam.name, hf_path=str(conv / "hf"), logprobs="logits")
         model = module.build(hf_config, model_cfg, ParallelConfig(tp=args.tp, sp=args.sp), groups).to(groups.device)

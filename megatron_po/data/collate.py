@@ -24,21 +24,15 @@ needs the tokenizer and the sequence layout, which are this module's business.
 
 from __future__ import annotations
 
-import collections
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, load_image, open_rgb,
-                                      record_image_root, resolve_images)
+from megatron_po.data.records import PreferenceRecord
 from megatron_po.data.sentences import token_segments
 from megatron_po.data.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SKIP_REASONS: tuple[str, ...] = ("too_long", "empty_response", "identical_pair")
@@ -56,7 +50,8 @@ class CollateConfig:
     max_length: int
     """Longest allowed row (specials and image slots included); longer pairs are dropped, never cut."""
     num_image_tokens: int
-    """``<image>`` slots per row: must equal the number of embeddings the vision projector emits."""
+    """``<image>`` slots of one image where the caller gives no counts (``fits`` / ``num_tokens`` without
+    ``image_tokens``); the datasets and the collation take each image's count from the image handler."""
     pad_to_multiple_of: int = 1
     """Round the batch length up to this (sequence parallel needs S divisible by the TP size)."""
 
@@ -104,19 +99,19 @@ def layout_rows(tokenizer: Tokenizer, rows: Sequence[tuple[list[int], list[int]]
 
 
 class PairCollator:
-    """Builds the model batch from ``(record, image)`` pairs.
+    """Builds the model batch from ``(record, images)`` pairs.
 
     Args:
         tokenizer: provides the text ids and the special ids.
         cfg: lengths and padding.
+        images: the family's image handler (``FamilySpec.image_handler``: data/fixed_images.FixedSizeImages,
+            data/hf_chat.HFImages): collates the pairs' loaded images and gives the rows' positions.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, images=None):
+    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, images):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.images = images
-        """HF families' image handler (data/hf_chat.HFImages): per-image token counts, collation of the
-        processor outputs and M-RoPE positions. None: tiny_vlm's fixed-size image tensors."""
 
     def _encode(self, record: PreferenceRecord, image_tokens: Sequence[int] | None = None) -> tuple[list[int], ...]:
         """(prefix ids, chosen ids, rejected ids) of one pair whose images take `image_tokens` slots each (None:
@@ -158,19 +153,27 @@ class PairCollator:
         reason = self._reason(record, *self._encode(record, image_tokens))
         return not reason, reason
 
-    def __call__(self, records_with_images: Sequence[tuple[PreferenceRecord, torch.Tensor]]) -> dict:
+    def measure(self, record: PreferenceRecord, image_tokens: Sequence[int] | None = None) -> tuple[str, tuple[int, int]]:
+        """``(skip reason or "", (tokens of the chosen row, of the rejected row))`` of one pair, tokenized once
+        (what preparing an index records; their sum is :meth:`num_tokens`)."""
+        prefix, chosen, rejected = self._encode(record, image_tokens)
+        end = len(self.tokenizer.response_end_ids)
+        return (self._reason(record, prefix, chosen, rejected),
+                (len(prefix) + len(chosen) + end, len(prefix) + len(rejected) + end))
+
+    def __call__(self, records_with_images: Sequence[tuple[PreferenceRecord, dict]]) -> dict:
         """Collates B pairs.
 
         Args:
-            records_with_images: ``(record, images)`` for each pair, images ``[3, H, W]`` (one) or ``[k, 3, H, W]``
-                (tiny_vlm), or a HF family's processor output for the record's k images; every pair must fit
-                (see :meth:`fits`).
+            records_with_images: ``(record, images)`` for each pair, images the handler's ``load`` of the record's
+                k images (``num_tokens`` [k] among them); every pair must fit (see :meth:`fits`).
 
         Returns:
             With S the longest row rounded up to ``pad_to_multiple_of``, rows [chosen 0..B-1; rejected 0..B-1]:
             ``tokens`` [2B, S] long, ``labels`` [2B, S] long (-100 unsupervised), ``loss_mask`` [2B, S] float,
-            ``position_ids`` [2B, S] long, ``image_token_mask`` [2B, S] bool, ``images`` [N, 3, H, W] float
-            (every pair's images in order, shared by a pair's two rows), ``row_images`` (list of 2B lists: the
+            ``position_ids`` [2B, S] long (the handler's), ``image_token_mask`` [2B, S] bool, ``images`` the
+            handler's collation of every pair's images in order (tiny_vlm: [N, 3, H, W] float), shared by a pair's
+            two rows, ``row_images`` (list of 2B lists: the
             images of each row, ``[i]`` for both rows of pair i when each pair has one), ``chosen_lengths`` /
             ``rejected_lengths`` [B] long (supervised tokens per row, ``<|end|>`` included), ``num_pairs`` int B,
             ``ids`` the B record ids.
@@ -198,7 +201,7 @@ class PairCollator:
         for i, (record, image) in enumerate(records_with_images):
             first = pair_images[-1][-1] + 1 if pair_images else 0
             pair_images.append(list(range(first, first + len(record.images))))
-            prefix, chosen, rejected = self._encode(record, _num_tokens(image))
+            prefix, chosen, rejected = self._encode(record, [int(n) for n in image["num_tokens"]])
             reason = self._reason(record, prefix, chosen, rejected)
             if reason:
                 raise ValueError(f"pair {record.id!r} cannot be collated ({reason}); "
@@ -212,11 +215,8 @@ class PairCollator:
         seq_len = rows["tokens"].shape[1]
         lengths = rows["loss_mask"].sum(dim=1).long()
         row_images = [pair_images[i % b] for i in range(2 * b)]  # a pair's two rows show its images
-        if self.images is None:
-            images = torch.cat([image.reshape(-1, *image.shape[-3:]) for _, image in records_with_images]).float()
-        else:
-            images = self.images.collate([image for _, image in records_with_images])
-            rows["position_ids"] = self.images.position_ids(rows["tokens"], images, row_images)
+        images = self.images.collate([image for _, image in records_with_images])
+        rows["position_ids"] = self.images.position_ids(rows["tokens"], images, row_images)
 
         segment_ids = torch.full((b, seq_len), -1, dtype=torch.long)
         num_segments = torch.tensor([len(kept) for _, kept in segments], dtype=torch.long)
@@ -240,115 +240,3 @@ class PairCollator:
             "num_segments": num_segments,
             "segment_similarity": similarity,
         }
-
-
-def _num_tokens(image) -> list[int] | None:
-    # HF families' images are processor dicts that know their token counts; tiny_vlm's are fixed-size tensors
-    return [int(n) for n in image["num_tokens"]] if isinstance(image, dict) else None
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Pairs that fit the collator, with their images loaded on access.
-
-    Unfit pairs are dropped here, once, and counted in :attr:`skipped` (a ``collections.Counter`` over
-    :data:`SKIP_REASONS`, zeros included); one summary line is logged.
-
-    Args:
-        records: e.g. from :func:`megatron_po.data.records.read_records`.
-        image_root: base of relative image paths, normally the JSONL file's directory.
-        tokenizer: the tokenizer the collator will use.
-        collate_cfg: the collator's lengths.
-        image_size: side in pixels images are resized to.
-        collator: what turns records into batches (default: :class:`PairCollator`); it decides which records fit.
-        images: HF families' image handler (:class:`megatron_po.data.hf_chat.HFImages`); None for tiny_vlm.
-        source: the data file (or dataset directory) the records come from, named in messages.
-        data_files: the files whose bytes are the records (the reference cache hashes them); default ``[source]``.
-        images_outside_root: accept image paths (absolute, or with ``..``) that leave ``image_root``.
-
-    Raises:
-        FileNotFoundError: an image of a kept pair is missing (checked up front, not at step N).
-        RecordError: an image of a kept pair cannot be decoded, or lies outside ``image_root`` (unless allowed).
-        ValueError: no pair is left.
-    """
-
-    def __init__(self, records: Sequence, image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, collator=None, images=None, source: Path | None = None,
-                 images_outside_root: bool = False, data_files: Sequence[Path] | None = None):
-        self.source = source
-        """The file the records were read from (None for records built in memory)."""
-        self.data_files = [Path(p) for p in data_files] if data_files is not None else [] if source is None else [
-            Path(source)]
-        """The files whose bytes the records are: a meta file and its annotation files, a dataset's files."""
-        self.image_root = Path(image_root)
-        self.image_size = image_size
-        self.images = images
-        self.collator = collator or PairCollator(tokenizer, collate_cfg, images)
-        self.skipped: collections.Counter[str] = collections.Counter({reason: 0 for reason in SKIP_REASONS})
-        self._costs: dict[int, int] = {}
-        self.records: list = []
-        for record in records:
-            try:
-                ok, reason = self.collator.fits(record, **self._fit_args(record))
-            except ValueError as e:  # e.g. a tokenizer that cannot encode the record's text as text
-                where = f"{self.source}: " if self.source else ""
-                raise RecordError(f"{where}record {record.id!r}: {e}") from e
-            if ok:
-                self.records.append(record)
-            else:
-                self.skipped[reason] += 1
-        for record in self.records:
-            root = self.record_root(record).resolve()
-            for image in self.record_images(record):
-                if (not images_outside_root and not isinstance(image, EmbeddedImage)
-                        and not image.resolve().is_relative_to(root)):
-                    raise RecordError(f"image of record {record.id!r} is outside the data directory {root}: {image} "
-                                      "(data.images_outside_root=true allows it)")
-                # decoded once here: a missing, corrupt or truncated image stops the run before its first step,
-                # naming its path, instead of crashing at the step that loads it (and again after resume)
-                open_rgb(image)
-        logger.info("preference data: kept %d of %d pairs (skipped %s)", len(self.records), len(records),
-                    ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
-        if not self.records:
-            raise ValueError(f"no preference pair fits max_length={collate_cfg.max_length} "
-                             f"(skipped: {dict(self.skipped)})")
-
-    def _fit_args(self, record) -> dict:
-        if self.images is None:
-            return {}
-        # the token counts follow from the images' sizes, read from their headers (pixels stay on disk)
-        images = self.record_images(record)
-        for image in images:
-            if not isinstance(image, EmbeddedImage) and not image.is_file():
-                raise FileNotFoundError(f"image of record {record.id!r} not found: {image}")
-        return {"image_tokens": [self.images.num_tokens(image) for image in images]}
-
-    def cost(self, i: int) -> int:
-        """Tokens of sample i's rows (computed once, on first use: only packing asks)."""
-        if i not in self._costs:
-            record = self.records[i]
-            self._costs[i] = self.collator.num_tokens(record, **self._fit_args(record))
-        return self._costs[i]
-
-    def record_images(self, record: PreferenceRecord) -> list:
-        """Every image a record reads (files and embedded images), in order."""
-        return resolve_images(record, self.image_root)
-
-    def record_root(self, record: PreferenceRecord) -> Path:
-        """The directory the record's image files must stay inside."""
-        return record_image_root(record, self.image_root)
-
-    def image_files(self, record: PreferenceRecord) -> list[Path]:
-        """The image files a kept record reads, checked when the dataset is built (embedded images are part of
-        the data files)."""
-        return [f for f in self.record_images(record) if not isinstance(f, EmbeddedImage)]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[PreferenceRecord, torch.Tensor | dict]:
-        record = self.records[i]
-        images = resolve_images(record, self.image_root)
-        if self.images is not None:
-            return record, self.images.load(images)
-        tensors = [load_image(image, self.image_size) for image in images]
-        return record, tensors[0] if len(tensors) == 1 else torch.stack(tensors)

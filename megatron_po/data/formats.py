@@ -18,21 +18,19 @@
 - ``auto``: decided by the path (a directory, ``.parquet``, ``.arrow``: hf; a meta JSON: mpo) or the first
   record's keys; anything else is an error that says what it saw.
 
-Every problem names ``file:line`` (``file row N`` for a dataset); nothing is evaluated or unpickled.
+Every problem names ``file:line`` (``file row N`` for a dataset); nothing is evaluated or unpickled. This module
+parses one record; data/sources.py finds the records of a file and reads them, eagerly or one at a time.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, check_distinct, collect_records,
-                                      parse_image_field, parse_meta, parse_object, read_jsonl, read_records,
-                                      require_text, resolve_path)
+from megatron_po.data.records import (EmbeddedImage, PreferenceRecord, RecordError, check_distinct,
+                                      parse_image_field, parse_meta, parse_object, require_text)
 
 FORMATS = ("auto", "jsonl", "trl", "mpo", "hf")
 HF_SUFFIXES = (".parquet", ".arrow")
@@ -130,15 +128,6 @@ def mpo_record(obj: dict, where: str, record_id: str, image_root: str | None = N
                             image_offsets=_image_offsets(offsets, len(images), where, "<image> placeholders"))
 
 
-def _mpo_annotation(path: Path, name: str, root: str | None) -> list[PreferenceRecord]:
-    def parse(line: str, where: str) -> PreferenceRecord:
-        obj = parse_object(line, where)
-        record_id = str(obj.get("id", f"line-{where.rsplit(':', 1)[1]}"))
-        return mpo_record(obj, where, f"{name}/{record_id}" if name else record_id, root)
-
-    return read_jsonl(path, parse)
-
-
 def _first_byte(path: Path) -> bytes:
     """The first non-whitespace byte of a file (b"" if none), without reading the whole of it."""
     with Path(path).open("rb") as f:
@@ -161,41 +150,6 @@ def _mpo_meta(path: Path) -> dict | None:
     return None
 
 
-def read_mpo(path: Path) -> list[PreferenceRecord]:
-    """Records of an MPO meta file (every dataset it names, repeated as its ``repeat_time`` says), or of one
-    annotation file."""
-    meta = _mpo_meta(path)
-    if meta is None:
-        return _mpo_annotation(path, "", None)
-    records = []
-    for name, entry in meta.items():
-        where = f"{path}: dataset {name!r}"
-        for key in ("annotation", "root"):
-            if not isinstance(entry.get(key), str):
-                raise RecordError(f"{where}: field '{key}' must be a path")
-        annotation, root = (resolve_path(entry[k], path.parent) for k in ("annotation", "root"))
-        if not annotation.is_file():
-            raise RecordError(f"{where}: annotation file not found: {annotation}")
-        part = _mpo_annotation(annotation, name, str(root))
-        records += _repeat(part, entry.get("repeat_time", 1), where)
-    if not records:
-        raise RecordError(f"{path}: no datasets")
-    return records
-
-
-def _repeat(records: list[PreferenceRecord], repeat_time: Any, where: str) -> list[PreferenceRecord]:
-    """InternVL's repeat_time: a seeded sample of that fraction below 1, whole copies (ids suffixed) above."""
-    if not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
-        raise RecordError(f"{where}: repeat_time must be a positive number, got {repeat_time!r}")
-    if repeat_time < 1:
-        keep = sorted(random.Random(0).sample(range(len(records)), k=int(len(records) * repeat_time)))
-        return [records[i] for i in keep]
-    copies = int(repeat_time)
-    if copies != repeat_time:
-        raise RecordError(f"{where}: repeat_time above 1 must be a whole number, got {repeat_time}")
-    return [r if k == 0 else replace(r, id=f"{r.id}#{k}") for k in range(copies) for r in records]
-
-
 # ------------------------------------------------------------------------------------ Hugging Face datasets
 
 
@@ -214,7 +168,7 @@ def _load_hf(path: Path):
     elif path.suffix == ".parquet":
         ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     else:
-        ds = datasets.Dataset.from_file(str(path), in_memory=True)
+        ds = datasets.Dataset.from_file(str(path))  # memory-mapped: rows are read as they are used
     # image columns as their stored bytes or paths: decoded once, by us, when the dataset is built
     for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
@@ -234,52 +188,26 @@ def _hf_image(value, where: str):
     return value
 
 
-def read_hf(path: Path) -> list[PreferenceRecord]:
-    """Records of a Hugging Face dataset on disk (TRL or MPO / RLAIF-V columns)."""
-    ds = _load_hf(path)
+def hf_row(ds, i: int, where: str) -> PreferenceRecord:
+    """Row `i` of a Hugging Face dataset with TRL or MPO / RLAIF-V columns, its images as bytes or paths."""
     columns = set(ds.column_names)
     if {"prompt", "chosen", "rejected"} <= columns:
         make: Callable = trl_record
     elif {"question", "chosen", "rejected"} <= columns:
         make = mpo_record
     else:
-        raise RecordError(f"{path}: columns {sorted(columns)} are neither TRL's (prompt, chosen, rejected, images) "
-                          "nor MPO's (question, chosen, rejected, image)")
-
-    def parsed():
-        for i, row in enumerate(ds):
-            where = f"{path} row {i}"
-            for field in ("image", "images"):
-                if field in row:
-                    value = row[field]
-                    row[field] = ([_hf_image(v, f"{where} image {k}") for k, v in enumerate(value)]
-                                  if isinstance(value, list) else _hf_image(value, f"{where} image 0"))
-            yield where, i, make(row, where, str(row.get("id", f"row-{i}")))
-
-    return collect_records(parsed(), path, "row", "the dataset is empty")
+        raise RecordError(f"{where.rsplit(' row ', 1)[0]}: columns {sorted(columns)} are neither TRL's (prompt, "
+                          "chosen, rejected, images) nor MPO's (question, chosen, rejected, image)")
+    row = ds[i]
+    for field in ("image", "images"):
+        if field in row:
+            value = row[field]
+            row[field] = ([_hf_image(v, f"{where} image {k}") for k, v in enumerate(value)]
+                          if isinstance(value, list) else _hf_image(value, f"{where} image 0"))
+    return make(row, where, str(row.get("id", f"row-{i}")))
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
-
-
-def _read_json_array(path: Path) -> list[PreferenceRecord]:
-    try:
-        items = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RecordError(f"{path}: not a JSON array of records ({e})") from None
-    except RecursionError:
-        raise RecordError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(items, list):
-        raise RecordError(f"{path}: not a JSON array of records")
-
-    def parsed():
-        for i, obj in enumerate(items):
-            where = f"{path} record {i}"
-            if not isinstance(obj, dict):
-                raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, i, trl_record(obj, where, f"record-{i}")
-
-    return collect_records(parsed(), path, "record", "an empty JSON array")
 
 
 def detect_format(path: Path) -> str:
@@ -309,33 +237,3 @@ def detect_format(path: Path) -> str:
                                   "image, prompt, chosen, rejected), TRL's (prompt, chosen, rejected, images) nor "
                                   "MPO's (question, chosen, rejected, image)")
     return "jsonl"
-
-
-def read_preference_file(path: Path, fmt: str = "auto") -> list[PreferenceRecord]:
-    """The records of preference data in `fmt` (see the module docstring)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data: no such file or directory {path}")
-    if fmt == "auto":
-        fmt = detect_format(path)
-    if fmt == "hf":
-        return read_hf(path)
-    if fmt == "mpo":
-        return read_mpo(path)
-    if fmt == "trl":
-        return _read_json_array(path) if _first_byte(path) == b"[" else read_jsonl(path, parse_trl_line)
-    return read_records(path)
-
-
-def data_files(path: Path, fmt: str = "auto") -> list[Path]:
-    """The files whose bytes are the data at `path` (what the reference cache hashes): the file itself, an MPO
-    meta file's annotation files, a dataset directory's files."""
-    path = Path(path)
-    if path.is_dir():  # the records' bytes (state.json holds a fingerprint that changes with every save)
-        return sorted(path.rglob("*.arrow"))
-    meta = _mpo_meta(path) if fmt in ("auto", "mpo") and path.suffix == ".json" else None
-    if meta is None:
-        return [path]
-    return [path] + [resolve_path(e["annotation"], path.parent) for e in meta.values()]

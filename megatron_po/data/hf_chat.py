@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from megatron_po.data.p2_records import vcd_noise
 from megatron_po.data.records import ImageFile, image_size, open_rgb, prompt_parts
-from megatron_po.families import family_spec
 
 
 class HFTokenizer:
     """A HF family's tokenizer and chat layout.
 
     Args:
-        family: the name of an HF family (megatron_po/families.py).
+        family: the HF family's module (its spec's ``hf``: a models.family.HFFamilyModule), which defines the
+            chat layout and the image processing.
         hf_path: directory with tokenizer.json, config.json and preprocessor_config.json (a converted
             checkpoint's hf/ directory, or the original HF directory).
     """
 
-    def __init__(self, family: str, hf_path: str | Path):
+    def __init__(self, family: ModuleType, hf_path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
 
-        self.family = family_spec(family).hf
+        self.family = family
         self.path = Path(hf_path)
         for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
             if not (self.path / name).is_file():
@@ -134,3 +136,7 @@ class HFImages:
 
     def position_ids(self, tokens: torch.Tensor, images: dict, row_images: list[list[int]]) -> torch.Tensor:
         return self.family.position_ids(self.hf_config, tokens, images, row_images)
+
+    def noised(self, part: dict, noise_step: int, seed: int) -> dict:
+        """P2-DPO's I_noise of a loaded part: VCD noise on the processor's normalised pixels (the tower's input)."""
+        return {**part, "pixel_values": vcd_noise(part["pixel_values"], noise_step, seed)}

@@ -19,22 +19,21 @@ sample i, -1 where the sample lacks the branch. Under calib_reference="rejected"
 responses on the calibration rows: the batch then carries ``ref_rows``, a second view with the same rows, images
 and order, whose calibration rows hold y_l^f.
 
-HF families (``images`` given) process each condition with the family's processor at its own size, so I_crop
-takes the slots its crop's size gives; I_noise is the VCD noise on the processor's normalised pixels, as VCD
-noises the vision tower's input tensor.
+Each condition goes through the family's image handler (``FamilySpec.image_handler``): HF families' processors
+take it at its own size, so I_crop takes the slots its crop's size gives; tiny_vlm resizes every condition to its
+square with the same slots. I_noise is the handler's ``noised``: VCD noise on the tower's normalised input tensor,
+as VCD noises it (the processor's normalised pixels; tiny_vlm's pixels normalised, noised and mapped back).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from megatron_po.data.collate import CollateConfig, PreferenceDataset, layout_rows, prompt_prefix
-from megatron_po.data.p2_records import (P2Record, check_bbox, condition_sizes, image_files, load_p2_images,
-                                         load_p2_pils, vcd_noise)
+from megatron_po.data.collate import CollateConfig, layout_rows, prompt_prefix
+from megatron_po.data.p2_records import P2Record
 from megatron_po.data.tokenizer import Tokenizer
 
 P2_TERMS: tuple[str, ...] = ("focus_chosen", "focus_rejected", "calib_aug", "calib_deg", "robust_chosen",
@@ -48,18 +47,18 @@ class P2Collator:
     Args:
         tokenizer: text ids and special ids.
         cfg: lengths and padding (``max_length`` bounds every row, the two-image calibration row included).
+        images: the family's image handler (as :class:`megatron_po.data.collate.PairCollator`'s).
         calib_reference: the response the reference scores on the calibration rows, "rejected" (y_l^f) or
             "chosen" (y_w^f), as ``P2DPOConfig.calib_reference``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, calib_reference: str = "rejected", images=None):
+    def __init__(self, tokenizer: Tokenizer, cfg: CollateConfig, images, calib_reference: str = "rejected"):
         if calib_reference not in ("rejected", "chosen"):
             raise ValueError(f"calib_reference must be 'rejected' or 'chosen', got {calib_reference!r}")
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.calib_reference = calib_reference
         self.images = images
-        """HF families' image handler (data/hf_chat.HFImages); None: tiny_vlm's fixed-size tensors."""
 
     def _rows(self, record: P2Record, image_tokens: dict[str, int] | None = None
               ) -> dict[str, tuple[list[int], tuple[str, ...], list[int], list[int]]]:
@@ -99,6 +98,12 @@ class P2Collator:
         reason = self._reason(self._rows(record, image_tokens))
         return not reason, reason
 
+    def measure(self, record: P2Record, image_tokens: dict[str, int] | None = None) -> tuple[str, tuple[int, ...]]:
+        """``(skip reason or "", tokens of the sample's policy row of each term in P2_TERMS, 0 where absent)``,
+        tokenized once (their sum is :meth:`num_tokens`)."""
+        rows = self._rows(record, image_tokens)
+        return self._reason(rows), tuple(len(rows[t][0]) + len(rows[t][2]) if t in rows else 0 for t in P2_TERMS)
+
     def _reason(self, rows: dict) -> str:
         for branch in ("focus", "robust"):
             if branch + "_chosen" not in rows:
@@ -113,16 +118,16 @@ class P2Collator:
             return "too_long"
         return ""
 
-    def __call__(self, samples: Sequence[tuple[P2Record, dict[str, torch.Tensor]]]) -> dict:
+    def __call__(self, samples: Sequence[tuple[P2Record, dict[str, dict]]]) -> dict:
         """Collates B samples.
 
         Args:
-            samples: ``(record, conditions)`` for each sample (`P2Dataset.__getitem__`: ``[3, H, W]`` tensors, or a
-                HF family's processor output per condition); every sample must fit.
+            samples: ``(record, conditions)`` for each sample (`P2Dataset.__getitem__`: the handler's loaded part
+                per condition, ``num_tokens`` among them); every sample must fit.
 
         Returns:
             The policy's rows (``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``image_token_mask``
-            [R, S], ``row_images``), ``images`` [N, 3, H, W] or the family's collated processor output (each
+            [R, S], ``row_images``), ``images`` the handler's collation (tiny_vlm: [N, 3, H, W]; each
             condition once per sample), ``p2_rows`` [6, B]
             long (row of each term, order ``P2_TERMS``, -1 = branch absent), ``has_focus`` / ``has_robust`` [B]
             bool, ``clip_crop_score`` / ``clip_image_score`` [B] float32 (NaN where not given), ``num_pairs`` B,
@@ -137,8 +142,7 @@ class P2Collator:
         b = len(samples)
         per_sample, images, image_index = [], [], []
         for record, conditions in samples:
-            counts = ({k: int(v["num_tokens"].sum()) for k, v in conditions.items()} if self.images is not None
-                      else None)
+            counts = {k: int(v["num_tokens"].sum()) for k, v in conditions.items()}
             rows = self._rows(record, counts)
             reason = self._reason(rows)
             if reason:
@@ -164,7 +168,7 @@ class P2Collator:
                     row_images.append([image_index[i][k] for k in keys])
 
         records = [record for record, _ in samples]
-        images = torch.stack(images).float() if self.images is None else self.images.collate(images)
+        images = self.images.collate(images)
         batch = {
             **self._layout(policy, images, row_images),
             "row_images": row_images,
@@ -184,56 +188,6 @@ class P2Collator:
 
     def _layout(self, rows: list, images, row_images: list[list[int]]) -> dict:
         out = layout_rows(self.tokenizer, rows, self.cfg.pad_to_multiple_of)
-        if self.images is not None:  # M-RoPE positions follow each row's images
-            out["position_ids"] = self.images.position_ids(out["tokens"], images, row_images)
+        # M-RoPE positions (Qwen2.5-VL) follow each row's images
+        out["position_ids"] = self.images.position_ids(out["tokens"], images, row_images)
         return out
-
-
-class P2Dataset(PreferenceDataset):
-    """P2-DPO samples that fit the collator, with their image conditions built on access.
-
-    Args:
-        records: from :func:`megatron_po.data.p2_records.read_p2_records`.
-        image_root: base of relative image paths, normally the JSONL file's directory.
-        tokenizer, collate_cfg, image_size: as :class:`PreferenceDataset`.
-        calib_reference: as :class:`P2Collator`.
-        source: the JSONL file the records come from.
-
-    Raises:
-        FileNotFoundError: an image of a kept sample is missing.
-        RecordError: a bbox leaves its image (at the record's ``file:line``).
-        ValueError: no sample is left.
-    """
-
-    def __init__(self, records: Sequence[P2Record], image_root: Path, tokenizer: Tokenizer,
-                 collate_cfg: CollateConfig, image_size: int, calib_reference: str = "rejected",
-                 source: Path | None = None, images_outside_root: bool = False, images=None):
-        super().__init__(records, image_root, tokenizer, collate_cfg, image_size,
-                         collator=P2Collator(tokenizer, collate_cfg, calib_reference, images), images=images,
-                         source=source, images_outside_root=images_outside_root)
-        for record in self.records:
-            check_bbox(record, self.image_root)
-
-    def _fit_args(self, record: P2Record) -> dict:
-        if self.images is None:
-            return {}
-        # a bbox off its image is named by the check every kept sample gets in __init__
-        return {"image_tokens": {k: self.images.num_tokens_of_size(*size)
-                                 for k, size in condition_sizes(record, self.image_root).items()}}
-
-    def record_images(self, record: P2Record) -> list[Path]:
-        return image_files(record, self.image_root)
-
-    def record_root(self, record: P2Record) -> Path:
-        return self.image_root
-
-    def __getitem__(self, i: int) -> tuple[P2Record, dict]:
-        record = self.records[i]
-        if self.images is None:
-            return record, load_p2_images(record, self.image_root, self.image_size)
-        pils = load_p2_pils(record, self.image_root)
-        out = {k: self.images.load_pils([pils[k]]) for k in ("image", "crop", "deg") if k in pils}
-        if record.robust is not None:
-            noised = vcd_noise(out["image"]["pixel_values"], record.robust.noise_step, record.robust.noise_seed)
-            out["noise"] = {**out["image"], "pixel_values": noised}
-        return record, out

@@ -36,7 +36,7 @@ from PIL import Image
 
 from megatron_po.data.image_ops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from megatron_po.data.records import (RecordError, check_distinct, image_size, open_rgb, parse_meta, parse_object,
-                                      read_jsonl, require_text, resolve_path, to_tensor)
+                                      read_jsonl, require_text, resolve_path)
 
 ROBUST_PROMPT = ("Strictly answer the following question according to the facts of the image, and control the "
                  "length of the output. Based on this, answer the question: {question}")
@@ -272,38 +272,33 @@ def load_p2_pils(record: P2Record, root: Path) -> dict[str, Image.Image]:
     return out
 
 
-def condition_sizes(record: P2Record, root: Path) -> dict[str, tuple[int, int]]:
-    """(width, height) of each image condition the record's rows show, from file headers and the bbox."""
-    width, height = image_size(resolve_path(record.image, root))
-    out = {"image": (width, height)}
+def condition_tokens(record: P2Record, root: Path, images) -> dict[str, int]:
+    """Image slots of each condition the record's rows show, as the image handler `images` counts them (an HF
+    family's from file headers and the bbox; a fixed-size handler's without reading anything)."""
+    image = images.num_tokens(resolve_path(record.image, root))
+    out = {"image": image}
     f = record.focus
     if f is not None:
         if f.crop_image:
-            out["crop"] = image_size(resolve_path(f.crop_image, root))
+            out["crop"] = images.num_tokens(resolve_path(f.crop_image, root))
         else:
             left, top, right, bottom = f.bbox
-            out["crop"] = (right - left, bottom - top)
-        out["deg"] = image_size(resolve_path(f.deg_image, root)) if f.deg_image else (width, height)
+            out["crop"] = images.num_tokens_of_size(right - left, bottom - top)
+        # I_deg made from the bbox keeps the image's size
+        out["deg"] = images.num_tokens(resolve_path(f.deg_image, root)) if f.deg_image else image
     if record.robust is not None:
-        out["noise"] = (width, height)
-    return out
-
-
-def load_p2_images(record: P2Record, root: Path, image_size: int) -> dict[str, torch.Tensor]:
-    """The record's image conditions as ``[3, image_size, image_size]`` tensors: ``image`` (I), and ``crop``
-    (I_crop) and ``deg`` (I_deg) with a focus branch, ``noise`` (I_noise) with a robust branch."""
-    out = {k: to_tensor(im, image_size) for k, im in load_p2_pils(record, root).items()}
-    if record.robust is not None:
-        out["noise"] = noised_pixels(out["image"], record.robust.noise_step, record.robust.noise_seed)
+        out["noise"] = image
     return out
 
 
 def noised_pixels(image: torch.Tensor, noise_step: int, seed: int) -> torch.Tensor:
-    """tiny_vlm's I_noise: ``[3, H, W]`` pixels in [0, 1] whose normalised tensor carries the VCD noise.
+    """tiny_vlm's I_noise: ``[..., 3, H, W]`` pixels in [0, 1] whose normalised tensor carries the VCD noise.
 
     The tower normalises pixels with CLIP's statistics, so the noise goes onto the normalised tensor, as VCD
-    noises the vision tower's input (and as for the HF families), and comes back in pixel units. The trainer and
-    the pair generator (p2_pairs.py) both call this: the robust pair is scored under the tensor it was made under.
+    noises the vision tower's input (and as for the HF families), and comes back in pixel units. The trainer
+    (data/fixed_images.FixedSizeImages.noised) and the pair generator (p2_pairs.py) both call this: the robust pair
+    is scored under the tensor it was made under. ε depends on the number of elements only, so ``[3, H, W]`` and
+    ``[1, 3, H, W]`` get the same noise.
     """
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
     return vcd_noise((image - mean) / std, noise_step, seed) * std + mean

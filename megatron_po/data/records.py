@@ -192,7 +192,8 @@ def parse_image_field(value: Any, where: str, name: str) -> list[ImageSource]:
     return images
 
 
-def _parse_line(line: str, where: str) -> PreferenceRecord:
+def parse_line(line: str, where: str) -> PreferenceRecord:
+    """One line of our JSONL schema -> its record (the message of any problem starts with `where`)."""
     obj = parse_object(line, where)
     images = parse_image_field(obj.get("image"), where, "image")
     for name in REQUIRED_FIELDS:
@@ -228,6 +229,14 @@ def collect_records(parsed: Iterable[tuple[str, int, Any]], path: Path, unit: st
     return records
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """A JSON line's text; a line that is not UTF-8 is named, not a bare UnicodeDecodeError."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: not UTF-8 text (byte {e.start} of the line: {raw[e.start:e.start + 1]!r})") from None
+
+
 def read_jsonl(path: Path, parse: Callable[[str, str], Any]) -> list:
     """Parses every non-blank line of a JSONL file with ``parse(line, "path:line")``; ids must not repeat."""
     path = Path(path)
@@ -236,11 +245,7 @@ def read_jsonl(path: Path, parse: Callable[[str, str], Any]) -> list:
         with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a bare UnicodeDecodeError
             for lineno, raw in enumerate(f, start=1):
                 where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise RecordError(f"{where}: not UTF-8 text (byte {e.start} of the line: "
-                                      f"{raw[e.start:e.start + 1]!r})") from None
+                line = decode_line(raw, where)
                 if line.strip():
                     yield where, lineno, parse(line, where)
 
@@ -263,7 +268,7 @@ def read_records(path: Path) -> list[PreferenceRecord]:
             ``chosen``, or ``chosen_sentence_similarity`` is not one finite number per sentence. The message starts with
             ``{path}:{line}`` (1-based).
     """
-    return read_jsonl(path, _parse_line)
+    return read_jsonl(path, parse_line)
 
 
 def iter_texts(records: Iterable[PreferenceRecord]) -> Iterator[str]:

@@ -16,28 +16,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol, runtime_checkabl
 
 import torch
 
-
-@dataclass(frozen=True)
-class VisionFootprint:
-    """A family's vision tower and projector as the memory plan counts them (parameters exact, activations from
-    the worst-case image of a pair)."""
-
-    tower_sharded: int
-    """Tower parameters split over TP (megatron layers), counted whole."""
-    tower_replicated: int
-    """Tower parameters every TP rank holds whole (plain torch towers, embeddings, norms, biases after a row split)."""
-    projector_sharded: int
-    projector_replicated: int
-    hidden: int
-    ffn: int
-    heads: int
-    layers: int
-    patches_per_pair: int
-    """Tower input tokens of one pair's images at the largest size the processor makes (tiles x patches)."""
-    attention_span: int
-    """Patches each patch attends to (a tile, or a window)."""
-    image_tokens_per_pair: int
-    """Decoder tokens the pair's images become."""
+from megatron_po.models.shapes import MissingShapes, ModelShape
+from megatron_po.models.specs import padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -51,10 +31,11 @@ class FamilySpec:
     build_tokenizer: Callable[[Any, Path], Any]
     """(cfg, data.tokenizer_path) -> the tokenizer + chat layout the collator uses (encode, prompt_ids,
     response_end_ids, image_id, pad_id, files)."""
-    image_handler: Callable[[Any], Any]
-    """tokenizer -> the collator's image handler (data/hf_chat.HFImages), or None: fixed-size image tensors."""
+    image_handler: Callable[[Any, Any], Any]
+    """(ModelConfig, tokenizer) -> the collators' image handler: slots per image, loading, collation, positions
+    and P2-DPO's I_noise (data/fixed_images.FixedSizeImages, data/hf_chat.HFImages)."""
     model_shape: Callable[[Any], Any]
-    """cfg -> memory_plan.ModelShape, from the config (and the files under model.hf_path) alone."""
+    """cfg -> models.shapes.ModelShape, from the config (and the files under model.hf_path) alone."""
     cache_settings: Callable[[Any], dict]
     """ModelConfig -> the settings beyond hashed files that decide the reference's numbers (ref_cache key)."""
     trains_tokenizer: bool = False
@@ -64,6 +45,11 @@ class FamilySpec:
     tensors and plain positions (tiny_vlm); the HF families' processors and M-RoPE positions are not yet."""
     hf: Optional[ModuleType] = None
     """HF families: the module with the data side and the conversion rules (:class:`HFFamilyModule`)."""
+
+    @property
+    def from_hf(self) -> bool:
+        """Built from an HF config.json (model.hf_path) and converted weights (checkpoint.init_from)."""
+        return self.hf is not None
 
 
 @runtime_checkable
@@ -116,17 +102,14 @@ def hf_family_spec(name: str, module: ModuleType) -> FamilySpec:
     def build_tokenizer(cfg, tok_path: Path):
         from megatron_po.data.hf_chat import HFTokenizer
 
-        return HFTokenizer(name, cfg.model.hf_path)
+        return HFTokenizer(module, cfg.model.hf_path)
 
-    def image_handler(tokenizer):
+    def image_handler(model, tokenizer):
         from megatron_po.data.hf_chat import HFImages
 
         return HFImages(tokenizer)
 
     def model_shape(cfg):
-        from megatron_po.memory_plan import MissingShapes, ModelShape
-        from megatron_po.models.specs import padded_vocab_size
-
         root = Path(cfg.model.hf_path)
         if not (root / "config.json").is_file():
             raise MissingShapes(f"model.hf_path={root}: no config.json to read the shapes from (a converted "

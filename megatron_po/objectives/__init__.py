@@ -52,8 +52,9 @@ class ObjectiveSpec:
     EMA), from the state before it and the step's gathered ``global_stats``. The trainer calls it once per step and
     passes the result as the next step's ``ctx.state``; ``loss_fn`` computes the same update for its own step."""
     inputs: str = "pairs"
-    """What ``loss_fn`` takes, and so which records and batches the trainer builds: "pairs" (``PairLogps`` from
-    the chosen/rejected rows of preference records) or "p2" (``P2Logps`` from P2-DPO records, data/p2_records.py)."""
+    """The input kind ``loss_fn`` takes (an entry of megatron_po/kinds: its records, dataset, collator, loss
+    inputs and cached reference values): "pairs" (``PairLogps`` from the chosen/rejected rows of preference records)
+    or "p2" (``P2Logps`` from P2-DPO records, data/p2_records.py)."""
     metrics: Callable[[Any], MetricReductions] = _metrics(MetricReductions())
     """``cfg -> MetricReductions``: how its metric samples are logged (the module's ``METRICS``)."""
 

@@ -29,12 +29,19 @@ Images = Union[Tensor, dict]
 """tiny_vlm: ``[N, 3, H, W]``; HF families: the processor's dict (``pixel_values``, ``num_tokens``, ...)."""
 
 
-def move(t: Tensor, device: torch.device) -> Tensor:
+PINNED = "pinned"
+"""`move`'s destination for host tensors pinned in place (DataLoader's pin-memory thread, `MicroBatch.pin_memory`)."""
+
+
+def move(t: Tensor, device: Union[torch.device, str]) -> Tensor:
     """`t` on `device` without stalling the host: a CPU tensor bound for a GPU is pinned first, so the copy runs
-    asynchronously (``non_blocking`` from pageable memory is a synchronous copy)."""
+    asynchronously (``non_blocking`` from pageable memory is a synchronous copy); already pinned, it is not pinned
+    again. `device` PINNED: pinned on the host."""
+    if device == PINNED:
+        return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
     if t.device == device:
         return t
-    if device.type == "cuda" and t.device.type == "cpu":
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
@@ -267,6 +274,11 @@ class MicroBatch:
             out.ref_logps = SeqLogps(move(seq, device), None if segments is None else move(segments, device))
         out.image_embeds = {k: move(v, device) for k, v in self.image_embeds.items()}
         return out
+
+    def pin_memory(self) -> "MicroBatch":
+        """The micro-batch with every host tensor pinned (torch's DataLoader calls this in its pin-memory thread,
+        off the training thread); `to` then copies it to the GPU asynchronously at once."""
+        return self.to(PINNED)
 
     def as_thd(self) -> "MicroBatch":
         """The packed rows (and the reference's) as one THD row each (`Rows.as_one_row`)."""

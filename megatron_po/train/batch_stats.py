@@ -17,7 +17,7 @@ import torch
 
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.batch import MicroBatch
-from megatron_po.train.inputs import loss_inputs
+from megatron_po.kinds import kind_of
 from megatron_po.train.step import PreferenceStep, run_logps_pass
 
 
@@ -33,7 +33,7 @@ def gather_global_stats(step: PreferenceStep, policy, batches: list[MicroBatch])
     policy_logps = run_logps_pass(step.groups, policy, batches, step.policy_tower)
     if policy_logps is None:  # not the last stage: the loss, and so the statistics, live there
         return None
-    per_mb = [objective.stats(loss_inputs(objective.inputs, mb, logps, mb.ref_logps))
+    per_mb = [objective.stats(kind_of(objective).loss_inputs(mb, logps, mb.ref_logps))
               for mb, logps in zip(batches, policy_logps)]
     # ranks may hold any positions of the global batch (packing spreads it by tokens): place each pair's
     # statistics at its global position, where `ObjectiveContext.pair_index` looks them up

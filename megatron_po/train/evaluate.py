@@ -14,17 +14,22 @@ Log-probs exist on the last pipeline stage only: the numbers are computed there 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from megatron_po.data.collate import PreferenceDataset
+from megatron_po.data.dataset import PreferenceDataset
 from megatron_po.data.pope import pope_metrics
+from megatron_po.models.family import FamilySpec
+from megatron_po.objectives import Objective
 from megatron_po.objectives.common import ObjectiveContext
+from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
-from megatron_po.train.data import micro_batches
-from megatron_po.train.inputs import pair_inputs
+from megatron_po.train.data import build_eval_datasets, build_tokenizer, micro_batches, prepare_data
+from megatron_po.kinds import INPUT_KINDS, kind_of
+from megatron_po.train.models import build_initial_model, policy_tower
 from megatron_po.train.step import PreferenceStep, run_logps_pass
 
 
@@ -48,6 +53,14 @@ def build_eval_set(name: str, ds: PreferenceDataset, micro_batch_size: int, dp_r
     return EvalSet(name, ds, [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
 
 
+def build_eval_sets(cfg, datasets: dict[str, PreferenceDataset], groups: ParallelGroups
+                    ) -> tuple[list[EvalSet], list[EvalSet]]:
+    """The held-out sets split over DP ranks: (pairs scored with the objective, yes/no probes)."""
+    mbs = cfg.train.micro_batch_size
+    sets = [build_eval_set(name, ds, mbs, groups.dp_rank, groups.dp_size) for name, ds in datasets.items()]
+    return [e for e in sets if e.name == "eval"], [e for e in sets if e.name == "probe"]
+
+
 def score_pairs(step: PreferenceStep, model, ev: EvalSet, reference=None) -> Optional[dict[str, torch.Tensor]]:
     """Per-pair samples over the whole eval set (all DP ranks), in eval order, on the last pipeline stage (None
     elsewhere). With a reference source, the objective's own per-pair view is included."""
@@ -64,7 +77,7 @@ def score_pairs(step: PreferenceStep, model, ev: EvalSet, reference=None) -> Opt
         return None
     per_mb = []
     for mb, logps in zip(batches, policy):
-        pairs = pair_inputs(mb, logps, mb.ref_logps)
+        pairs = INPUT_KINDS["pairs"].loss_inputs(mb, logps, mb.ref_logps)
         samples = {"logps/chosen": pairs.policy_chosen_logps, "logps/rejected": pairs.policy_rejected_logps,
                    "lengths/chosen": pairs.chosen_lengths}
         if reference is not None:
@@ -76,8 +89,8 @@ def score_pairs(step: PreferenceStep, model, ev: EvalSet, reference=None) -> Opt
 
 
 def evaluate(step: PreferenceStep, model, ev: EvalSet, reference=None) -> dict[str, float]:
-    # the objective's own view of held-out pairs; P2-DPO takes other inputs than pairs, so it gets log-probs only
-    reference = reference if step.objective.inputs == "pairs" else None
+    # the objective's own view of held-out pairs, when it takes pairs (else log-probs only)
+    reference = reference if kind_of(step.objective).evaluates else None
     samples = score_pairs(step, model, ev, reference)
     out = None
     if samples is not None:
@@ -145,20 +158,15 @@ def _ordered_records(ev: EvalSet, step: PreferenceStep) -> list:
     return [ev.dataset.records[i] for i in range(n)]
 
 
-def run_evaluation(cfg, objective, groups) -> dict[str, float]:
+def run_evaluation(cfg, objective: Objective, family: FamilySpec, groups: ParallelGroups) -> dict[str, float]:
     """`megatron-po eval`: the held-out pairs and the probe of a config scored by `checkpoint.init_from`'s policy
     (random weights without one), forward only, in the config's layout; no optimizer or reference is built."""
-    import dataclasses
-
-    from megatron_po.train.data import build_eval_datasets, build_eval_sets, build_tokenizer, prepare_data
-    from megatron_po.train.loop import build_initial_model, policy_tower
-
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, interval=max(cfg.eval.interval, 1)))
-    _, tok_path = prepare_data(cfg, objective)
-    tokenizer = build_tokenizer(cfg, tok_path)
-    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
+    _, tok_path = prepare_data(cfg, objective, family)
+    tokenizer = build_tokenizer(cfg, family, tok_path)
+    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size)
     model.eval()
-    sets, probes = build_eval_sets(cfg, build_eval_datasets(cfg, tokenizer), groups)
+    sets, probes = build_eval_sets(cfg, build_eval_datasets(cfg, family, tokenizer), groups)
     return maybe_evaluate(PreferenceStep(objective, groups, policy_tower(model)), model, sets, probes)
 
 

@@ -19,24 +19,25 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_po.config import Config, ConfigError, config_to_dict
-from megatron_po.families import FAMILIES, family_spec
 from megatron_po.models.base import VLMBase
-from megatron_po.models.init import uninitialised
+from megatron_po.models.family import FamilySpec
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import broadcast_from_last_stage
 from megatron_po.train import checkpoint as ckpt
 from megatron_po.train.batch import MicroBatch
 from megatron_po.train.batch_stats import gather_global_stats
-from megatron_po.train.data import (build_eval_datasets, build_eval_sets, build_sampler, build_tokenizer,
-                                    build_train_dataset, prepare_data, step_micro_batches)
-from megatron_po.train.evaluate import maybe_evaluate
+from megatron_po.train.data import (batch_layout, build_eval_datasets, build_sampler, build_tokenizer,
+                                    build_train_dataset, prepare_data)
+from megatron_po.train.evaluate import build_eval_sets, maybe_evaluate
 from megatron_po.train.guards import StepVerdict, guarded_optimizer_step, step_verdict
+from megatron_po.train.loader import step_batches
 from megatron_po.train.jobcontrol import NonFiniteStep, Requeue, StopRequests
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
+from megatron_po.train.models import build_models, live_reference, policy_tower
 from megatron_po.train.ref_cache import open_cache
-from megatron_po.train.reference import CachedReference, LiveReference, ReferenceSource
-from megatron_po.train.step import PreferenceStep, Tower, run_schedule, same_vision, train_forward_step
+from megatron_po.train.reference import CachedReference, ReferenceSource
+from megatron_po.train.step import PreferenceStep, run_schedule, train_forward_step
 
 logger = logging.getLogger(__name__)
 
@@ -54,52 +55,6 @@ class TrainState:
     """train.skip_nonfinite_steps: skip a non-finite step instead of raising NonFiniteStep."""
     skipped_steps: int = 0
     """Steps skipped so far for a NaN/Inf (train/skipped_steps; carried across resumes)."""
-
-
-def build_model(cfg: Config, groups: ParallelGroups, vocab_size: int):
-    """One VLM of `model.family` (this rank's pipeline stage of it), as the family's spec builds it (tiny_vlm from
-    the config's shapes, an HF family from model.hf_path/config.json).
-
-    Weights depend only on train.seed (then on checkpoint.init_from), never on the layout. When
-    checkpoint.init_from will overwrite them, they are allocated on the device and not initialised.
-    """
-    if not cfg.checkpoint.init_from:
-        return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_weights=False))
-    with uninitialised(groups.device):
-        return family_spec(cfg.model.family).build_model(cfg, groups, vocab_size)
-
-
-def build_models(cfg: Config, groups: ParallelGroups, vocab_size: int,
-                 objective: Objective) -> tuple[VLMBase, Optional[VLMBase]]:
-    """Policy and, when the objective reads a reference and no cache provides it, a frozen reference model from
-    the same builder and weights."""
-    policy = build_initial_model(cfg, groups, vocab_size)
-    reference = None
-    if objective.needs_reference and cfg.reference.source == "model":
-        reference = build_initial_model(cfg, groups, vocab_size)
-        reference.requires_grad_(False)
-        reference.eval()
-    return policy, reference
-
-
-def build_initial_model(cfg: Config, groups: ParallelGroups, vocab_size: int) -> VLMBase:
-    """`build_model` with checkpoint.init_from's weights loaded when given (a stage's starting point)."""
-    model = build_model(cfg, groups, vocab_size)
-    if cfg.checkpoint.init_from:
-        ckpt.load_model_weights(Path(cfg.checkpoint.init_from), model)
-    return model
-
-
-def policy_tower(policy) -> Tower:
-    return Tower("policy", frozen=policy.vision_frozen)
-
-
-def live_reference(policy, reference, groups: ParallelGroups) -> LiveReference:
-    """The reference model as a reference source; it shares the policy's image encoding when both towers are
-    frozen copies (one encoding per pair and step)."""
-    return LiveReference(reference, groups, Tower("policy" if same_vision(policy, reference, groups) else "reference",
-                                                  frozen=True))
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
@@ -256,8 +211,8 @@ def _reference_gap_metrics(verdict: StepVerdict, groups: ParallelGroups) -> dict
     return {"reference/step0_max_gap": gap, "reference/step0_gap_over_rounding": ratio}
 
 
-def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, policy, reference_model,
-                    datasets: dict) -> Optional[ReferenceSource]:
+def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, family: FamilySpec, policy,
+                    reference_model, datasets: dict) -> Optional[ReferenceSource]:
     """The step's reference source: None (the objective reads no reference), the reference model, or the cache
     of `reference.cache_path`, checked against this run's data, tokenizer, reference weights and settings."""
     if not objective.needs_reference:
@@ -266,7 +221,7 @@ def build_reference(cfg: Config, groups: ParallelGroups, objective: Objective, p
                            objective.name)
         return None
     if cfg.reference.source == "cache":
-        cache = open_cache(cfg, objective, datasets)
+        cache = open_cache(cfg, objective, family, datasets)
         if groups.is_logging_rank:
             logger.warning("reference log-probs: cache %s (%s; no reference model built)", cache.path,
                            ", ".join(f"{k} {len(v['ids'])} samples" for k, v in cache.manifest["splits"].items()))
@@ -286,9 +241,9 @@ def with_epochs(cfg: Config, num_samples: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_steps=steps))
 
 
-def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> dict:
-    """Trains `objective` (built from cfg.objective by the driver) according to `cfg`; returns the last step's
-    metrics.
+def run_training(cfg: Config, objective: Objective, family: FamilySpec, groups: ParallelGroups) -> dict:
+    """Trains `objective` on a model of `family` (both built from `cfg` by the driver) according to `cfg`; returns
+    the last step's metrics.
 
     Raises:
         Requeue: a stop signal or train.exit_duration_minutes ended the run after a step, saved (exit code 75).
@@ -297,21 +252,23 @@ def run_training(cfg: Config, objective: Objective, groups: ParallelGroups) -> d
     # handlers first: a signal while the models are built stops the run after its first step, saved
     stops = StopRequests(cfg.train.exit_duration_minutes)
     try:
-        return _train(cfg, objective, groups, stops)
+        return _train(cfg, objective, family, groups, stops)
     finally:
         stops.close()
 
 
-def _train(cfg: Config, objective: Objective, groups: ParallelGroups, stops: StopRequests) -> dict:
+def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: ParallelGroups,
+           stops: StopRequests) -> dict:
     """`run_training` with its stop handlers installed: data, models, resume, the step loop, saves."""
     out = Path(cfg.output_dir)
-    train_path, tok_path = prepare_data(cfg, objective)
-    tokenizer = build_tokenizer(cfg, tok_path)
-    ds = build_train_dataset(cfg, train_path, tokenizer, objective)
+    train_path, tok_path = prepare_data(cfg, objective, family)
+    tokenizer = build_tokenizer(cfg, family, tok_path)
+    ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
     cfg = with_epochs(cfg, len(ds))
-    eval_datasets = build_eval_datasets(cfg, tokenizer)
-    policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds, **eval_datasets})
+    eval_datasets = build_eval_datasets(cfg, family, tokenizer)
+    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, family, policy, reference_model,
+                                {"train": ds, **eval_datasets})
     state = build_train_state(cfg, groups, objective, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
@@ -353,23 +310,27 @@ def _train(cfg: Config, objective: Objective, groups: ParallelGroups, stops: Sto
                          "skipped_steps": state.skipped_steps,
                          "eval_baselines": {ev.name: ev.baseline for ev in eval_sets}}
         with params_in_sync(state.policy):
-            saver.save(step_no, policy, state.optimizer, trainer_state, _conversion(cfg))
+            saver.save(step_no, policy, state.optimizer, trainer_state, _conversion(cfg, family))
 
     saver = ckpt.Checkpointer(ckpt_root, cfg.checkpoint)
     last: dict = {}
     failed = True
+    loader = None
     try:
         if start == 0 and (baseline := run_eval(0)):
             writer.log({"step": 0, **baseline})
+        loader = step_batches(ds, sampler, batch_layout(cfg, groups), groups.device, start, cfg.train.train_steps,
+                              cfg.data.num_workers, cfg.data.prefetch_factor)
         for it in range(start, cfg.train.train_steps):
             t0 = time.perf_counter()
-            batches = step_micro_batches(cfg, ds, sampler, it, groups)
+            batches, data_wait = next(loader)
             # the run's first step, where the policy equals the reference: how far the reference is from it
             state.step.measure_reference_gap = it == 0 and state.reference is not None
             metrics = train_step(state, batches, it, stops)
             stop = metrics.pop("stop")
             dt = time.perf_counter() - t0
-            last = {"step": it + 1, **metrics, **_token_counts(batches, groups, dt), "step_time_s": dt}
+            last = {"step": it + 1, **metrics, **_token_counts(batches, groups, dt), "step_time_s": dt,
+                    "time/data_wait": data_wait}
             last.update(run_eval(it + 1))
             if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
                 writer.log(last)
@@ -402,15 +363,17 @@ def _train(cfg: Config, objective: Objective, groups: ParallelGroups, stops: Sto
         failed = False
         raise
     finally:
+        if loader is not None:
+            loader.close()  # its workers stop now, not when the generator is collected
         # after an error on some ranks only, a pending save is abandoned (no collective): `latest` stays
         saver.close(abort=failed)
         writer.close()
     return last
 
 
-def _conversion(cfg: Config) -> Optional[tuple[Path, dict]]:
+def _conversion(cfg: Config, family: FamilySpec) -> Optional[tuple[Path, dict]]:
     """HF families: each checkpoint carries hf/ and conversion.json (exportable as it is)."""
-    if not FAMILIES[cfg.model.family].from_hf:
+    if not family.from_hf:
         return None
     from megatron_po.convert.core import conversion_record
 

@@ -15,13 +15,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_po.config import Config
+from megatron_po.kinds import INPUT_KINDS, InputKind, kind_of
+from megatron_po.models.family import FamilySpec
 from megatron_po.objectives import Objective
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.parallel.reduce import all_gather_cat
 from megatron_po.train.data import (build_eval_datasets, build_tokenizer, build_train_dataset, micro_batches,
                                     prepare_data)
-from megatron_po.train.loop import build_initial_model
-from megatron_po.train.ref_cache import CACHED_SPLITS, invalidate, key_components, sample_values, write_cache
+from megatron_po.train.models import build_initial_model
+from megatron_po.train.ref_cache import CACHED_SPLITS, invalidate, key_components, write_cache
 from megatron_po.train.step import Tower, run_logps_pass
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ MICRO_BATCHES_PER_PASS = 32
 """Micro-batches collated and run per schedule call (bounds the images held in memory at once)."""
 
 
-def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int) -> dict[str, torch.Tensor] | None:
+def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int, kind: InputKind) -> dict[str, torch.Tensor] | None:
     """The split's reference sums in dataset order, on the last stage (None elsewhere).
 
     DP rank r takes samples [r·n/dp, (r+1)·n/dp) (rounded up; the last rank repeats the final sample to keep
@@ -46,7 +48,7 @@ def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int) -> d
         batches = list(micro_batches(ds, chunks[start:start + MICRO_BATCHES_PER_PASS], groups))
         logps = run_logps_pass(groups, model, batches, tower, reference_rows=True)
         if logps is not None:
-            values += [sample_values(mb, ref) for mb, ref in zip(batches, logps)]
+            values += [kind.cache_values(mb, ref) for mb, ref in zip(batches, logps)]
     if not groups.is_last_stage:
         return None
     out = {}
@@ -60,32 +62,34 @@ def _split_values(groups: ParallelGroups, model, ds, micro_batch_size: int) -> d
     return out
 
 
-def precompute_reference(cfg: Config, objective: Objective, groups: ParallelGroups) -> Path:
-    """Computes and writes the cache of `reference.cache_path` for this config and its `objective` (what the
-    objective reads decides the rows: pairs, or P2-DPO's reference rows); returns its path."""
+def precompute_reference(cfg: Config, objective: Objective, family: FamilySpec, groups: ParallelGroups) -> Path:
+    """Computes and writes the cache of `reference.cache_path` for this config, its `objective` (what the
+    objective reads decides the rows: pairs, or P2-DPO's reference rows) and `family` (model.family's spec, built
+    by the driver); returns its path."""
     if not objective.needs_reference:
         raise ValueError(f"objective {objective.name!r} reads no reference log-probs: there is nothing to precompute")
     if not cfg.reference.cache_path:
         raise ValueError("reference.cache_path: where to write the cache")
     path = Path(cfg.reference.cache_path)
-    train_path, tok_path = prepare_data(cfg, objective)
-    tokenizer = build_tokenizer(cfg, tok_path)
-    datasets = {"train": build_train_dataset(cfg, train_path, tokenizer, objective)}
-    if objective.inputs == "pairs":  # held-out pairs are scored with the objective, hence with the reference
-        datasets.update((k, v) for k, v in build_eval_datasets(cfg, tokenizer).items()
+    train_path, tok_path = prepare_data(cfg, objective, family)
+    tokenizer = build_tokenizer(cfg, family, tok_path)
+    datasets = {"train": build_train_dataset(cfg, family, train_path, tokenizer, objective)}
+    if kind_of(objective).evaluates:  # held-out pairs are scored with the objective, hence with the reference
+        datasets.update((k, v) for k, v in build_eval_datasets(cfg, family, tokenizer).items()
                         if k in CACHED_SPLITS)
-    components = key_components(cfg, objective, datasets)
+    components = key_components(cfg, objective, family, datasets)
     if dist.get_rank() == 0:
         invalidate(path)
     dist.barrier()
 
-    model = build_initial_model(cfg, groups, tokenizer.vocab_size)
+    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size)
     model.requires_grad_(False)
     model.eval()
     splits = {}
     for name, ds in datasets.items():
-        values = _split_values(groups, model, ds, cfg.train.micro_batch_size)
-        splits[name] = ([r.id for r in ds.records], values)
+        values = _split_values(groups, model, ds, cfg.train.micro_batch_size,
+                               kind_of(objective) if name == "train" else INPUT_KINDS["pairs"])
+        splits[name] = (ds.ids, values)
     writer = groups.is_last_stage and groups.dp_rank == 0 and groups.tp_rank == 0
     if writer:
         write_cache(path, components, splits)

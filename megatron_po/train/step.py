@@ -35,7 +35,7 @@ from megatron_po.objectives.common import ObjectiveContext
 from megatron_po.parallel.context import counts_on_one_cp_rank, reduce_over_cp
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train.batch import MicroBatch, Rows, SeqLogps
-from megatron_po.train.inputs import loss_inputs
+from megatron_po.kinds import kind_of
 from megatron_po.train.rows import encode, forward_rows, token_logps, unwrap
 
 
@@ -176,7 +176,7 @@ def train_loss_func(step: PreferenceStep, model, mb: MicroBatch, last_output: to
     """
     policy = sequence_logps(model, last_output, mb.rows, mb, step.groups)
     ref = mb.ref_logps
-    inputs = loss_inputs(step.objective.inputs, mb, policy, ref)
+    inputs = kind_of(step.objective).loss_inputs(mb, policy, ref)
     per_pair, samples = step.objective.loss(inputs, group=step.groups.dp, ctx=step.context(mb))
     samples = {k: v.detach() for k, v in samples.items()}
     # objectives that drop pairs (beta-DPO filtering) or samples (P2-DPO without a branch) weight them 0: the

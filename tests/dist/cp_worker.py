@@ -26,6 +26,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_po.config import ParallelConfig, config_from_dict
 from megatron_po.data.tokenizer import Tokenizer
+from megatron_po.families import family_spec
 from megatron_po.models.tiny_vlm.model import build_vlm
 from megatron_po.models.specs import padded_vocab_size
 from megatron_po.objectives import build_objective
@@ -34,7 +35,7 @@ from megatron_po.parallel.context import counts_on_one_cp_rank, cp_positions
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.train.batch import MicroBatch, SeqLogps
 from megatron_po.train.data import build_dataset, pad_to_multiple_of, prepare_data
-from megatron_po.train.inputs import loss_inputs
+from megatron_po.kinds import kind_of
 from megatron_po.train.rows import forward_rows, token_logps
 from megatron_po.train.step import Tower, image_embeds, sum_over_cp, token_logps_sums
 
@@ -50,7 +51,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def loss_of(objective, mb: MicroBatch, policy: SeqLogps, ref: SeqLogps):
-    per_pair, samples = objective.loss(loss_inputs(objective.inputs, mb, policy, ref), group=None,
+    per_pair, samples = objective.loss(kind_of(objective).loss_inputs(mb, policy, ref), group=None,
                                        ctx=ObjectiveContext())
     return per_pair, samples
 
@@ -65,10 +66,11 @@ def main(out_dir: str) -> None:
         cfg = config_from_dict({"output_dir": str(out), "data": {"num_train": 16, "num_eval": 2},
                                 "parallel": {"cp": CP}, "objective": {"name": name}})
         objective = build_objective(name, {})
-        train_path, tok_path = prepare_data(cfg, objective)
+        family = family_spec(cfg.model.family)
+        train_path, tok_path = prepare_data(cfg, objective, family)
         tokenizer = Tokenizer(tok_path)
         groups = init_parallel(ParallelConfig(), seed=3)  # model layout: one rank (CP itself needs TE attention)
-        ds = build_dataset(cfg, train_path, tokenizer)
+        ds = build_dataset(cfg, family, train_path, tokenizer)
         assert pad_to_multiple_of(cfg) == 2 * CP
         mb = MicroBatch.from_collated(ds.collator([ds[i] for i in range(4)])).to(groups.device)
         vocab = padded_vocab_size(tokenizer.vocab_size, 1)

@@ -40,10 +40,11 @@ def hf_forward(family: str, hf_dir: Path, batch: dict, row_parts: list[dict]) ->
 
 def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> None:
     from megatron_po.config import ModelConfig, ParallelConfig
-    from megatron_po.data.collate import CollateConfig, PreferenceDataset
+    from megatron_po.data.collate import CollateConfig
+    from megatron_po.data.dataset import PreferenceDataset
     from megatron_po.data.hf_chat import HFImages, HFTokenizer
     from megatron_po.data.packing import pack_rows
-    from megatron_po.data.formats import read_preference_file
+    from megatron_po.data.sources import read_preference_file
     from megatron_po.families import family_spec
     from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
     from megatron_po.parallel.reduce import broadcast_from_last_stage
@@ -52,10 +53,10 @@ def main(family: str, hf_dir: str, conv_hf: str, train_jsonl: str, out: str) -> 
     from megatron_po.train.step import Tower, run_logps_pass
 
     init_process_group(ParallelConfig(backend="gloo"))
-    tok = HFTokenizer(family, conv_hf)
+    tok = HFTokenizer(family_spec(family).hf, conv_hf)
     images = HFImages(tok)
     ds = PreferenceDataset(read_preference_file(Path(train_jsonl))[:8], Path(train_jsonl).parent, tok,
-                           CollateConfig(max_length=320, num_image_tokens=0), image_size=0, images=images)
+                           CollateConfig(max_length=320, num_image_tokens=0), images=images)
     items = [ds[i] for i in range(min(4, len(ds)))]
     batch = ds.collator(items)
     # transformers takes every row's images in the order their spans appear: row r shows pair r % B's, all of them

@@ -25,7 +25,9 @@ from megatron.core import dist_checkpointing
 from megatron_po.config import Config, ParallelConfig, config_from_dict
 from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
-from megatron_po.memory_plan import ModelShape, model_shape, stage_params
+from megatron_po.families import family_spec
+from megatron_po.memory_plan import stage_params
+from megatron_po.models.shapes import ModelShape
 from megatron_po.models.tiny_vlm.model import build_vlm
 from megatron_po.models.specs import padded_vocab_size
 from megatron_po.objectives import OBJECTIVES, build_objective, build_objective_config
@@ -34,7 +36,8 @@ from megatron_po.objectives.p2_dpo import P2Logps
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown
 from megatron_po.parallel.reduce import all_gather_cat, broadcast_from_last_stage
 from megatron_po.train.data import build_dataset, build_p2_dataset, build_sampler, prepare_data, step_micro_batches
-from megatron_po.train.loop import build_train_state, finish_step, forward_backward, live_reference, prepare_step
+from megatron_po.train.loop import build_train_state, finish_step, forward_backward, prepare_step
+from megatron_po.train.models import live_reference
 from megatron_po.train.precompute import precompute_reference
 from megatron_po.train.ref_cache import open_cache
 from megatron_po.train.reference import CachedReference
@@ -261,7 +264,8 @@ def plain_p2(cfg: Config, ds, vocab: int, params_cfg, ref_mode: str, groups):
                             "ref_calib_aug_logps", "ref_calib_deg_logps", "policy_robust_chosen_logps",
                             "policy_robust_rejected_logps", "ref_robust_chosen_logps", "ref_robust_rejected_logps")}
     for i in idx:
-        record, im = ds[i]
+        record, parts = ds[i]
+        im = {k: part["pixel_values"][0] for k, part in parts.items()}  # each condition's [3, S, S] pixels
         f, r = record.focus, record.robust
         row = dict.fromkeys(cols, nan)  # absent branches: NaN, which the loss must ignore
         if f is not None:
@@ -438,7 +442,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
 
 def planned_vs_built(cfg: Config, vocab: int, policy, groups) -> dict:
     """{part: (planned, built)} for the parts of this rank's policy whose count the memory plan gets wrong."""
-    shape = model_shape(cfg)
+    shape = family_spec(cfg.model.family).model_shape(cfg)
     shape = ModelShape(shape.lm, vocab, shape.vision)
     planned = stage_params(cfg, shape, groups.pp_rank, len(policy.language_model.decoder.layers))
     numel = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -485,9 +489,9 @@ def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed
         for mode in ("drifted", "same"):
             if (label, mode) in todo:
                 cfg = cache_cfg(make_cfg(out, "tp2", objective, params), out, label, mode)
-                obj = build_objective(objective, params)
-                precompute_reference(cfg, obj, groups)
-                full[label, mode] = (build_p2_dataset(cfg, prepare_data(cfg, obj)[0], tokenizer, obj)
+                obj, family = build_objective(objective, params), family_spec(cfg.model.family)
+                precompute_reference(cfg, obj, family, groups)
+                full[label, mode] = (build_p2_dataset(cfg, family, prepare_data(cfg, obj, family)[0], tokenizer, obj)
                                      if objective == "p2_dpo" else ds)
     destroy_parallel()
     return todo, full
@@ -498,7 +502,8 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
     init_process_group(ParallelConfig())
     world = dist.get_world_size()
     base = make_cfg(out, PLAIN, "dpo", {})
-    train_path, tok_path = prepare_data(base, build_objective("dpo", {}))
+    family = family_spec(base.model.family)  # every case's (tiny_vlm)
+    train_path, tok_path = prepare_data(base, build_objective("dpo", {}), family)
     with_two_images(train_path, tok_path)
     train_path = Path(PAIR_DATA["train_path"])
     tokenizer = Tokenizer(tok_path)
@@ -507,19 +512,21 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
              if not only or label in only
              for mode in (() if label in NO_STEP0 else ("same",)) + tuple(extra)]
     # every layout pads to a multiple of 2 so all of them share one dataset object (per record kind)
-    ds = build_dataset(make_cfg(out, "tp2_sp", "dpo", {}), train_path, tokenizer)
+    ds = build_dataset(make_cfg(out, "tp2_sp", "dpo", {}), family, train_path, tokenizer)
     datasets = {}
     for label, objective, params, _ in OBJECTIVE_CASES:
         if objective == "p2_dpo" and (not only or label in only):
             p2_cfg = make_cfg(out, "tp2_sp", objective, params)
             p2_obj = build_objective(objective, params)
-            p2_path, _ = prepare_data(p2_cfg, p2_obj)  # the P2 samples of the same task, with the pairs' tokenizer
+            # the P2 samples of the same task, with the pairs' tokenizer
+            p2_path, _ = prepare_data(p2_cfg, p2_obj, family)
             records = read_p2_records(p2_path)
             # the global batch is the whole set: two samples with both branches, one of each single branch
             kinds = [(r.focus is not None, r.robust is not None) for r in records]
             picked = [kinds.index((True, True)), len(kinds) - 1 - kinds[::-1].index((True, True)),
                       kinds.index((True, False)), kinds.index((False, True))]
-            datasets[label] = build_p2_dataset(p2_cfg, p2_path, tokenizer, p2_obj, [records[i] for i in picked])
+            datasets[label] = build_p2_dataset(p2_cfg, family, p2_path, tokenizer, p2_obj,
+                                               [records[i] for i in picked])
     seed = base.train.seed
     # one parallel-state initialisation per layout: each creates ~20 gloo groups that are never torn down
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
@@ -554,7 +561,7 @@ def main(out_dir: str, layouts: list[str], only: set | None) -> None:
             entry["plain_objective_state"] = plain.get("objective_state")
             report[f"{label}/ref={mode}/{name}"] = entry
             if (label, mode) in caches and name in CACHE_LAYOUTS:
-                cache = open_cache(cache_cfg(cfg, out, label, mode), build_objective(objective, params),
+                cache = open_cache(cache_cfg(cfg, out, label, mode), build_objective(objective, params), family,
                                    {"train": full[label, mode]})
                 entry, _ = run_layout(cfg, datasets.get(label, ds), vocab, objective, mode, groups, plain, cache, raw)
                 cached = "cache" if mode == "drifted" else f"cache_{mode}"

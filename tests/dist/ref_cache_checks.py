@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import sys
@@ -22,11 +23,12 @@ from PIL import Image
 from megatron_po.config import ParallelConfig, config_from_dict
 from megatron_po.data.records import iter_texts, read_records
 from megatron_po.data.tokenizer import train_tokenizer
+from megatron_po.families import family_spec
 from megatron_po.objectives import build_objective
 from megatron_po.parallel.groups import init_parallel, teardown
 from megatron_po.train.batch import MicroBatch
 from megatron_po.train.data import build_eval_datasets, build_tokenizer, build_train_dataset, prepare_data
-from megatron_po.train.loop import build_model
+from megatron_po.train.models import build_model
 from megatron_po.train.precompute import precompute_reference
 from megatron_po.train.ref_cache import MANIFEST, CacheError, open_cache
 from megatron_po.train.step import Tower, run_logps_pass
@@ -51,7 +53,8 @@ def main(out: Path) -> None:
 
     cfg = config()
     objective = build_objective("dpo", {})
-    train_path, tok_path = prepare_data(cfg, objective)
+    family = family_spec(cfg.model.family)
+    train_path, tok_path = prepare_data(cfg, objective, family)
     # a pair too long for max_seq_length in the middle of the file: skipped (and counted) in every run
     lines = train_path.read_text().splitlines()
     long = json.loads(lines[3])
@@ -59,24 +62,24 @@ def main(out: Path) -> None:
     train_path.write_text("\n".join(lines[:5] + [json.dumps(long)] + lines[5:]) + "\n")
     # the reference weights to save: drawn (a config with init_from only allocates what the checkpoint will fill)
     drawn = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=""))
-    model = build_model(drawn, groups, build_tokenizer(cfg, tok_path).vocab_size)
+    model = build_model(drawn, family, groups, build_tokenizer(cfg, family, tok_path).vocab_size)
     (out / "ckpt").mkdir()
     dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model.")}, str(out / "ckpt"))
 
     def datasets(c):
-        tok = build_tokenizer(c, prepare_data(c, objective)[1])
-        return {"train": build_train_dataset(c, train_path, tok, objective),
-                **build_eval_datasets(c, tok)}
+        tok = build_tokenizer(c, family, prepare_data(c, objective, family)[1])
+        return {"train": build_train_dataset(c, family, train_path, tok, objective),
+                **build_eval_datasets(c, family, tok)}
 
     def check(c) -> str:
         try:
-            open_cache(c, objective, datasets(c))
+            open_cache(c, objective, family, datasets(c))
             return "ok"
         except CacheError as e:
             return str(e)
 
     res = {"before_precompute": check(cfg)}
-    precompute_reference(cfg, objective, groups)
+    precompute_reference(cfg, objective, family, groups)
     manifest = json.loads((out / "cache" / MANIFEST).read_text())
     ds = datasets(cfg)["train"]
     res["ids"] = manifest["splits"]["train"]["ids"]
@@ -85,7 +88,7 @@ def main(out: Path) -> None:
     res["fresh"] = check(cfg)
 
     # lookups by id, in any order, equal a live reference pass over the same pairs
-    cache = open_cache(cfg, objective, datasets(cfg))
+    cache = open_cache(cfg, objective, family, datasets(cfg))
     order = list(range(len(ds)))
     random.Random(0).shuffle(order)
     mb = MicroBatch.from_collated(ds.collator([ds[i] for i in order[:4]]))
@@ -105,8 +108,13 @@ def main(out: Path) -> None:
     changed("data", lambda: train_path.write_text(text.replace("Describe the image.", "Describe this image.", 1)),
             lambda: train_path.write_text(text))
     image = sorted((out / "run" / "data" / "images").glob("train_*.png"))[0]
-    pixels = image.read_bytes()
-    changed("image", lambda: Image.new("RGB", (32, 32), (1, 2, 3)).save(image), lambda: image.write_bytes(pixels))
+    pixels, stat = image.read_bytes(), image.stat()
+
+    def restore_image():  # the index keys images by path, size and mtime (data/index.py): all three restored
+        image.write_bytes(pixels)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    changed("image", lambda: Image.new("RGB", (32, 32), (1, 2, 3)).save(image), restore_image)
     other_tok = out / "tok2" / "tokenizer"
     train_tokenizer(list(iter_texts(read_records(train_path))), other_tok, vocab_size=400, seed=1)
     res["tokenizer"] = check(config(data__tokenizer_path=str(other_tok.with_suffix(".model"))))

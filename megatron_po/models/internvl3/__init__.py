@@ -48,13 +48,14 @@ from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.convert.rules import Rule, cat_rule, copy_rule, qwen2_lm_rules
 from megatron_po.data import image_ops
 from megatron_po.models.base import VLMBase, to_device
-from megatron_po.models.family import VisionFootprint, hf_family_spec
+from megatron_po.models.family import hf_family_spec
 from megatron_po.models.internvl3 import processor
 # the family contract (models/family.py HFFamilyModule) asks these of the family module
 from megatron_po.models.internvl3.processor import (  # noqa: F401
     CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt, image_span)
 from megatron_po.models.internvl3.vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
+from megatron_po.models.shapes import VisionFootprint
 from megatron_po.models.specs import LMShape, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 

@@ -25,7 +25,7 @@ from megatron_po.config import ModelConfig, ParallelConfig
 from megatron_po.convert.rules import Rule, copy_rule, qwen2_lm_rules
 from megatron_po.data import image_ops
 from megatron_po.models.base import VLMBase, to_device
-from megatron_po.models.family import VisionFootprint, hf_family_spec
+from megatron_po.models.family import hf_family_spec
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
 from megatron_po.models.qwen2_5_vl import processor
 from megatron_po.models.qwen2_5_vl.processor import (  # noqa: F401  (re-exported: the family contract)
@@ -36,6 +36,7 @@ from megatron_po.models.qwen2_5_vl.processor import (  # noqa: F401  (re-exporte
     rope_position_ids,
 )
 from megatron_po.models.qwen2_5_vl.vision import PatchMerger, VisionShape, VisionTower
+from megatron_po.models.shapes import VisionFootprint
 from megatron_po.models.specs import LMShape, build_lm_config, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from megatron_po.models.family import FamilySpec, VisionFootprint
-from megatron_po.models.specs import padded_vocab_size
+from megatron_po.models.family import FamilySpec
+from megatron_po.models.shapes import ModelShape, VisionFootprint
+from megatron_po.models.specs import lm_shape_of, padded_vocab_size
 
 
 def build_model(cfg, groups, vocab_size: int):
@@ -40,12 +41,16 @@ def vision_footprint(cfg) -> VisionFootprint:
                            image_tokens_per_pair=v.num_patches)
 
 
-def model_shape(cfg):
-    from megatron_po.memory_plan import ModelShape
-    from megatron_po.models.specs import lm_shape_of
-
+def model_shape(cfg) -> ModelShape:
     vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab_size
     return ModelShape(lm_shape_of(cfg.model, vocab), padded_vocab_size(vocab, cfg.parallel.tp), vision_footprint(cfg))
+
+
+def image_handler(model, tokenizer):
+    """Every image resized to model.vision.image_size, worth model.vision.num_patches slots."""
+    from megatron_po.data.fixed_images import FixedSizeImages
+
+    return FixedSizeImages(model.vision.image_size, model.vision.num_patches)
 
 
 def cache_settings(model) -> dict:
@@ -58,5 +63,5 @@ def cache_settings(model) -> dict:
 
 
 SPEC = FamilySpec(name="tiny_vlm", build_model=build_model, build_tokenizer=build_tokenizer,
-                  image_handler=lambda tokenizer: None, model_shape=model_shape, cache_settings=cache_settings,
+                  image_handler=image_handler, model_shape=model_shape, cache_settings=cache_settings,
                   trains_tokenizer=True, generates=True)

@@ -1,0 +1,47 @@
+"""Digests of data, tokenizer and checkpoint files, shared out over ranks: what the prepared index and the
+reference cache key on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each file, the files shared out over all ranks (each reads 1/world of the bytes)."""
+    paths = sorted({str(p) for p in paths})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = {p: sha256_file(Path(p)) for p in paths[rank::world]}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """`path` named relative to `root` (so a moved data directory keeps its digests)."""
+    path, root = Path(path), Path(root)
+    return os.path.relpath(path, root) if path.is_absolute() == root.is_absolute() else str(path)
+
+
+def combined(entries: dict[str, str]) -> str:
+    """One digest over name -> value entries (order-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        h.update(f"{name}\0{entries[name]}\n".encode())
+    return h.hexdigest()
