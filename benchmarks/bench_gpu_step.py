@@ -197,14 +197,17 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
 
     from megatron_po.config import load_config
     from megatron_po.data.tokenizer import Tokenizer
+    from megatron_po.families import family_spec
     from megatron_po.objectives import build_objective
     from megatron_po.parallel.groups import init_parallel, teardown
     from megatron_po.train.data import build_train_dataset, make_micro_batch
-    from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step
+    from megatron_po.train.loop import build_reference, build_train_state, train_step
+    from megatron_po.train.models import build_models
     from megatron_po.train.precompute import precompute_reference
 
     logging.getLogger("megatron_po").setLevel(logging.ERROR)
     cfg = load_config(None, base)
+    family = family_spec(cfg.model.family)
     out, world = Path(args.output_dir), int(os.environ.get("WORLD_SIZE", 1))
     dp = cfg.validate_world(world)
     groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
@@ -219,7 +222,7 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
         dist.barrier()
         objective = build_objective("acpo", {})
         tokenizer = Tokenizer(out / "tokenizer.model")
-        ds = build_train_dataset(cfg, out / "train.jsonl", tokenizer, objective)
+        ds = build_train_dataset(cfg, family, out / "train.jsonl", tokenizer, objective)
         planned = [2 * (prefix + 1) + c + r for step in plan for mb in step for _, c, r in mb]
         if len(ds) != len(planned) or any(ds.cost(i) != n for i, n in enumerate(planned)):
             raise RuntimeError("the tokenized pairs do not have the planned lengths")
@@ -244,16 +247,16 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
             c = load_config(None, base + [f"reference.source={source}", f"reference.cache_path={out}/cache",
                                           f"model.recompute={recompute}"])
             if source == "cache" and not cached:  # untimed; one cache serves every recompute setting
-                precompute_reference(c, objective, groups)
+                precompute_reference(c, objective, family, groups)
                 cached = True
-            policy, ref_model = build_models(c, groups, tokenizer.vocab_size, objective)
+            policy, ref_model = build_models(c, family, groups, tokenizer.vocab_size, objective)
             layers = policy.language_model.decoder.layers
             got, want = sum(p.numel() for p in layers.parameters()), len(layers) * shape.layer_params(groups.tp_size)
             if got != want:
                 raise RuntimeError(f"the decoder layers hold {got:,} parameters on this rank; N_lm counts {want:,}")
-            reference = build_reference(c, groups, objective, policy, ref_model, {"train": ds})
+            reference = build_reference(c, groups, objective, family, policy, ref_model, {"train": ds})
             state = build_train_state(c, groups, objective, policy, reference)
-            planned = planned_peak(args, c, world, dp, objective, plan, prefix, groups.device.type)
+            planned = planned_peak(args, c, family, world, dp, objective, plan, prefix, groups.device.type)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             times, mix = [], Mix()
@@ -289,7 +292,7 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
             Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def planned_peak(args, cfg, world: int, dp: int, objective, plan, prefix: int, device_type: str) -> float:
+def planned_peak(args, cfg, family, world: int, dp: int, objective, plan, prefix: int, device_type: str) -> float:
     """The memory plan's peak bytes per rank for this configuration and the planned steps' micro-batches (packed:
     one row of --max-seq tokens each; unpacked: the most rows of one micro-batch, padded to the longest)."""
     import dataclasses
@@ -304,7 +307,7 @@ def planned_peak(args, cfg, world: int, dp: int, objective, plan, prefix: int, d
         row_tokens = max(prefix + 1 + max(c, r) for mb in mbs for _, c, r in mb)
     else:
         rows, row_tokens = 1, args.max_seq
-    return build_plan(cfg, world, rows=rows, row_tokens=row_tokens, needs_reference=objective.needs_reference,
+    return build_plan(cfg, family, world, rows=rows, row_tokens=row_tokens, needs_reference=objective.needs_reference,
                       te=use_te_spec(cfg.model), device_type=device_type).peak
 
 

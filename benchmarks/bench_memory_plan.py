@@ -38,11 +38,13 @@ from peak_rss import PeakRSS  # noqa: E402
 
 from megatron_po.config import load_config  # noqa: E402
 from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
+from megatron_po.families import family_spec  # noqa: E402
 from megatron_po.memory_plan import ROWS, build_plan  # noqa: E402
 from megatron_po.objectives import build_objective  # noqa: E402
 from megatron_po.parallel.groups import init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data  # noqa: E402
-from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
+from megatron_po.train.loop import build_reference, build_train_state, train_step  # noqa: E402
+from megatron_po.train.models import build_models  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 
 MiB = 2**20
@@ -61,8 +63,9 @@ def measure(cfg, objective, groups, tokenizer, ds, steps: int, seq: int, mem: Pe
     """(bytes above the start of this configuration at its peak, the most rows a micro-batch had, its longest row)."""
     mem.start()
     start = mem.proc.memory_info().rss
-    policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds})
+    family = family_spec(cfg.model.family)
+    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
     state = build_train_state(cfg, groups, objective, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     rows = length = 0
@@ -93,12 +96,12 @@ def run_config(name: str, args) -> None:
                                     f"train.train_steps={args.steps}"])
     groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
     try:
-        objective = build_objective(cfg.objective.name, {})
-        train_path, tok_path = prepare_data(cfg, objective)
+        objective, family = build_objective(cfg.objective.name, {}), family_spec(cfg.model.family)
+        train_path, tok_path = prepare_data(cfg, objective, family)
         tokenizer = Tokenizer(tok_path)
-        ds = build_train_dataset(cfg, train_path, tokenizer, objective)
+        ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
         if cfg.reference.source == "cache":
-            precompute_reference(cfg, objective, groups)
+            precompute_reference(cfg, objective, family, groups)
         peak, rows, length = measure(cfg, objective, groups, tokenizer, ds, args.steps, args.seq, PeakRSS())
         found = [None] * world
         dist.all_gather_object(found, (peak, rows, length, groups.pp_rank))
@@ -107,7 +110,7 @@ def run_config(name: str, args) -> None:
     if rank == 0:
         peak, _, _, stage = max(found)
         rows, length = max(f[1] for f in found), max(f[2] for f in found)
-        plan = build_plan(cfg, world, rows=rows, row_tokens=length, te=False, device_type="cpu",
+        plan = build_plan(cfg, family, world, rows=rows, row_tokens=length, te=False, device_type="cpu",
                           needs_reference=objective.needs_reference).stages[stage]
         terms = sorted(((getattr(plan, key), label) for label, key in ROWS), reverse=True)[:3]
         print("RESULT " + json.dumps({"name": name, "stage": stage, "planned": plan.total, "measured": peak,

@@ -52,11 +52,13 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from megatron_po.config import ConfigError, load_config  # noqa: E402
 from megatron_po.data.collate import IGNORE_INDEX  # noqa: E402
 from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
+from megatron_po.families import family_spec  # noqa: E402
 from megatron_po.objectives import OBJECTIVES, build_objective  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.batch import MicroBatch  # noqa: E402
 from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, step_micro_batches  # noqa: E402
-from megatron_po.train.loop import build_models, build_reference, build_train_state, train_step  # noqa: E402
+from megatron_po.train.loop import build_reference, build_train_state, train_step  # noqa: E402
+from megatron_po.train.models import build_models  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
 
@@ -115,8 +117,9 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
 # ---- one configuration -------------------------------------------------------------------------------------------
 
 def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
-    policy, reference_model = build_models(cfg, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, policy, reference_model, {"train": ds})
+    family = family_spec(cfg.model.family)
+    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
     state = build_train_state(cfg, groups, objective, policy, reference)
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     on_gpu = groups.device.type == "cuda"
@@ -239,14 +242,15 @@ def main() -> int:
                 dp = cfg.validate_world(world)
                 groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
                 try:
-                    objective = build_objective(obj, {})
+                    objective, family = build_objective(obj, {}), family_spec(cfg.model.family)
                     if objective.inputs not in datasets:
-                        train_path, tok_path = prepare_data(cfg, objective)
+                        train_path, tok_path = prepare_data(cfg, objective, family)
                         tokenizer = Tokenizer(tok_path)
-                        datasets[objective.inputs] = build_train_dataset(cfg, train_path, tokenizer, objective)
+                        datasets[objective.inputs] = build_train_dataset(cfg, family, train_path, tokenizer,
+                                                                         objective)
                     ds = datasets[objective.inputs]
                     if source == "cache":
-                        precompute_reference(cfg, objective, groups)
+                        precompute_reference(cfg, objective, family, groups)
                     mem.start()
                     r = bench_one(cfg, objective, groups, tokenizer, ds, args.steps, args.warmup, args.seq)
                     peaks = [None] * world
