@@ -243,6 +243,10 @@ def _examine(bounds: tuple[int, int]) -> _Part:
                 part.images.update(str(p) for p in ex.images if not isinstance(p, EmbeddedImage))
     except (RecordError, FileNotFoundError, ValueError, OSError) as e:  # reported in record order, on every rank
         part.error = e
+    # arrays, not lists of Python ints, travel back to the parent (a million records' lists would be ~450 MB)
+    part.reason = np.array(part.reason, dtype=np.int8)
+    part.rows = np.array(part.rows, dtype=np.int32).reshape(len(part.reason), rules.rows_per_sample)
+    part.image_tokens = np.array(part.image_tokens, dtype=np.int32)
     return part
 
 
@@ -292,9 +296,9 @@ def prepare_index(rules: SampleRules, files: list[DataFile], components: dict[st
     image_files = [name.encode("utf-8") for name in images]
     index = SampleIndex(
         files, units, np.array(encoded, dtype=f"S{max(1, max(map(len, encoded)))}"),
-        np.array([r for p in parts for r in p.reason], dtype=np.int8),
-        np.array([r for p in parts for r in p.rows], dtype=np.int32).reshape(n, rules.rows_per_sample),
-        np.array([t for p in parts for t in p.image_tokens], dtype=np.int32), components,
+        np.concatenate([np.zeros(0, np.int8), *(p.reason for p in parts)]),
+        np.concatenate([np.zeros((0, rules.rows_per_sample), np.int32), *(p.rows for p in parts)]),
+        np.concatenate([np.zeros(0, np.int32), *(p.image_tokens for p in parts)]), components,
         np.array(image_files, dtype=f"S{max([1, *map(len, image_files)])}"))
     if rank == 0:
         dt = time.perf_counter() - t0

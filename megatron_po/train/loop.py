@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -319,6 +320,11 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
     try:
         if start == 0 and (baseline := run_eval(0)):
             writer.log({"step": 0, **baseline})
+        # the ~400K long-lived objects of the set-up (modules, megatron's state, tokenizer) made each full collection
+        # stall a random step by ~0.25 s (benchmarks/bench_data.py); frozen, collections scan only what steps make,
+        # and forked loader workers share those pages instead of copying them when the collector touches them
+        gc.collect()
+        gc.freeze()
         loader = step_batches(ds, sampler, batch_layout(cfg, groups), groups.device, start, cfg.train.train_steps,
                               cfg.data.num_workers, cfg.data.prefetch_factor)
         for it in range(start, cfg.train.train_steps):
