@@ -5,7 +5,7 @@
 
 Everything generated (images, JSON lines, tokenizer, indexes, HF processor directories, runs) goes under `--work`
 (default /tmp/megatron_po_bench_data) and is reused by later runs; the indexes are prepared again each run unless
-`--reuse-index`. Default options: ~8 min on 2 cores once the data exist (+1 min to generate them); `--quick`: ~4
+`--reuse-index`. Default options: ~8 min on 2 cores once the data exist (+1 min to generate them); `--quick`: ~5
 min. Each part's progress goes to stderr, the tables to stdout. The machine's speed is probed before and after each
 part (a fixed Python loop, and how much of a second core two copies of it get): on a shared host it drifts.
 
@@ -438,7 +438,8 @@ def bench_wait(work: Path, texts: list[dict], args) -> list[dict]:
         step_s = args.ratio * p
         one = ds[0][1]
         pixels = one["pixel_values"]
-        row = {"family": family, "P_s": p, "inline_s": inline, "S_s": step_s, "pixel_mib_per_pair": pixels.numel() * 4 / MiB,
+        row = {"family": family, "P_s": p, "inline_s": inline, "S_s": step_s,
+               "pixel_mib_per_pair": pixels.numel() * 4 / MiB,
                "tokens_first_image": int(one["num_tokens"].sum())}
         for workers in (0, 2):
             waits, gcs = wait_loop(ds, sampler, layout, args.wait_steps, workers, step_s)
@@ -530,12 +531,14 @@ def bench_bcast(work: Path, texts: list[dict], args) -> dict:
 
     data = hf_pairs(work, texts, args.wait_records, args.wait_images)
     hf_dataset(hf_config(work, "qwen2_5_vl", data, args.wait_micro_batch, args.wait_micro_batch))  # its index
-    tmp = Path(tempfile.mkdtemp(prefix="bcast_", dir=work))
-    result = tmp / "result.json"
-    mp.spawn(_bcast_rank, args=(str(tmp / "store"), str(work), str(data), args.wait_micro_batch,
-                                args.bcast_repeats, str(result)), nprocs=2, join=True)
-    r = json.loads(result.read_text())
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bcast_", dir=work))  # the parent's store: no port to find
+    try:
+        result = tmp / "result.json"
+        mp.spawn(_bcast_rank, args=(str(tmp / "store"), str(work), str(data), args.wait_micro_batch,
+                                    args.bcast_repeats, str(result)), nprocs=2, join=True)
+        r = json.loads(result.read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # the first repetition warms allocators and the connection: left out
     return {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in r.items()}
 
@@ -727,7 +730,8 @@ def print_tables(results: dict, args) -> None:
                                   " / ".join(f"{b / MiB:.0f}" for b in r["workers_uss_bytes"])
                                   if max(r["workers"]) else "-",
                                   f"{1e3 * r['full_gc_s']:.0f} ({r['gc_objects'] / 1000:.0f}K)"])
-        _table(["records", "image files", "data", "prepare-data -w2 s (rate, peak RSS)", "launch->step 1 s", "beyond base s",
+        _table(["records", "image files", "data", "prepare-data -w2 s (rate, peak RSS)", "launch->step 1 s",
+                "beyond base s",
                 "after imports s", "beyond base s", "imports s", "data s", "models s", "models->step s",
                 "step 1 s"], times)
         print("   image files: distinct files the records read (record i reads file i mod that); 'after imports' = "
