@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -250,6 +251,14 @@ def _examine(bounds: tuple[int, int]) -> _Part:
     return part
 
 
+def _default_signals() -> None:
+    # a worker forked from the trainer inherits its stop handlers (train/jobcontrol.py), which only set a flag: the
+    # pool's terminate() (SIGTERM) would then never end it, and the trainer would wait for it forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _examine_share(rules: SampleRules, reader: RecordReader, units: Units, lo: int, hi: int,
                    workers: int) -> list[_Part]:
     """This rank's records [lo, hi) examined by `workers` processes (forked: the rules' tokenizer is inherited)."""
@@ -260,8 +269,14 @@ def _examine_share(rules: SampleRules, reader: RecordReader, units: Units, lo: i
         if workers <= 1 or len(bounds) <= 1:
             return [_examine(b) for b in bounds]
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers' threads do not survive a fork
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return pool.map(_examine, bounds, chunksize=1)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+        try:
+            parts = pool.map(_examine, bounds, chunksize=1)
+            pool.close()  # every worker takes its sentinel and exits
+            return parts
+        finally:
+            pool.terminate()
+            pool.join()
     finally:
         _WORK = None
 
