@@ -102,6 +102,12 @@ def _settings(cfg: Config, family: FamilySpec, kind: InputKind, objective_cfg, f
             "data.images_outside_root": cfg.data.images_outside_root, **kind.settings(objective_cfg)}
 
 
+def _images_and_collator(cfg: Config, family: FamilySpec, kind: InputKind, objective_cfg, tokenizer) -> tuple:
+    """The family's image handler and the input kind's collator around it."""
+    images = family.image_handler(cfg.model, tokenizer)
+    return images, kind.build_collator(tokenizer, collate_config(cfg), images, objective_cfg)
+
+
 def build_split(cfg: Config, family: FamilySpec, kind: InputKind, objective_cfg, name: str, path: Path,
                 tokenizer: Tokenizer, fmt: str = "auto", limit: Optional[int] = None,
                 workers: Optional[int] = None, force: bool = False) -> PreferenceDataset:
@@ -111,8 +117,7 @@ def build_split(cfg: Config, family: FamilySpec, kind: InputKind, objective_cfg,
     path = Path(path)
     files = split_files(path, fmt, kind.parser)
     hashed, root = hashed_files(path, files), data_root(path)
-    images = family.image_handler(cfg.model, tokenizer)
-    collator = kind.build_collator(tokenizer, collate_config(cfg), images, objective_cfg)
+    images, collator = _images_and_collator(cfg, family, kind, objective_cfg, tokenizer)
     rules = kind.dataset.rules_class(collator, images, root, cfg.data.images_outside_root, path)
     settings = _settings(cfg, family, kind, objective_cfg, fmt)
     components = data_index.key_components(files, hashed, root, tokenizer.files, settings)
@@ -144,8 +149,7 @@ def build_p2_dataset(cfg: Config, family: FamilySpec, path: Path, tokenizer: Tok
 def _build_kind(cfg, family, kind, objective_cfg, path, tokenizer, records, fmt, name) -> PreferenceDataset:
     if records is None:
         return build_split(cfg, family, kind, objective_cfg, name, path, tokenizer, fmt)
-    images = family.image_handler(cfg.model, tokenizer)
-    collator = kind.build_collator(tokenizer, collate_config(cfg), images, objective_cfg)
+    images, collator = _images_and_collator(cfg, family, kind, objective_cfg, tokenizer)
     return kind.dataset(records, data_root(Path(path)), tokenizer, collate_config(cfg), images, collator=collator,
                         source=Path(path), images_outside_root=cfg.data.images_outside_root)
 
