@@ -28,17 +28,15 @@ optimizer state and every step's transients), the memory plan's peak per rank fo
 (megatron_po/memory_plan.py, `megatron-po train --dry-run`: one row of `--max-seq` tokens per packed micro-batch)
 and measured / planned; rates over all timed steps. `--json FILE` writes the rows as JSON too.
 
-Model FLOPs of the real tokens (padding, recompute replays and the optimizer not counted), per step:
-    F_fwd = 2 N_lm T + 2 L (n_h d) sum_i s_i^2 + 2 V h R
-    step  = 3 F_fwd (policy forward + backward) + F_fwd (live reference forward; the cache adds nothing)
-i.e. ~8 N_lm per token with a live reference, ~6 N_lm with the cache, plus attention and the log-prob head.
-  N_lm = L [h (n_h + 2 n_kv) d + (n_h + 2 n_kv) d + n_h d h + 3 h ffn + 2 h]: the decoder layers' parameters (qkv
-         weight + bias, output projection, SwiGLU fc1 + fc2, 2 RMSNorms), checked against the built layers.
-  T, R = real tokens (prompt, image slots, response; both rows of a pair); response positions (supervised, <|end|>
-         included): only those meet the [V, h] output weight in the fused log-prob stage (V padded to 128s).
-  s_i  = sequence lengths: causal QK^T costs 2 (n_h d) s^2/2 per layer and PV as much; packing isolates the
-         sequences, so sum s_i^2, not the squared row length.
-  Ignored: the vision tower and projector (frozen, encoded once per step without grad), embeddings, norms, softmax.
+Model FLOPs: megatron_po/flops.py, the count the trainer's `mfu` metric and `megatron-po sweep` use (real tokens
+only: padding, recompute replays and the optimizer are not counted), per step:
+    policy forward + backward = 3 decoder forwards, + 1 forward for a live reference (0 with the cache), + the frozen
+    vision tower and projector once (one encoding serves both passes); a decoder forward is
+    2 L P_mm T  +  4 L q sum_i s_i^2  +  2 V h R
+  P_mm = the GEMM weights of a layer (q, k, v, output, SwiGLU; biases and norms are not GEMMs), T = real tokens, s_i =
+  each packed sequence's length (attention counted whole per sequence, as Megatron-LM's
+  num_floating_point_operations does), R = response positions (only those meet the [V, h] output weight in the
+  fused log-prob stage; V padded to 128s), q = heads x head dim.
 """
 
 from __future__ import annotations
@@ -61,8 +59,6 @@ from pathlib import Path
 
 QWEN2_5_7B = ["model.hidden_size=3584", "model.ffn_hidden_size=18944", "model.num_attention_heads=28",
               "model.num_query_groups=4", "model.vocab_size=152064"]
-WORDS = ["".join(p) for p in itertools.product("abcdefghijklmnopqrst", repeat=2)]
-"""Words the generated tokenizer learns as one piece each: a text of n words is n tokens (checked)."""
 
 
 @dataclass
@@ -73,6 +69,8 @@ class Shape:
     heads: int
     groups: int
     vocab: int
+    model: object = None
+    """The family's ModelShape (megatron_po/models/shapes.py), which the FLOP count reads."""
 
     def layer_params(self, tp: int = 1) -> int:
         """Parameters of one decoder layer on one TP rank: the memory plan's count (the norms replicated, the rest
@@ -97,31 +95,36 @@ class Mix:
     sq: int = 0
     sequences: int = 0
     processed: int = 0
+    images: int = 0
 
     def __add__(self, o: "Mix") -> "Mix":
         return Mix(*(a + b for a, b in zip(astuple(self), astuple(o))))
 
 
-def step_flops(s: Shape, mix: Mix, live_reference: bool) -> dict[str, int]:
-    """Model FLOPs by part: the policy's forward + backward (3 forwards) and the live reference's forward."""
-    k = 3 + int(live_reference)
-    return {"dense": k * 2 * s.n_lm * mix.tokens, "attention": k * 2 * s.layers * s.heads * (s.hidden // s.heads)
-            * mix.sq, "logprob": k * 2 * s.vocab * s.hidden * mix.response}
+def step_flops(shape, mix: Mix, live_reference: bool) -> dict[str, float]:
+    """Model FLOPs of the mix by pass (megatron_po.flops.step_flops; `shape`: the family's ModelShape): the policy's
+    forward + backward, the live reference's forward, the frozen tower's one encoding of each pair's image."""
+    from megatron_po.flops import StepPasses
+    from megatron_po.flops import step_flops as count
+
+    per_image = shape.vision.image_tokens_per_pair  # one image per pair
+    work = [mix.tokens, mix.processed, mix.sq, mix.response, mix.images * per_image, mix.images * per_image**2,
+            mix.images]
+    return count(shape, StepPasses(live_reference=live_reference), work)
 
 
 def describe_flops(s: Shape, mix: Mix, live_reference: bool, steps: int) -> str:
-    f = step_flops(s, mix, live_reference)
+    f = step_flops(s.model, mix, live_reference)
     per = {k: v / mix.tokens / s.n_lm for k, v in f.items()}
-    return (f"{'live reference' if live_reference else 'reference cache'}: per real token {per['dense']:.0f} N_lm + "
-            f"attention {per['attention']:.3f} N_lm + log-prob head {per['logprob']:.3f} N_lm = "
-            f"{sum(per.values()):.3f} N_lm = {sum(f.values()) / mix.tokens / 1e9:.2f} GFLOP; "
-            f"{sum(f.values()) / steps / 1e12:.1f} TFLOP/step")
+    return (f"{'live reference' if live_reference else 'reference cache'}: per real token policy {per['policy']:.3f}"
+            f" N_lm + reference {per['reference']:.3f} N_lm + vision {per['vision']:.3f} N_lm = {per['total']:.3f} "
+            f"N_lm = {f['total'] / mix.tokens / 1e9:.2f} GFLOP; {f['total'] / steps / 1e12:.1f} TFLOP/step")
 
 
 def print_formula(s: Shape) -> None:
     print(__doc__[__doc__.index("Model FLOPs"):].rstrip())
     print(f"  Here N_lm = {s.layers} x {s.layer_params():,} = {s.n_lm:,} (h={s.hidden} n_h={s.heads} n_kv={s.groups} "
-          f"d={s.hidden // s.heads} ffn={s.ffn}), V = {s.vocab:,}.")
+          f"d={s.hidden // s.heads} ffn={s.ffn}: the layers' parameters, biases and norms included), V = {s.vocab:,}.")
 
 
 # ---- the token mix -----------------------------------------------------------------------------------------------
@@ -163,24 +166,9 @@ def plan_steps(args, num_steps: int, dp: int, prefix: int) -> list[list[list[tup
 
 def write_data(out: Path, plan, prompt_words: int, vocab: int) -> None:
     """The plan's pairs as JSONL (dataset order = plan order), their image and a tokenizer of `vocab` pieces."""
-    import numpy as np
-    from PIL import Image
+    from megatron_po.data.synthetic_lengths import write_pairs
 
-    from megatron_po.data.tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out / "image.png")
-
-    def text(n: int, first: list[str] = WORDS) -> str:
-        return " ".join([rng.choice(first)] + [rng.choice(WORDS) for _ in range(n - 1)])
-
-    with open(out / "train.jsonl", "w") as f:
-        for i, c, r in (pair for step in plan for mb in step for pair in mb):  # chosen != rejected: the first word
-            f.write(json.dumps({"id": f"pair{i:06d}", "image": "image.png", "prompt": text(prompt_words),
-                                "chosen": text(c, WORDS[:200]), "rejected": text(r, WORDS[200:])}) + "\n")
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(64)) for _ in range(200)]
-    train_tokenizer(corpus, out / "tokenizer", vocab_size=vocab)  # filled up to `vocab` with reserved pieces
+    write_pairs(out, [(c, r) for step in plan for mb in step for _, c, r in mb], prompt_words, 64, vocab, 0)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -234,10 +222,8 @@ def run(args, base: list[str], shape: Shape, configs: list[tuple[str, str]]) -> 
             for group in plan[step][groups.dp_rank * args.micro_batches:(groups.dp_rank + 1) * args.micro_batches]:
                 mb = make_micro_batch(ds, [i for i, _, _ in group], groups, packing=cfg)
                 mb.sample_index = torch.tensor([i - first for i, _, _ in group], device=groups.device)
-                r = mb.rows
-                seqs = torch.bincount(r.sequence_ids[r.sequence_ids >= 0]) if r.packed else r.lengths
-                mix += Mix(int(r.lengths.sum()), int((r.labels != -100).sum()), int((seqs ** 2).sum()), len(seqs),
-                           r.tokens.numel())
+                w = mb.work.policy  # counted on the host when the micro-batch was made (flops.Work)
+                mix += Mix(w.tokens, w.response, w.attention, mb.rows.num_logical, w.positions, len(w.image_tokens))
                 batches.append(mb)
             t = torch.tensor(astuple(mix), dtype=torch.float64, device=groups.device)
             dist.all_reduce(t, group=groups.dp)
@@ -317,7 +303,7 @@ def summarize(args, s: Shape, world: int, rows: list[dict], device: str) -> dict
     for r in rows:
         t, mix = r["times"], r["mix"]
         q = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else t * 3
-        tflops = sum(step_flops(s, mix, r["reference"] == "model").values()) / sum(t) / world / 1e12
+        tflops = step_flops(s.model, mix, r["reference"] == "model")["total"] / sum(t) / world / 1e12
         out.append({"layout": r["layout"], "layers": s.layers, "reference": r["reference"],
                     "recompute": r["recompute"], "steps": len(t), "ms_per_step": 1e3 * statistics.median(t),
                     "ms_q1": 1e3 * q[0], "ms_q3": 1e3 * q[2], "real_tokens_per_step": mix.tokens / len(t),
@@ -358,7 +344,7 @@ def dry_flops(args, s: Shape, prefix: int, sources: list[str]) -> None:
     mbs = [mb for step in plan for mb in step]
     lens = [prefix + 1 + x for mb in mbs for _, c, r in mb for x in (c, r)]
     mix = Mix(sum(lens), sum(c + r + 2 for mb in mbs for _, c, r in mb), sum(x * x for x in lens), len(lens),
-              sum(positions(mb, prefix, packing, pad) for mb in mbs))
+              sum(positions(mb, prefix, packing, pad) for mb in mbs), sum(map(len, mbs)))
     print(f"bench_gpu_step --dry-flops: {n} steps of {args.micro_batches} micro-batches (dp=1), rows of {args.max_seq}"
           f" {'packed' if packing else 'unpacked'}; prompt {prefix} tokens ({args.prompt} text, "
           f"{prefix - args.prompt - 3} image, 3 markers)\n  per step {mix.tokens / n:,.0f} real tokens in "
@@ -367,7 +353,7 @@ def dry_flops(args, s: Shape, prefix: int, sources: list[str]) -> None:
           f"{mix.sq / mix.tokens:,.0f}, padding efficiency {mix.tokens / mix.processed:.3f}\n")
     print_formula(s)
     for source in sources:
-        f = sum(step_flops(s, mix, source == "model").values()) / n / (args.peak_tflops * 1e12 * gpus)
+        f = step_flops(s.model, mix, source == "model")["total"] / n / (args.peak_tflops * 1e12 * gpus)
         print(f"  {describe_flops(s, mix, source == 'model', n)}; {1e3 * f:,.0f} ms at 100% MFU on {gpus} GPU(s)")
 
 
@@ -432,8 +418,10 @@ def main() -> int:
     except ConfigError as e:
         p.error(str(e))
     m = cfg.model
+    from megatron_po.families import family_spec
+
     shape = Shape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
-                  -(-m.vocab_size // 128) * 128)
+                  -(-m.vocab_size // 128) * 128, family_spec(m.family).model_shape(cfg))
     prefix = 3 + m.vision.num_patches + args.prompt  # <bos> <|user|> image slots, prompt, <|assistant|>
     if positions([(args.max_response, args.max_response)], prefix, not args.no_packing) > args.max_seq:
         p.error(f"a pair of {args.max_response}-token responses does not fit a row of {args.max_seq}")

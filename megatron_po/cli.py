@@ -258,13 +258,14 @@ def eval_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: megatron-po {prepare-data,train,precompute-ref,eval,generate-p2,demo} ...\n"
+        print("usage: megatron-po {prepare-data,train,precompute-ref,eval,generate-p2,demo,sweep} ...\n"
               "  prepare-data    read and check a config's data once: the prepared index training starts from\n"
               "  train           run one training stage (under torchrun)\n"
               "  precompute-ref  write the reference log-prob cache of a config (under torchrun, any layout)\n"
               "  eval            score held-out pairs and the probe with checkpoint.init_from (any layout)\n"
               "  generate-p2     P2-DPO focus and robustness pairs from checkpoint.init_from's greedy answers\n"
-              "  demo            the embedded SFT -> preference stages demo on this machine")
+              "  demo            the embedded SFT -> preference stages demo on this machine\n"
+              "  sweep           a grid of short training launches; their step costs as a table and plots")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare-data":
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_po.demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "sweep":
+        from megatron_po.sweep import main as sweep_main
+
+        return sweep_main(rest)
     print(f"unknown command {cmd!r}", file=sys.stderr)
     return 2
 

@@ -347,6 +347,11 @@ class TrainConfig:
     epoch, set once the data is read; it is what the LR schedule and the progress use)."""
     seed: int = 1234
     log_interval: int = 1
+    """Write every N-th step's metrics; only those steps read the phase timers and memory peaks (one
+    all-gather over the world each)."""
+    peak_tflops: float = 0.0
+    """The device's dense bf16 peak TFLOP/s for `mfu` (0: from the table of flops.PEAK_BF16_TFLOPS on a known
+    GPU; on the CPU, or an unknown GPU, no `mfu` is logged, only `flops/tflops_per_device`)."""
     progress_bar: bool = True
     exit_interval: int = 0
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval): for job time
@@ -369,6 +374,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.exit_duration_minutes < 0:
             raise ConfigError(f"train.exit_duration_minutes must be >= 0, got {self.exit_duration_minutes}")
         if self.wandb_project and importlib.util.find_spec("wandb") is None:

@@ -48,8 +48,13 @@ def run_python(args: list[str], timeout: int = 300, gpu: bool = False) -> str:
     return out
 
 
-TIMING_KEYS = {"tokens_per_s", "step_time_s", "time/data_wait"}
-"""Metrics that depend on the machine's speed: never compared between runs."""
+TIMING_PREFIXES = ("time/", "throughput/", "flops/", "memory/")
+"""Metrics that depend on the machine's speed or memory (train/costs.py): never compared between runs."""
+
+
+def timing_keys(metrics: dict) -> set:
+    """The keys of `metrics` that depend on the machine's speed or memory."""
+    return {k for k in metrics if k == "mfu" or k.startswith(TIMING_PREFIXES)}
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -62,7 +67,7 @@ def assert_metrics_equal(a: list[dict], b: list[dict]) -> None:
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for ma, mb in zip(a, b):
         assert ma.keys() == mb.keys(), (ma["step"], ma.keys() ^ mb.keys())
-        for k in ma.keys() - TIMING_KEYS:
+        for k in ma.keys() - timing_keys(ma):
             assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
 
 

@@ -5,13 +5,36 @@ and memory_plan.py only reads them (imports point down)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_po.models.specs import LMShape
 
 
 class MissingShapes(ValueError):
     """The HF family's config.json is not here (a cluster path): the config is valid, the plan cannot be made."""
+
+
+@dataclass(frozen=True)
+class VisionFlops:
+    """A family's vision tower and projector as the FLOP count sees them: forward FLOPs of an image of n decoder
+    tokens are ``dense * n + window * n + full * n^2 + projector * n`` (the tower's patches are a fixed multiple of
+    the decoder tokens), with ``window`` the windowed / per-tile attention and ``full`` the whole-image attention."""
+
+    dense_per_token: float = 0.0
+    """2 x the tower's GEMM weights applied per patch, times patches per decoder token (patch embedding included)."""
+    window_per_token: float = 0.0
+    """4 x hidden x span x patches per token, summed over the layers that attend within a window or tile."""
+    full_per_token2: float = 0.0
+    """4 x hidden x patches-per-token^2, summed over the layers that attend over the whole image."""
+    projector_per_token: float = 0.0
+    """2 x the projector's GEMM weights (applied once per decoder token)."""
+
+    def tower(self, image_tokens: float, image_tokens_sq: float) -> float:
+        """The tower's forward FLOPs over images with these summed decoder tokens and summed squared tokens."""
+        return (self.dense_per_token + self.window_per_token) * image_tokens + self.full_per_token2 * image_tokens_sq
+
+    def projector(self, image_tokens: float) -> float:
+        return self.projector_per_token * image_tokens
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,8 @@ class VisionFootprint:
     """Patches each patch attends to (a tile, or a window)."""
     image_tokens_per_pair: int
     """Decoder tokens the pair's images become."""
+    flops: VisionFlops = field(default_factory=VisionFlops)
+    """The tower's and projector's forward FLOPs per image (megatron_po/flops.py)."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from megatron_po.flops import Work
 from megatron_po.logprobs import ResponseIndex, segment_sums
 from megatron_po.parallel.context import cp_positions
 
@@ -167,6 +168,18 @@ class Rows:
         return Rows(self.tokens[:, pos], self.labels[:, pos], self.position_ids, kept, self.row_images,
                     self.lengths, cp_slots=slot_no[:, pos][kept], image_tokens=self.image_tokens)
 
+    def work(self, image_tokens: tuple[int, ...] = ()) -> Work:
+        """What a decoder pass over these rows processes (`flops.Work`), counted where the rows are (the host, for
+        the trainer's micro-batches); `image_tokens`: the tokens of each image the pass encodes."""
+        if self.packed:
+            ids = self.sequence_ids.reshape(-1)
+            sequences = torch.bincount(ids[ids >= 0])
+        else:
+            sequences = self.lengths
+        sequences = sequences.long()
+        return Work(int(self.lengths.sum()), self.tokens.numel(), int((sequences * sequences).sum()),
+                    len(self.response.positions), image_tokens)
+
     @property
     def num_logical(self) -> int:
         """Sequences (collated rows) the rows hold: per-row sums have this many entries, packed or not."""
@@ -197,6 +210,35 @@ class P2Fields:
     has_robust: Tensor
     clip_crop_score: Tensor
     clip_image_score: Tensor
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """What a step's passes process in one micro-batch (train/costs.py: `tokens/*`, the FLOP count, the memory
+    plan's rows), counted on the host when the micro-batch is made, on the whole rows: before CP sharding and the
+    THD layout."""
+
+    policy: Work
+    """The policy's rows, with the tokens of each image encoded."""
+    reference: Work
+    """The reference's rows (`MicroBatch.reference_rows`); its images are the policy's, counted there."""
+    rows: int
+    """Rows of the micro-batch (packed rows: after packing)."""
+    row_length: int
+    """Positions per row (the longest row's, padded)."""
+
+    @classmethod
+    def of(cls, mb: "MicroBatch") -> "BatchWork":
+        rows = mb.rows
+        per_image = rows.image_tokens
+        if per_image is None:  # fixed-size images: every image has the same slots
+            shown = sum(len(images) for images in rows.row_images)
+            count = mb.images.shape[0] if torch.is_tensor(mb.images) else 0
+            each = int(rows.image_token_mask.sum()) // shown if shown else 0
+            per_image = (each,) * count
+        policy = rows.work(tuple(per_image))
+        reference = policy if mb.ref_rows is None else mb.ref_rows.work()
+        return cls(policy, reference, rows.shape[0], rows.shape[1])
 
 
 @dataclass
@@ -237,6 +279,8 @@ class MicroBatch:
     step that uses the same tower (first pipeline stage only)."""
     segment_slots: Optional[int] = None
     """K of `num_segment_slots`, counted on the host when collated (None: counted on demand)."""
+    work: Optional[BatchWork] = None
+    """What the step's passes process (set on the host with the rows, `BatchWork.of`; None: counted on demand)."""
 
     @classmethod
     def from_collated(cls, d: dict) -> "MicroBatch":

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from megatron_po.data.packing import balance_over_dp, pack_rows
-from megatron_po.train.batch import MicroBatch
+from megatron_po.train.batch import BatchWork, MicroBatch
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ def host_micro_batch(ds, indices: list[int], layout: BatchLayout, pack: bool = F
     batch = ds.collator([ds[i] for i in indices])
     if pack:
         batch = pack_rows(batch, layout.max_seq_length, layout.pad_to_multiple_of, ds.collator.tokenizer.pad_id)
-    mb = MicroBatch.from_collated(batch).cp_shard(layout.cp_size, layout.cp_rank)
+    mb = MicroBatch.from_collated(batch)
+    mb.work = BatchWork.of(mb)  # on the whole rows, from host tensors
+    mb = mb.cp_shard(layout.cp_size, layout.cp_rank)
     if pack and layout.thd:
         mb = mb.as_thd()  # TE attention isolates the sequences by cu_seqlens in one row (train/rows.thd_params)
     return mb

@@ -28,6 +28,7 @@ from megatron_po.parallel.reduce import broadcast_from_last_stage
 from megatron_po.train import checkpoint as ckpt
 from megatron_po.train.batch import MicroBatch
 from megatron_po.train.batch_stats import gather_global_stats
+from megatron_po.train.costs import NO_CLOCK, CostMeter, StepClock, step_passes
 from megatron_po.train.data import (batch_layout, build_eval_datasets, build_sampler, build_tokenizer,
                                     build_train_dataset, prepare_data)
 from megatron_po.train.evaluate import build_eval_sets, maybe_evaluate
@@ -136,14 +137,16 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     return TrainState(ddp, reference, optimizer, scheduler, step, groups, cfg.train.skip_nonfinite_steps)
 
 
-def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int) -> None:
+def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int, clock: StepClock = NO_CLOCK) -> None:
     """What the policy step takes as inputs besides the micro-batches (which carry their samples' global
     positions, `step_micro_batches`): the step counter, the reference log-probs of every micro-batch, and (if the
     objective takes them) the step's global-batch statistics."""
     state.step.iteration = iteration
     if state.reference is not None:
         state.reference.fill(batches)
+    clock.mark("reference")
     state.step.global_stats = gather_global_stats(state.step, state.policy, batches)
+    clock.mark("statistics")
 
 
 def forward_backward(state: TrainState, batches: list[MicroBatch]) -> list[dict]:
@@ -159,11 +162,16 @@ def forward_backward(state: TrainState, batches: list[MicroBatch]) -> list[dict]
 
 
 def train_step(state: TrainState, batches: list[MicroBatch], iteration: int = 0,
-               stops: Optional[StopRequests] = None) -> dict:
+               stops: Optional[StopRequests] = None, clock: StepClock = NO_CLOCK) -> dict:
     """One optimizer step over this rank's micro-batches; returns global-batch metrics (same on every rank), with
-    "stop" listing why the run should stop after it (a signal, the time limit; see `finish_step`)."""
-    prepare_step(state, batches, iteration)
-    return finish_step(state, forward_backward(state, batches), stops)
+    "stop" listing why the run should stop after it (a signal, the time limit; see `finish_step`). `clock` marks
+    the end of each phase (train/costs.py)."""
+    prepare_step(state, batches, iteration, clock)
+    outputs = forward_backward(state, batches)
+    clock.mark("policy")
+    metrics = finish_step(state, outputs, stops)
+    clock.mark("optimizer")
+    return metrics
 
 
 def finish_step(state: TrainState, outputs: list[dict], stops: Optional[StopRequests] = None) -> dict:
@@ -267,10 +275,12 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
     ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
     cfg = with_epochs(cfg, len(ds))
     eval_datasets = build_eval_datasets(cfg, family, tokenizer)
+    costs = CostMeter(cfg, family, objective, groups)  # before the models: the resident size they add is measured
     policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
     reference = build_reference(cfg, groups, objective, family, policy, reference_model,
                                 {"train": ds, **eval_datasets})
     state = build_train_state(cfg, groups, objective, policy, reference)
+    costs.set_passes(step_passes(cfg, objective, reference, state.step.policy_tower))
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
     ckpt_root = out / "checkpoints"
@@ -328,17 +338,23 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
         loader = step_batches(ds, sampler, batch_layout(cfg, groups), groups.device, start, cfg.train.train_steps,
                               cfg.data.num_workers, cfg.data.prefetch_factor)
         for it in range(start, cfg.train.train_steps):
+            logged = (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps
             t0 = time.perf_counter()
             batches, data_wait = next(loader)
+            costs.start()  # the phases after the data wait (the memory peak too: the batches are in memory already)
             # the run's first step, where the policy equals the reference: how far the reference is from it
             state.step.measure_reference_gap = it == 0 and state.reference is not None
-            metrics = train_step(state, batches, it, stops)
+            metrics = train_step(state, batches, it, stops, costs.clock if logged else NO_CLOCK)
             stop = metrics.pop("stop")
-            dt = time.perf_counter() - t0
-            last = {"step": it + 1, **metrics, **_token_counts(batches, groups, dt), "step_time_s": dt,
-                    "time/data_wait": data_wait}
-            last.update(run_eval(it + 1))
-            if (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.train_steps:
+            if logged:
+                costs.clock.seconds()  # waits for the step's last kernels (a GPU): the step's time is all of it
+            step_seconds = time.perf_counter() - t0
+            t_eval = time.perf_counter()
+            evaluated = run_eval(it + 1)
+            eval_seconds = time.perf_counter() - t_eval if evaluated else None
+            last = {"step": it + 1, **metrics, **evaluated,
+                    **costs.step_metrics(batches, data_wait, step_seconds, eval_seconds, logged)}
+            if logged:
                 writer.log(last)
             done = it + 1 == cfg.train.train_steps
             exiting = bool(cfg.train.exit_interval) and (it + 1) % cfg.train.exit_interval == 0
@@ -386,16 +402,6 @@ def _conversion(cfg: Config, family: FamilySpec) -> Optional[tuple[Path, dict]]:
     return (Path(cfg.model.hf_path), conversion_record(
         Path(cfg.checkpoint.init_from), Path(cfg.model.hf_path), cfg.model.family,
         torch.bfloat16 if cfg.model.params_dtype == "bf16" else torch.float32))
-
-
-def _token_counts(batches: list[MicroBatch], groups: ParallelGroups, seconds: float) -> dict:
-    """Real tokens (the policy's rows) and the positions processed for them over the global batch: one
-    all-reduce and one host read per step."""
-    real = torch.stack([b.rows.lengths.sum() for b in batches]).sum().double()
-    counts = torch.stack([real, real.new_tensor(float(sum(b.rows.tokens.numel() for b in batches)))])
-    dist.all_reduce(counts, group=groups.dp)
-    real, processed = counts.tolist()
-    return {"tokens_per_s": real / seconds, "data/padding_efficiency": real / processed}
 
 
 @contextlib.contextmanager

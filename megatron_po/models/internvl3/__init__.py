@@ -55,7 +55,7 @@ from megatron_po.models.internvl3.processor import (  # noqa: F401
     CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt, image_span)
 from megatron_po.models.internvl3.vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
-from megatron_po.models.shapes import VisionFootprint
+from megatron_po.models.shapes import VisionFlops, VisionFootprint
 from megatron_po.models.specs import LMShape, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -256,11 +256,17 @@ def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length:
     tiles = 1 if tiling is None or tiling.max_patches <= 1 else tiling.max_patches + 1
     span = v.grid[0] * v.grid[1] + 1  # patches and the class token, attended per tile
     h = lm.hidden_size
+    hv, per_tile = v.hidden_size, tokens_per_tile(hf_config)
+    patches = span / per_tile  # tower positions (patches and the class token) per decoder token
+    flops = VisionFlops(
+        dense_per_token=2 * patches * (v.num_channels * v.patch_size[0] * v.patch_size[1] * hv
+                                       + v.num_layers * (4 * hv * hv + 2 * hv * v.intermediate_size)),
+        window_per_token=4 * hv * patches * span * v.num_layers, projector_per_token=2 * (merged * h + h * h))
     return lm, VisionFootprint(
         tower_sharded=0, tower_replicated=tower, projector_sharded=merged * h + h + h * h,
         projector_replicated=2 * merged + h, hidden=v.hidden_size, ffn=v.intermediate_size, heads=v.num_heads,
         layers=v.num_layers, patches_per_pair=tiles * span, attention_span=span,
-        image_tokens_per_pair=tiles * tokens_per_tile(hf_config))
+        image_tokens_per_pair=tiles * per_tile, flops=flops)
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> InternVL3Model:

@@ -36,7 +36,7 @@ from megatron_po.models.qwen2_5_vl.processor import (  # noqa: F401  (re-exporte
     rope_position_ids,
 )
 from megatron_po.models.qwen2_5_vl.vision import PatchMerger, VisionShape, VisionTower
-from megatron_po.models.shapes import VisionFootprint
+from megatron_po.models.shapes import VisionFlops, VisionFootprint
 from megatron_po.models.specs import LMShape, build_lm_config, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -188,10 +188,17 @@ def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length:
     st = processor_settings(preprocessor_config)
     tokens = min(st["max_pixels"] // (st["patch_size"] * st["merge_size"]) ** 2, max_seq_length // 2)
     window = (vis.window_size // vis.patch_size) ** 2
+    hv, unit, full = vis.hidden_size, vis.merge_unit, len(vis.fullatt_block_indexes)
+    # per patch: the patch embedding, q/k/v/o and the gated MLP; windowed layers attend within a window (edge windows
+    # counted whole), the full-attention layers over the image's patches (merge_unit per decoder token)
+    flops = VisionFlops(
+        dense_per_token=2 * unit * (vis.patch_dim * hv + vis.depth * (4 * hv * hv + 3 * hv * vis.intermediate_size)),
+        window_per_token=4 * hv * unit * window * (vis.depth - full), full_per_token2=4 * hv * unit**2 * full,
+        projector_per_token=2 * (unit * hv * unit * hv + unit * hv * vis.out_hidden_size))
     return lm, VisionFootprint(
         tower_sharded=0, tower_replicated=tower, projector_sharded=0, projector_replicated=merger,
         hidden=vis.hidden_size, ffn=vis.intermediate_size, heads=vis.num_heads, layers=vis.depth,
-        patches_per_pair=tokens * vis.merge_unit, attention_span=window, image_tokens_per_pair=tokens)
+        patches_per_pair=tokens * vis.merge_unit, attention_span=window, image_tokens_per_pair=tokens, flops=flops)
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> Qwen25VLModel:

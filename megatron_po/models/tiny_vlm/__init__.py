@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_po.models.family import FamilySpec
-from megatron_po.models.shapes import ModelShape, VisionFootprint
+from megatron_po.models.shapes import ModelShape, VisionFlops, VisionFootprint
 from megatron_po.models.specs import lm_shape_of, padded_vocab_size
 
 
@@ -35,10 +35,13 @@ def vision_footprint(cfg) -> VisionFootprint:
     sharded = v.num_layers * (3 * hv * hv + 3 * hv + hv * hv + hv * fv + fv + fv * hv)
     replicated = v.num_layers * (2 * hv + 4 * hv) + 2 * hv + 3 * v.patch_size**2 * hv + hv + v.num_patches * hv
     projector = hv * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size
+    # one decoder token per patch; every layer attends over the image's patches (bidirectional)
+    flops = VisionFlops(dense_per_token=2 * (3 * v.patch_size**2 * hv + v.num_layers * (4 * hv * hv + 2 * hv * fv)),
+                        window_per_token=4 * hv * v.num_patches * v.num_layers, projector_per_token=2 * projector)
     return VisionFootprint(tower_sharded=sharded, tower_replicated=replicated, projector_sharded=projector,
                            projector_replicated=0, hidden=hv, ffn=fv, heads=v.num_attention_heads,
                            layers=v.num_layers, patches_per_pair=v.num_patches, attention_span=v.num_patches,
-                           image_tokens_per_pair=v.num_patches)
+                           image_tokens_per_pair=v.num_patches, flops=flops)
 
 
 def model_shape(cfg) -> ModelShape:
