@@ -65,6 +65,11 @@ def test_grid_is_the_product_of_the_axes_with_stable_ids_and_forced_overrides(tm
             cfg.eval.interval, cfg.train.progress_bar, cfg.output_dir) == (3, 1, False, False, 0, False,
                                                                           str(tmp_path / "p"))
     assert cfg.data.packing and cfg.model.hidden_size == 64
+    # a value's `data` changes the synthetic pairs of its points only, and so their ids
+    longer_rows = expand_points(load_sweep(write_spec(tmp_path, GRID.replace(
+        "data.packing: true}", "data.packing: true, data: {response_median: 40}}"), "c.yaml")))
+    assert longer_rows[6].data.response_median == 40.0 and longer_rows[0].data.response_median == 16.0
+    assert longer_rows[6].id != points[6].id and longer_rows[0].id == points[0].id
 
 
 @pytest.mark.pure
@@ -74,6 +79,7 @@ def test_grid_is_the_product_of_the_axes_with_stable_ids_and_forced_overrides(tm
     (GRID.replace("nproc: 2, parallel.tp", "nprocs: 2, parallel.tp"), "nprocs"),
     (GRID.replace("data.packing: true", "packing: true"), "packing"),
     (GRID + "anchors: [{point: nowhere, source: x}]\n", "nowhere"),
+    (GRID.replace("data.packing: true}", "data: {response_mean: 9}}"), "response_mean"),
 ])
 def test_a_bad_key_is_named(tmp_path, body, key):
     with pytest.raises(SweepError, match=key):
@@ -222,3 +228,38 @@ def test_a_real_two_point_cpu_sweep_writes_results_and_a_rerun_launches_nothing(
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
     again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 points already done" in again.stdout and "launching" not in again.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_sweep_killed_during_a_point_resumes_without_rerunning_the_finished_one(tmp_path):
+    """SIGTERM (`kill`) while the second point trains: the running launch is stopped, the first point's result
+    stays, and the rerun launches the second point only."""
+    import os
+    import signal
+    import time
+
+    spec = write_spec(tmp_path, TINY + "points: [{label: first}, {label: second, model.hidden_size: 96}]\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "megatron_po.cli", "sweep", str(spec), "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    points = expand_points(load_sweep(spec))
+    first = out / "points" / points[0].dirname / "result.json"
+    second = out / "points" / points[1].dirname
+    deadline = time.monotonic() + 240
+    while not (first.is_file() and (second / "stdout.log").is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.is_file(), "the first point never finished"
+    time.sleep(3)  # the second point's launch is under way
+    os.kill(proc.pid, signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, log
+    assert not (second / "result.json").is_file()
+    kept = first.read_text()
+    again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 points already done" in again.stdout and again.stdout.count("launching") == 1, again.stdout
+    assert "second: launching" in again.stdout
+    assert first.read_text() == kept
+    assert json.loads((second / "result.json").read_text())["status"] == "ok"

@@ -94,24 +94,29 @@ def _flops_key(spec: SweepSpec) -> tuple[str, str]:
     return ("flops/tflops_per_device", "TFLOP/s per device") if spec.device == "cpu" else ("mfu", "MFU")
 
 
-def _line_key(spec: SweepSpec, row: dict, moves_x) -> str:
-    """The line a point belongs to: the labels of its axes whose values do not move it along x (`moves_x(choice)`),
-    e.g. the width axis against world size, while a layout axis with nproc moves it; an explicit point is its own."""
-    if not row["axes"]:
-        return row["label"]
-    kept = [label for name, label in row["axes"].items()
-            if not any(moves_x(c) for c in spec.axes.get(name, ()))]
-    return "-".join(kept) or "all"
+def _line_parts(row: dict) -> dict[str, str]:
+    """What tells a point's line apart: its model, row length, layout and the step's settings."""
+    st, lay = row.get("settings") or {}, row.get("layout") or {}
+    layout = (f"tp{lay.get('tp', 1)}{'sp' if lay.get('sp') else ''} pp{lay.get('pp', 1)} cp{lay.get('cp', 1)} "
+              f"dp{lay.get('dp', 1)}" if lay else "")
+    return {"model": str(st.get("model", "")), "seq": f"s{st.get('seq_len')}" if st.get("seq_len") else "",
+            "layout": layout, "micro_batch": f"mb{st.get('micro_batch')}" if st.get("micro_batch") else "",
+            "packing": "packed" if st.get("packing") else "padded", "reference": str(st.get("reference", "")),
+            "recompute": str(st.get("recompute", ""))}
 
 
-def _lines(ax, spec: SweepSpec, rows: list[dict], x_of, moves_x, y_key: str, ylabel: str, xlabel: str) -> None:
-    """Every point as a marker; per line, a line through the best point at each x (several layouts may share a
-    world size: the best is the scaling curve). Points without x or y are left out."""
+def _lines(ax, rows: list[dict], x_of, along: str, y_key: str, ylabel: str, xlabel: str) -> None:
+    """Every point as a marker; a line through the points that differ only along x (`along`: the part of
+    `_line_parts` that x follows), through the best point at each x (several layouts may share a world size: the
+    best is the scaling curve). Lines are named by the parts that differ between them. Points without x or y are
+    left out."""
+    parts = [_line_parts(r) for r in rows]
+    varying = [k for k in (parts[0] if parts else {}) if k != along and len({p[k] for p in parts}) > 1]
     groups: dict[str, list[tuple[float, float, str]]] = {}
-    for r in rows:
+    for r, p in zip(rows, parts):
         x, y = x_of(r), r["metrics"].get(y_key)
         if x is not None and y is not None:
-            groups.setdefault(_line_key(spec, r, moves_x), []).append((x, y, r["label"]))
+            groups.setdefault(" ".join(p[k] for k in varying if p[k]) or "all", []).append((x, y, r["label"]))
     for key, pts in sorted(groups.items()):
         best: dict[float, float] = {}
         for x, y, _ in pts:
@@ -171,10 +176,11 @@ def _breakdown(ax, rows: list[dict]) -> None:
 
 
 def plot(spec: SweepSpec, rows: list[dict], path: Path) -> None:
-    """(a) tokens/s per device and MFU (CPU: TFLOP/s per device) vs world size, a line per value of the axes
-    that set no process count (e.g. per width: strong scaling; per sequence length over a model axis that grows
-    with the world: weak scaling); (b) the latter vs sequence length; (c) measured vs planned memory with y = x
-    and a ±20% band; (d) each point's step time by part."""
+    """(a) tokens/s per device and MFU (CPU: TFLOP/s per device) vs world size, a line through the points that
+    differ only in layout (same model: strong scaling; a model that grows with the world is a line of its own per
+    size, its best points side by side: weak scaling); (b) the latter vs sequence length, a line through the points
+    that differ only in it; (c) measured vs planned memory with y = x and a ±20% band; (d) each point's step time
+    by part."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,18 +189,15 @@ def plot(spec: SweepSpec, rows: list[dict], path: Path) -> None:
     key, name = _flops_key(spec)
     fig = plt.figure(figsize=(12, 13))
     grid = fig.add_gridspec(3, 2)
-    world, seq = (lambda r: r["nproc"]), (lambda r: r["settings"].get("seq_len"))
-    by_nproc = lambda c: c.nproc is not None  # noqa: E731
-    by_seq = lambda c: "model.max_seq_length" in c.overrides or c.config is not None  # noqa: E731
+    world, seq = (lambda r: r["nproc"]), (lambda r: (r.get("settings") or {}).get("seq_len"))
     ax = fig.add_subplot(grid[0, 0])
-    _lines(ax, spec, rows, world, by_nproc, "throughput/tokens_per_s_per_device", "tokens/s per device",
-           "world size")
+    _lines(ax, rows, world, "layout", "throughput/tokens_per_s_per_device", "tokens/s per device", "world size")
     ax.set_title("(a) throughput per device vs world size", fontsize=9)
     ax = fig.add_subplot(grid[0, 1])
-    _lines(ax, spec, rows, world, by_nproc, key, name, "world size")
+    _lines(ax, rows, world, "layout", key, name, "world size")
     ax.set_title(f"(a) {name} vs world size", fontsize=9)
     ax = fig.add_subplot(grid[1, 0])
-    _lines(ax, spec, rows, seq, by_seq, key, name, "sequence length (model.max_seq_length)")
+    _lines(ax, rows, seq, "seq", key, name, "sequence length (model.max_seq_length)")
     ax.set_title(f"(b) {name} vs sequence length", fontsize=9)
     _memory(fig.add_subplot(grid[1, 1]), rows)
     _breakdown(fig.add_subplot(grid[2, :]), rows)

@@ -126,7 +126,7 @@ def run_point(spec: SweepSpec, point: Point, s: Screen, out: Path, launcher: Lau
     d = point_dir(out, point)
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.jsonl").unlink(missing_ok=True)  # a killed earlier attempt's steps are no measurement
-    extra = ensure_data(spec.data, s.cfg, s.family, out / "data")
+    extra = ensure_data(point.data, s.cfg, s.family, out / "data")
     args = override_args({**point.overrides, **forced_overrides(spec, point, d), **extra})
     config = ["--config", point.config] if point.config else []
     env = launch_env(spec)

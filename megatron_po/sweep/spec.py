@@ -10,7 +10,8 @@ id and the overrides its `megatron-po train` launch gets.
     device_memory_gb: 10              # per rank: the memory plan screens each point against it
     nproc: 1                          # processes of a point that names none
     data: {prompt_tokens: 32, response_median: 48, response_sigma: 0.5, pairs: 256}
-    axes:                             # the grid; a value: label, optional nproc and config, dotted overrides
+    axes:                             # the grid; a value: label, optional nproc, config and data (fields of
+                                      # `data` for its points), dotted overrides
       width: [{label: h256, model.hidden_size: 256}, {label: h512, model.hidden_size: 512}]
       layout: [{label: tp1}, {label: tp2, nproc: 2, parallel.tp: 2}]
     points: [{label: h512-pack, model.hidden_size: 512, data.packing: true}]   # besides (or instead of) the grid
@@ -21,6 +22,7 @@ Unknown keys are errors that name the key (as in the trainer's config).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -64,6 +66,8 @@ class Choice:
     nproc: int | None = None
     config: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    """Fields of the sweep's `data` that change for this value's points (longer rows want longer responses)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class Point:
     nproc: int
     axes: dict[str, str]
     """Axis name -> the label of this point's value ({} for an explicit point)."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """The synthetic pairs this point trains on (the sweep's `data` with its values' changes)."""
 
     @property
     def dirname(self) -> str:
@@ -150,14 +156,16 @@ def _choice(raw: Any, where: str) -> Choice:
     if config is not None and not isinstance(config, str):
         raise SweepError(f"{where} ({label}).config must be a path, got {config!r}")
     overrides = _overrides(raw.get("overrides", {}), f"{where} ({label}).overrides")
+    data = _mapping(raw.get("data", {}), f"{where} ({label}).data")
+    _typed(DataSpec, data, f"{where} ({label}).data")  # names an unknown or mistyped field
     for k, v in raw.items():
-        if k in ("label", "nproc", "config", "overrides"):
+        if k in ("label", "nproc", "config", "overrides", "data"):
             continue
         if not isinstance(k, str) or "." not in k:
-            raise SweepError(f"{where} ({label}): unknown key '{k}' (known: label, nproc, config, overrides, or a "
-                             "dotted config key such as parallel.tp)")
+            raise SweepError(f"{where} ({label}): unknown key '{k}' (known: label, nproc, config, overrides, data, "
+                             "or a dotted config key such as parallel.tp)")
         overrides[k] = v
-    return Choice(label, nproc, config, overrides)
+    return Choice(label, nproc, config, overrides, dict(data))
 
 
 def _typed(cls, raw: dict, where: str):
@@ -217,22 +225,25 @@ def load_sweep(path: str | Path) -> SweepSpec:
                      points=[_choice(p, f"points[{i}]") for i, p in enumerate(points)], anchors=anchors, **scalars)
 
 
-def _point_id(spec: SweepSpec, config: str | None, overrides: dict, nproc: int) -> str:
+def _point_id(spec: SweepSpec, config: str | None, overrides: dict, nproc: int, data: DataSpec) -> str:
     """A short hash of what decides the measurement: the base config's text (an edited file is a new point),
     the overrides, the processes, the steps, the data and the device; not where the sweep writes."""
     text = Path(config).read_text() if config and Path(config).is_file() else None
     key = {"config": config, "config_text": text, "overrides": overrides, "nproc": nproc,
-           "steps": [spec.warmup_steps, spec.timed_steps], "data": asdict(spec.data), "device": spec.device}
+           "steps": [spec.warmup_steps, spec.timed_steps], "data": asdict(data), "device": spec.device}
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _merge(spec: SweepSpec, index: int, label: str, choices: list[Choice], axes: dict[str, str]) -> Point:
-    overrides, nproc, config = dict(spec.overrides), spec.nproc, spec.config
+    overrides, nproc, config, data = dict(spec.overrides), spec.nproc, spec.config, {}
     for c in choices:  # later axes win, as later overrides do on the command line
         overrides.update(c.overrides)
         nproc = c.nproc or nproc
         config = c.config or config
-    return Point(index, label, _point_id(spec, config, overrides, nproc), config, overrides, nproc, axes)
+        data.update(c.data)
+    data = dataclasses.replace(spec.data, **{k: float(v) if isinstance(getattr(spec.data, k), float) else v
+                                             for k, v in data.items()})
+    return Point(index, label, _point_id(spec, config, overrides, nproc, data), config, overrides, nproc, axes, data)
 
 
 def expand_points(spec: SweepSpec) -> list[Point]:
