@@ -19,6 +19,8 @@ memory plan (memory_plan.py) of the rows the step really had is `memory/planned_
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
 from typing import Optional
@@ -34,6 +36,8 @@ from megatron_po.models.family import FamilySpec
 from megatron_po.models.specs import use_te_spec
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train.batch import BatchWork, MicroBatch
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("reference", "statistics", "policy", "optimizer")
 """The marked phases of a step after its data wait, in order (`StepClock.mark`)."""
@@ -162,10 +166,15 @@ class CostMeter:
         """The memory plan's peak per rank for micro-batches of `rows` rows of `row_length` positions."""
         key = (rows, row_length)
         if key not in self._plans:
-            plan = build_plan(self.cfg, self.family, self.world, rows=rows, row_tokens=row_length,
-                              needs_reference=self.objective.needs_reference, te=use_te_spec(self.cfg.model),
-                              device_type=self.groups.device.type)
-            self._plans[key] = plan.peak / GiB
+            try:
+                plan = build_plan(self.cfg, self.family, self.world, rows=rows, row_tokens=row_length,
+                                  needs_reference=self.objective.needs_reference, te=use_te_spec(self.cfg.model),
+                                  device_type=self.groups.device.type)
+                self._plans[key] = plan.peak / GiB
+            except ValueError as e:  # a metric must not stop the run: say why once, log NaN
+                if self.groups.is_logging_rank and not self._plans:
+                    logger.warning("memory/planned_gib: no memory plan for this run (%s)", e)
+                self._plans[key] = math.nan
         return self._plans[key]
 
     def step_metrics(self, batches: list[MicroBatch], data_wait: float, step_seconds: float,
