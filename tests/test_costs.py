@@ -50,15 +50,20 @@ def test_peak_rss_is_reset_per_step():
     assert first - second > 0.2, (first, second)
 
 
+RUN = ["train.train_steps=4", "train.log_interval=2", "eval.interval=2", "eval.max_pairs=4", "data.num_train=32",
+       "data.num_eval=4", "train.global_batch_size=4", "train.micro_batch_size=2", "train.peak_tflops=0.5",
+       "train.progress_bar=false", "checkpoint.save=false"]
+
+
+def _logged_steps(out, *layout: str) -> list[dict]:
+    run_torchrun(["-m", "megatron_po.train", f"output_dir={out}", *RUN, *layout], nproc=2)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
 @pytest.mark.e2e
 def test_every_cost_figure_is_in_metrics_jsonl_of_a_cpu_run(tmp_path):
-    out = tmp_path / "run"
-    run_torchrun(["-m", "megatron_po.train", f"output_dir={out}", "parallel.tp=2", "parallel.sp=true",
-                  "train.train_steps=4", "train.log_interval=2", "eval.interval=2", "eval.max_pairs=4",
-                  "data.num_train=32", "data.num_eval=4", "train.global_batch_size=4", "train.micro_batch_size=2",
-                  "train.peak_tflops=0.5", "train.progress_bar=false", "checkpoint.save=false"], nproc=2)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
+    steps = _logged_steps(tmp_path / "tp2", "parallel.tp=2", "parallel.sp=true")
     assert [r["step"] for r in steps] == [2, 4]  # log_interval: the other steps are not written
     for r in steps:
         assert COST_KEYS <= r.keys(), COST_KEYS - r.keys()
@@ -69,6 +74,9 @@ def test_every_cost_figure_is_in_metrics_jsonl_of_a_cpu_run(tmp_path):
         assert r["flops/tflops_per_device"] == pytest.approx(r["flops/step_tflop"] / r["time/step"] / 2)
         assert r["tokens/real"] <= r["tokens/processed"]
         assert r["memory/peak_rss_gib"] > r["memory/baseline_rss_gib"] > 0 and r["memory/planned_gib"] > 0
-    # the model FLOPs of a step follow its tokens, not the layout or the machine
-    assert steps[0]["flops/step_tflop"] != steps[1]["flops/step_tflop"] or \
-        steps[0]["tokens/real"] == steps[1]["tokens/real"]
+    # the model FLOPs of a step follow its sequences, not the layout: DP2 with packed rows (other rows, other
+    # padding, other ranks' shares) counts the same FLOPs for the same global batches
+    packed = _logged_steps(tmp_path / "dp2_packed", "data.packing=true")
+    for a, b in zip(steps, packed):
+        assert a["tokens/real"] == b["tokens/real"] and a["tokens/processed"] != b["tokens/processed"]
+        assert a["flops/step_tflop"] == pytest.approx(b["flops/step_tflop"], rel=1e-12)
