@@ -19,10 +19,11 @@ What each side counts that the other does not:
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
+
+from train_state import in_process_run
 
 pytestmark = pytest.mark.pure
 
@@ -106,40 +107,26 @@ def _counted_step(groups, out, overrides: list[str]):
     our model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_po.config import load_config
-    from megatron_po.families import family_spec
     from megatron_po.flops import Work, step_flops
-    from megatron_po.objectives import build_objective
     from megatron_po.train.batch import BatchWork
     from megatron_po.train.costs import step_passes
-    from megatron_po.train.data import build_sampler, build_tokenizer, build_train_dataset, prepare_data, \
-        step_micro_batches
-    from megatron_po.train.loop import build_reference, build_train_state, train_step
-    from megatron_po.train.models import build_models
+    from megatron_po.train.loop import train_step
 
-    cfg = load_config(None, [f"output_dir={out}", "parallel.backend=gloo", "data.num_train=16", "data.num_eval=2",
-                             "train.global_batch_size=4", "train.micro_batch_size=2", "objective.name=dpo",
-                             "model.params_dtype=fp32", *overrides])
-    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
-    family = family_spec(cfg.model.family)
-    train_path, tok_path = prepare_data(cfg, objective, family)
-    tokenizer = build_tokenizer(cfg, family, tok_path)
-    ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
-    batches = step_micro_batches(cfg, ds, build_sampler(cfg, len(ds), 0, 1), 0, groups)
+    run = in_process_run(groups, out, ["data.num_train=16", "data.num_eval=2", "train.global_batch_size=4",
+                                       "train.micro_batch_size=2", "objective.name=dpo", "model.params_dtype=fp32",
+                                       *overrides])
     with FlopCounterMode(display=False) as counter:
-        train_step(state, batches, 0)
-    works = [mb.work or BatchWork.of(mb) for mb in batches]
-    shape, passes = family.model_shape(cfg), step_passes(cfg, objective, reference, state.step.policy_tower)
+        train_step(run.state, run.batches, 0)
+    works = [mb.work or BatchWork.of(mb) for mb in run.batches]
+    shape = run.family.model_shape(run.cfg)
+    passes = step_passes(run.cfg, run.objective, run.reference, run.state.step.policy_tower)
 
     def executed(w: Work, rows: int, length: int) -> Work:  # every position, and each row's whole [S, S] scores
         return Work(w.positions, w.positions, rows * length * length, w.response, w.image_tokens)
 
-    run = [sum(v) for v in zip(*(executed(w.policy, w.rows, w.row_length).scalars() for w in works))]
+    kernels = [sum(v) for v in zip(*(executed(w.policy, w.rows, w.row_length).scalars() for w in works))]
     model = [sum(v) for v in zip(*(w.policy.scalars() for w in works))]
-    return counter.get_total_flops(), step_flops(shape, passes, run), step_flops(shape, passes, model)
+    return counter.get_total_flops(), step_flops(shape, passes, kernels), step_flops(shape, passes, model)
 
 
 def test_flop_counter_agrees_on_a_tiny_vlm_step(groups, tmp_path):

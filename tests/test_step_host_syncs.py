@@ -8,38 +8,22 @@ from __future__ import annotations
 import pytest
 
 from host_syncs import count_host_syncs
+from train_state import in_process_run
 
 pytestmark = pytest.mark.pure
 
 
 def _step_syncs(groups, tmp_path, objective_name: str, micro_batch_size: int, packing: bool) -> tuple[list, list]:
-    from megatron_po.config import load_config
-    from megatron_po.families import family_spec
-    from megatron_po.objectives import build_objective
-    from megatron_po.train.data import build_sampler, build_tokenizer, build_train_dataset, prepare_data, \
-        step_micro_batches
-    from megatron_po.train.loop import build_reference, build_train_state, finish_step, forward_backward, \
-        prepare_step
-    from megatron_po.train.models import build_models
+    from megatron_po.train.loop import finish_step, forward_backward, prepare_step
 
-    cfg = load_config(None, [f"output_dir={tmp_path}", "parallel.backend=gloo", "data.num_train=16",
-                             "train.global_batch_size=8", f"train.micro_batch_size={micro_batch_size}",
-                             f"objective.name={objective_name}", f"data.packing={str(packing).lower()}"])
-    objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
-    family = family_spec(cfg.model.family)
-    train_path, tok_path = prepare_data(cfg, objective, family)
-    tokenizer = build_tokenizer(cfg, family, tok_path)
-    ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
-    sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
-    batches = step_micro_batches(cfg, ds, sampler, 0, groups)
+    run = in_process_run(groups, tmp_path, ["data.num_train=16", "train.global_batch_size=8",
+                                            f"train.micro_batch_size={micro_batch_size}",
+                                            f"objective.name={objective_name}", f"data.packing={str(packing).lower()}"])
     with count_host_syncs() as per_micro_batch:
-        prepare_step(state, batches, 0)
-        outputs = forward_backward(state, batches)
+        prepare_step(run.state, run.batches, 0)
+        outputs = forward_backward(run.state, run.batches)
     with count_host_syncs() as per_step:
-        finish_step(state, outputs)
+        finish_step(run.state, outputs)
     return per_micro_batch, per_step
 
 
