@@ -178,9 +178,10 @@ class CostMeter:
         return self._plans[key]
 
     def step_metrics(self, batches: list[MicroBatch], data_wait: float, step_seconds: float,
-                     eval_seconds: Optional[float], logged: bool) -> dict:
+                     eval_seconds: Optional[float], phases: Optional[dict[str, float]]) -> dict:
         """The step's cost metrics. Every step: one all-reduce over DP of the tokens (the step's one host read
-        after its optimizer); a logged step adds the phases, FLOPs, memory and one all-gather over the world."""
+        after its optimizer); a logged step (`phases`: its `StepClock.seconds()`) adds the phases, FLOPs, memory
+        and one all-gather over the world."""
         works = [mb.work or BatchWork.of(mb) for mb in batches]
         policy = [sum(v) for v in zip(*(w.policy.scalars() for w in works))]
         reference = [sum(v) for v in zip(*(w.reference.scalars() for w in works))]
@@ -192,9 +193,8 @@ class CostMeter:
         out = {"tokens/real": real, "tokens/processed": processed, "data/padding_efficiency": real / processed,
                "throughput/tokens_per_s": real / step_seconds, "time/step": step_seconds,
                "time/data_wait": data_wait}
-        if not logged:
+        if phases is None:
             return out
-        phases = self.clock.seconds()
         rows = max(w.rows for w in works)
         row_length = max(w.row_length for w in works)
         memory = self.memory.peaks()

@@ -346,14 +346,14 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
             state.step.measure_reference_gap = it == 0 and state.reference is not None
             metrics = train_step(state, batches, it, stops, costs.clock if logged else NO_CLOCK)
             stop = metrics.pop("stop")
-            if logged:
-                costs.clock.seconds()  # waits for the step's last kernels (a GPU): the step's time is all of it
+            # a logged step's phases; reading them waits for its last kernels (a GPU): the step's time is all of it
+            phases = costs.clock.seconds() if logged else None
             step_seconds = time.perf_counter() - t0
             t_eval = time.perf_counter()
             evaluated = run_eval(it + 1)
             eval_seconds = time.perf_counter() - t_eval if evaluated else None
             last = {"step": it + 1, **metrics, **evaluated,
-                    **costs.step_metrics(batches, data_wait, step_seconds, eval_seconds, logged)}
+                    **costs.step_metrics(batches, data_wait, step_seconds, eval_seconds, phases)}
             if logged:
                 writer.log(last)
             done = it + 1 == cfg.train.train_steps
