@@ -91,6 +91,14 @@ def _read_hf_config(cfg) -> dict:
     return json.loads((Path(cfg.model.hf_path) / "config.json").read_text())
 
 
+def read_hf_configs(hf_path) -> tuple[dict, dict]:
+    """An HF family's model.hf_path files that decide shapes and image tokens: config.json, and
+    preprocessor_config.json ({} where it is absent: the processor's defaults)."""
+    root = Path(hf_path)
+    pre = root / "preprocessor_config.json"
+    return json.loads((root / "config.json").read_text()), json.loads(pre.read_text()) if pre.is_file() else {}
+
+
 def hf_family_spec(name: str, module: ModuleType) -> FamilySpec:
     """The spec of an HF family whose module satisfies HFFamilyModule: built from model.hf_path's config.json,
     HF tokenizer + chat template + processor, shapes from the config files."""
@@ -114,9 +122,7 @@ def hf_family_spec(name: str, module: ModuleType) -> FamilySpec:
         if not (root / "config.json").is_file():
             raise MissingShapes(f"model.hf_path={root}: no config.json to read the shapes from (a converted "
                                 "checkpoint's hf/ directory, or the published shapes in launch/configs/shapes/)")
-        pre = root / "preprocessor_config.json"
-        preprocessor = json.loads(pre.read_text()) if pre.is_file() else {}
-        lm, vision = module.memory_footprint(_read_hf_config(cfg), preprocessor, cfg.model.max_seq_length)
+        lm, vision = module.memory_footprint(*read_hf_configs(root), cfg.model.max_seq_length)
         return ModelShape(lm, padded_vocab_size(lm.vocab_size, cfg.parallel.tp), vision)
 
     # shapes, tokens and processing follow from hf_path's files, which the cache key hashes

@@ -23,14 +23,13 @@ HF_ROW_OVERHEAD = 64
 def _image_tokens(cfg: Config, family, image_size: int) -> int:
     if not family.from_hf:
         return cfg.model.vision.num_patches
-    root = Path(cfg.model.hf_path)
-    pre = root / "preprocessor_config.json"
+    from megatron_po.models.family import read_hf_configs
+
     try:
-        hf_config = json.loads((root / "config.json").read_text())
+        hf_config, preprocessor = read_hf_configs(cfg.model.hf_path)
     except FileNotFoundError:
         return 0  # the launch will say what is missing
-    return family.hf.image_num_tokens(image_size, image_size, json.loads(pre.read_text()) if pre.is_file() else {},
-                                      hf_config)
+    return family.hf.image_num_tokens(image_size, image_size, preprocessor, hf_config)
 
 
 def ensure_data(data: DataSpec, cfg: Config, family, root: Path) -> dict[str, Any]:
