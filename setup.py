@@ -30,8 +30,9 @@ setup(
         # megatron-core 0.16.1 declares; no flash-attn: TE runs attention in cuDNN's fused kernels on H100
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # conversion parity tests and tools/hf_parity.py run against transformers itself (5.x; 4.x configs and
-        # checkpoints stay readable: the converter reads config.json, not transformers' classes)
-        "hf": ["transformers==5.23.0"],
+        # checkpoints stay readable: the converter reads config.json, not transformers' classes); peft: the LoRA
+        # export's test loads `megatron-to-hf --adapter` directories with PeftModel (pulls accelerate 1.16.0)
+        "hf": ["transformers==5.23.0", "peft==0.22.0"],
         # data.format=hf: Hugging Face datasets on disk (save_to_disk directories, parquet, arrow)
         "data": ["datasets==5.2.0"],
         "wandb": ["wandb==0.31.0"],  # train.wandb_project

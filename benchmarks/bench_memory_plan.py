@@ -49,13 +49,16 @@ from megatron_po.train.precompute import precompute_reference  # noqa: E402
 
 MiB = 2**20
 
-# name -> (overrides, micro-batches per step): different TP / SP / PP / recompute / packing / log-prob / reference
+# name -> (overrides, micro-batches per step): different TP / SP / PP / recompute / packing / log-prob / reference /
+# LoRA
 CONFIGS = {
     "tp1_dp2": ([], 1),
     "tp2_sp_selective": (["parallel.tp=2", "parallel.sp=true", "model.recompute=selective"], 1),
     "tp1_dp2_full_packed": (["model.recompute=full", "data.packing=true", "train.micro_batch_size=24"], 1),
     "pp2_logits": (["parallel.pp=2", "model.logprobs=logits"], 2),
     "tp2_cache": (["parallel.tp=2", "reference.source=cache"], 2),
+    # LoRA: a frozen base, adapters only in DDP and the optimizer, the policy with its adapters off as reference
+    "tp1_dp2_lora": (["model.lora.rank=16"], 1),
 }
 
 
@@ -140,7 +143,7 @@ def main() -> int:
     names = sorted(CONFIGS) if args.configs == "all" else args.configs.split(",")
     table = []
     for name in names:
-        passed = [a for a in sys.argv[1:] if not a.startswith("--configs") and a not in names]
+        passed = [a for a in sys.argv[1:] if not a.startswith("--configs") and a not in (*names, args.configs)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                __file__, "--child", name, *passed]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")

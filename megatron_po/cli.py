@@ -134,7 +134,7 @@ def _generate_p2(cfg: Config, objective, family, groups, opts: argparse.Namespac
     # the output layer's logits, not the fused log-prob path's hidden states
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, logprobs="logits"))
     tokenizer = build_tokenizer(cfg, family, Path(cfg.data.tokenizer_path))
-    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size)
+    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size, adapters_ok=True)  # a LoRA run's too
     model.eval()
     questions = read_questions(opts.questions)
     gen = P2GenConfig(max_new_tokens=opts.max_new_tokens, seed=cfg.data.seed)

@@ -104,6 +104,40 @@ class VisionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (models/lora.py): the base weights stay frozen, only the adapters train."""
+
+    rank: int = 0
+    """Adapter rank r (0: no LoRA, every weight trains as configured by the freeze_* switches)."""
+    alpha: float = 32.0
+    """Scale α: an adapter adds (α/r)·B A x (peft's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's lora_dropout)."""
+    target_modules: str = "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+    """Comma list of the linears to adapt: linear_qkv, linear_proj, linear_fc1, linear_fc2 (every decoder layer's
+    attention and MLP: HF's q/k/v_proj, o_proj, gate/up_proj, down_proj) and 'projector' (both linears of the
+    vision-to-LLM projector)."""
+
+    def __post_init__(self):
+        from megatron_po.models.lora import TARGETS
+
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora: rank must be >= 0, alpha > 0 and dropout in [0, 1), got rank={self.rank}, "
+                              f"alpha={self.alpha}, dropout={self.dropout}")
+        bad = set(self.targets) - set(TARGETS)
+        if bad or not self.targets:
+            raise ConfigError(f"model.lora.target_modules: unknown {sorted(bad)}; known {', '.join(TARGETS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+
+@dataclass
 class ModelConfig:
     family: str = "tiny_vlm"
     """Model builder: 'tiny_vlm' (ViT + MLP projector + Qwen2.5-shaped GPT decoder, shapes from the fields below),
@@ -163,6 +197,9 @@ class ModelConfig:
     fusion into the fp32 main_grad): 'auto' (on with the Transformer-Engine spec, whose kernels provide them),
     'on' or 'off'."""
     vision: VisionConfig = field(default_factory=VisionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA (model.lora.rank > 0): adapters on the decoder's (and optionally the projector's) linears, the base
+    frozen; the reference is then the same model with its adapters off (reference.source=adapters_off)."""
 
     def __post_init__(self):
         if self.family not in FAMILY_NAMES:
@@ -271,16 +308,17 @@ class ObjectiveSection:
 
 @dataclass
 class ReferenceConfig:
-    source: str = "model"
+    source: str = "auto"
     """Where the reference log-probs come from: 'model' (a frozen copy of the initial policy runs a forward-only
-    pass every step) or 'cache' (read from `cache_path`, written by `megatron-po precompute-ref`: no reference
-    model is built, which frees its weights and a quarter of the step's FLOPs)."""
+    pass every step), 'adapters_off' (model.lora only: the policy itself with every adapter off, its base; no second
+    model), 'cache' (read from `cache_path`, written by `megatron-po precompute-ref`: no reference model is built,
+    which frees its weights and a quarter of the step's FLOPs), or 'auto': adapters_off under LoRA, else model."""
     cache_path: str = ""
     """Directory of the reference log-prob cache (precompute-ref writes it; source=cache reads and checks it)."""
 
     def __post_init__(self):
-        if self.source not in ("model", "cache"):
-            raise ConfigError(f"reference.source must be model|cache, got {self.source!r}")
+        if self.source not in ("auto", "model", "adapters_off", "cache"):
+            raise ConfigError(f"reference.source must be auto|model|adapters_off|cache, got {self.source!r}")
         if self.source == "cache" and not self.cache_path:
             raise ConfigError("reference.source=cache needs reference.cache_path")
 
@@ -427,6 +465,14 @@ class Config:
             raise ConfigError("data.packing with parallel.cp > 1 is not supported: megatron's M-RoPE slices its "
                               "rotary table by whole rows under context parallelism, not per packed sequence")
         m = self.model
+        if self.reference.source == "auto":  # resolved once: everything after reads model, adapters_off or cache
+            self.reference.source = "adapters_off" if m.lora.enabled else "model"
+        if self.reference.source == "adapters_off" and not m.lora.enabled:
+            raise ConfigError("reference.source=adapters_off needs model.lora.rank > 0 (adapters to switch off)")
+        if m.lora.enabled and not (m.freeze_vit and m.freeze_aligner) or m.lora.enabled and m.freeze_llm:
+            raise ConfigError("model.lora trains the adapters only: keep model.freeze_vit and freeze_aligner true and "
+                              "freeze_llm false (a fully trained tower or projector would make the adapters-off "
+                              "reference differ from the base; 'projector' in model.lora.target_modules adapts it)")
         if m.freeze_llm and m.freeze_vit and m.freeze_aligner:
             raise ConfigError("model.freeze_llm, freeze_vit and freeze_aligner are all true: nothing would train")
         if m.freeze_llm and self.parallel.pp > 1:

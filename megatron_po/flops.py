@@ -17,13 +17,22 @@ and per image, for the tower and projector (`VisionFlops`). A step is 3 decoder 
 and backward's data and weight gradients), one more forward for a live reference (zero with the cache) and one for
 an objective's global-batch statistics; the vision tower runs forward once per step when frozen (its one encoding
 serves every pass) and 3 times when trained, plus the reference's own forward when the towers differ.
+
+A frozen decoder (model.lora, model.freeze_llm: `StepPasses.frozen_base`) takes no weight gradients: megatron's
+LinearWithFrozenWeight and the fused log-prob stage compute the input gradient only, so its GEMMs and head count
+twice (forward, data gradient), the attention core still 3 times (the backward of QK^T and of PV is two input-
+gradient products each). Where nothing before the decoder trains, the first layer's backward starts at its first
+adapted linear (autograd computes no gradient for a tensor no trainable weight produced). LoRA adds each adapter's
+two small GEMMs, 2 r (in + out) per token forward, 3 times in the policy pass (forward, both weight gradients and
+the data gradients; A's input gradient only where the input takes one). The adapters-off reference is a forward of
+the base.
 """
 
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field, fields
 
-from megatron_po.models.shapes import ModelShape
+from megatron_po.models.shapes import LinearSite, ModelShape
 from megatron_po.models.specs import LMShape
 
 
@@ -68,6 +77,76 @@ def decoder_forward(shape: ModelShape, tokens: float, attention: float, response
             "head": 2.0 * shape.padded_vocab * lm.hidden_size * response}
 
 
+# ---- linears and LoRA adapters ---------------------------------------------------------------------------------------
+
+def decoder_linears(lm: LMShape) -> tuple[LinearSite, ...]:
+    """A decoder layer's linears in forward order (megatron's names): fused q/k/v, output, SwiGLU gate + up, down.
+    The core attention sits between the first two."""
+    h, f = lm.hidden_size, lm.ffn_hidden_size
+    q, k = lm.num_attention_heads * lm.kv_channels, lm.num_query_groups * lm.kv_channels
+    return (LinearSite("linear_qkv", "column", h, q + 2 * k), LinearSite("linear_proj", "row", q, h),
+            LinearSite("linear_fc1", "column", h, 2 * f), LinearSite("linear_fc2", "row", f, h))
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """model.lora's adapters as the FLOP count and the memory plan see them."""
+
+    rank: int
+    decoder: tuple[LinearSite, ...]
+    """The adapted linears of every decoder layer."""
+    projector: tuple[LinearSite, ...] = ()
+    """The projector's adapted linears ('projector' in model.lora.target_modules)."""
+    dropout: float = 0.0
+
+    def layer_params(self, tp: int) -> float:
+        """One decoder layer's adapter parameters on a TP rank."""
+        return sum(s.adapter_params(self.rank, tp) for s in self.decoder)
+
+    def projector_params(self, tp: int) -> float:
+        return sum(s.adapter_params(self.rank, tp) for s in self.projector)
+
+    def layer_forward(self) -> float:
+        """Forward FLOPs of one decoder layer's adapters per token."""
+        return sum(sum(s.adapter_flops(self.rank)) for s in self.decoder)
+
+    def projector_forward(self) -> float:
+        """Forward FLOPs of the projector's adapters per decoder image token."""
+        return sum(sum(s.adapter_flops(self.rank)) for s in self.projector)
+
+
+def lora_adapters(lora, shape: ModelShape) -> Adapters | None:
+    """The adapters of `lora` (config.LoraConfig) on this family's model; None without LoRA."""
+    if not lora.enabled:
+        return None
+    decoder = tuple(s for s in decoder_linears(shape.lm) if s.name in lora.targets)
+    projector = shape.vision.projector_linears if "projector" in lora.targets else ()
+    return Adapters(lora.rank, decoder, projector, lora.dropout)
+
+
+def chain_pass(sites: tuple[LinearSite, ...], adapted: set[str], rank: int, tokens: float, grad_in: bool,
+               core_after: str = "", core: float = 0.0) -> tuple[float, bool]:
+    """Forward + backward FLOPs of frozen linears in forward order, some adapted, over `tokens` tokens, and whether
+    the output takes a gradient.
+
+    A frozen GEMM: forward, plus its input gradient when its input takes one (`grad_in`). An adapter: forward,
+    A's and B's weight gradients, B's input gradient (A x depends on A), and A's input gradient when `grad_in`;
+    after it everything takes a gradient. `core` (FLOPs of a part without weights, the attention core) runs after
+    the linear named `core_after`: forward, and its two input-gradient products per forward product when `grad_in`.
+    """
+    total = 0.0
+    for site in sites:
+        fwd = site.gemm_flops() * tokens
+        total += fwd * (2.0 if grad_in else 1.0)
+        if site.name in adapted:
+            a, b = (x * tokens for x in site.adapter_flops(rank))
+            total += 3.0 * (a + b) - (0.0 if grad_in else a)
+            grad_in = True
+        if site.name == core_after:
+            total += core * (3.0 if grad_in else 1.0)
+    return total, grad_in
+
+
 @dataclass(frozen=True)
 class StepPasses:
     """Which passes a training step runs (train/costs.step_passes reads them off the trainer's state)."""
@@ -82,6 +161,14 @@ class StepPasses:
     projector_trained: bool = False
     reference_own_tower: bool = False
     """The live reference encodes with its own tower (when the policy's is not a frozen copy of it)."""
+    frozen_base: bool = False
+    """The decoder's weights take no gradient (model.lora, model.freeze_llm): its backward computes input gradients
+    only. A live reference then may be the policy with its adapters off (`live_reference` stays true)."""
+    adapters: Adapters | None = None
+    """model.lora's adapters on the frozen base."""
+    decoder_input_grad: bool = True
+    """The first decoder layer's input takes a gradient: something before it trains (the embedding, the tower or
+    the projector). Without, nothing before the first layer's first adapter gets one."""
 
 
 def step_flops(shape: ModelShape, passes: StepPasses, policy: list[float],
@@ -95,23 +182,55 @@ def step_flops(shape: ModelShape, passes: StepPasses, policy: list[float],
     reference = policy if reference is None else reference
     tokens, _, attention, response, img, img_sq, _ = policy
     fwd = sum(decoder_forward(shape, tokens, attention, response).values())
-    out = {"policy": 3.0 * fwd, "statistics": fwd if passes.statistics_pass else 0.0, "reference": 0.0}
-    if passes.live_reference:
+    adapters = passes.adapters
+    adapter_fwd = adapters.layer_forward() * shape.lm.num_layers * tokens if adapters else 0.0
+    out = {"policy": policy_pass(shape, passes, tokens, attention, response),
+           "statistics": fwd + adapter_fwd if passes.statistics_pass else 0.0, "reference": 0.0}
+    if passes.live_reference:  # a frozen copy, or the policy with its adapters off: the base's forward either way
         r_tokens, _, r_attention, r_response = reference[:4]
         out["reference"] = sum(decoder_forward(shape, r_tokens, r_attention, r_response).values())
-    vision = shape.vision.flops
-    tower, projector = vision.tower(img, img_sq), vision.projector(img)
-    if passes.shared_encoding:
-        encodings = tower + projector
-    else:  # the policy pass trains what is not frozen; a statistics pass encodes again, without grad
-        again = 1.0 if passes.statistics_pass else 0.0
-        encodings = (tower * ((3.0 if passes.vit_trained else 1.0) + again)
-                     + projector * ((3.0 if passes.projector_trained else 1.0) + again))
-    if passes.live_reference and passes.reference_own_tower:
-        encodings += tower + projector
-    out["vision"] = encodings
+    out["vision"] = vision_passes(shape, passes, img, img_sq)
     out["total"] = sum(out.values())
     return out
+
+
+def policy_pass(shape: ModelShape, passes: StepPasses, tokens: float, attention: float, response: float) -> float:
+    """The policy's forward + backward FLOPs over the decoder and head (the `policy` entry of `step_flops`)."""
+    parts = decoder_forward(shape, tokens, attention, response)
+    if not passes.frozen_base:
+        return 3.0 * sum(parts.values())
+    lm, adapters = shape.lm, passes.adapters
+    rank, adapted = (adapters.rank, {s.name for s in adapters.decoder}) if adapters else (0, set())
+    sites, core = decoder_linears(lm), parts["attention"] / lm.num_layers
+
+    def layer(grad_in: bool) -> tuple[float, bool]:
+        return chain_pass(sites, adapted, rank, tokens, grad_in, core_after="linear_qkv", core=core)
+
+    first, grad_in = layer(passes.decoder_input_grad)
+    rest, grad_in = layer(grad_in) if lm.num_layers > 1 else (0.0, grad_in)
+    return first + (lm.num_layers - 1) * rest + parts["head"] * (2.0 if grad_in else 1.0)
+
+
+def vision_passes(shape: ModelShape, passes: StepPasses, img: float, img_sq: float) -> float:
+    """The tower's and projector's FLOPs of a step (the `vision` entry of `step_flops`)."""
+    vision = shape.vision.flops
+    tower, projector = vision.tower(img, img_sq), vision.projector(img)
+    own_reference = tower + projector if passes.live_reference and passes.reference_own_tower else 0.0
+    if passes.shared_encoding:  # one encoding, without grad, serves every pass
+        return tower + projector + own_reference
+    # the policy pass trains what is not frozen; a statistics pass encodes again, without grad
+    again = 1.0 if passes.statistics_pass else 0.0
+    adapters = passes.adapters
+    if passes.projector_trained:
+        policy_projector = 3.0 * projector
+    elif adapters and adapters.projector:  # a frozen projector under adapters, fed the tower's output
+        adapted = {s.name for s in adapters.projector}
+        policy_projector = chain_pass(adapters.projector, adapted, adapters.rank, img, passes.vit_trained)[0]
+    else:
+        policy_projector = projector
+    projector_forward = projector + (adapters.projector_forward() * img if adapters else 0.0)
+    return (tower * ((3.0 if passes.vit_trained else 1.0) + again) + policy_projector + projector_forward * again
+            + own_reference)
 
 
 # ---- the device's peak ---------------------------------------------------------------------------------------------

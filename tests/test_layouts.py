@@ -25,8 +25,12 @@ SHORT = {"tp1_dp2_2mb", "tp2_sp", "pp2", "tp2_sp_pp2", "tp2_sp_packed", "pp2_pac
 CORE = ("dpo", "acpo", "acpo_batch", "acpo_hybrid", "beta_dpo", "cw_sftc")
 ALL = {"dpo", "acpo", "acpo_batch", "acpo_hybrid", "ipo", "simpo", "dpo_shift", "combo", "beta_dpo", "cw_sftc",
        "cw_dpo", "aspo", "p2_dpo", "p2_dpo_rejected", "dpo_tower", "dpo_logits", "dpo_recompute_full",
-       "acpo_recompute_selective"}
+       "acpo_recompute_selective", "dpo_lora", "dpo_lora_recompute_full", "acpo_lora_projector"}
 TRAINABLE_TOWER = {"dpo_tower"}  # vision tower and projector train with the LLM
+LORA = {"dpo_lora", "dpo_lora_recompute_full", "acpo_lora_projector"}  # adapters only; reference: them off
+OWN_ENCODING = TRAINABLE_TOWER | {"acpo_lora_projector"}  # the policy's image embeddings take a gradient
+STATISTICS_PASS = {"acpo_batch", "acpo_hybrid", "acpo_recompute_selective", "acpo_lora_projector", "beta_dpo",
+                   "cw_sftc"}  # objectives with a no-grad policy pass for global-batch statistics
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,8 @@ def test_logps_loss_alpha_grads_match_plain_torch(report):
 # objectives whose step-0 loss (reference == policy) is fixed by definition: DPO-like ln 2; IPO (1/(2 tau))^2
 STEP0 = {label: math.log(2) for label in ("dpo", "dpo_tower", "dpo_logits", "dpo_recompute_full", "acpo",
                                           "acpo_batch", "acpo_hybrid", "acpo_recompute_selective", "dpo_shift",
-                                          "beta_dpo", "cw_dpo", "aspo")} | {"ipo": 25.0}
+                                          "beta_dpo", "cw_dpo", "aspo", *LORA)} | {
+    "ipo": 25.0}
 
 
 def test_step0_loss_when_reference_equals_policy(report):
@@ -126,12 +131,25 @@ def test_reference_and_frozen_vision_never_change(report):
         assert r["lm_changed"], key  # the optimizer did step: the two checks above are not vacuous
 
 
+def test_lora_trains_adapters_only_in_every_layout(report):
+    """LoRA: the gradients (compared above with a plain-torch replica: base + (α/r)·x Aᵀ Bᵀ hooks, the bare base as
+    its reference) are the adapters' only, the base never moves, and both adapter placements ran in every short
+    layout with B = 0 (step 0: ln 2, checked above) and with B drifted."""
+    for label in LORA:
+        for mode in ("same", "drifted"):
+            assert {k.split("/")[-1] for k in report if k.startswith(f"{label}/ref={mode}/")} == SHORT, (label, mode)
+    for key, r in report.items():
+        if key.split("/")[0] in LORA:
+            assert all(name.endswith(("_lora.lora_a", "_lora.lora_b")) for _, name in r["worst"]), key
+            assert r["ref_unchanged"] and r["ref_grads_none"] and r["lm_changed"], key
+
+
 def test_cached_reference_equals_live(report):
     """The reference log-prob cache, computed at TP=2 by precompute_reference from a saved reference checkpoint
     and consumed at TP=1 x DP=2, at PP=2 and packed at PP=2, gives the live reference's losses and gradients."""
     cached = {k: r for k, r in report.items() if "/ref=cache/" in k}
     assert sorted(cached) == sorted(f"{label}/ref=cache/{layout}" for label in ("acpo_batch", "dpo", "aspo",
-                                                                               "p2_dpo_rejected")
+                                                                               "p2_dpo_rejected", "dpo_lora")
                                     for layout in ("tp1_dp2", "pp2", "pp2_packed")
                                     if label in ("acpo_batch", "dpo") or layout != "tp1_dp2")
     for key, r in cached.items():
@@ -175,14 +193,17 @@ def test_each_image_is_encoded_once_per_step(report):
     for key, r in report.items():
         label, mode = key.split("/")[0], key.split("/")[1]
         reads_reference = label not in ("simpo", "cw_sftc")
-        own = (mode == "ref=other" or label in TRAINABLE_TOWER) and reads_reference
-        assert r["encodes_per_micro_batch"] == (2 if own else 1), (key, r["encodes_per_micro_batch"])
+        own = (mode == "ref=other" or label in OWN_ENCODING) and reads_reference
+        # a policy tower that trains encodes again in a global-batch statistics pass (without grad)
+        stats = label in OWN_ENCODING and label in STATISTICS_PASS
+        assert r["encodes_per_micro_batch"] == 1 + own + stats, (key, r["encodes_per_micro_batch"])
 
 
 def test_activation_recompute_replays_the_forward(report):
     """model.recompute=full replays each decoder layer in backward, selective (core_attn, mlp) the attention: the
     forwards per layer and micro-batch of the policy's step, on every rank (the values above are exact anyway)."""
-    expected = {"dpo_recompute_full": [[2.0, 2.0]], "acpo_recompute_selective": [[1.0, 2.0]]}
+    expected = {"dpo_recompute_full": [[2.0, 2.0]], "acpo_recompute_selective": [[1.0, 2.0]],
+                "dpo_lora_recompute_full": [[2.0, 2.0]], "acpo_lora_projector": [[1.0, 2.0]]}
     for key, r in report.items():
         assert r["forwards_per_layer"] == expected.get(key.split("/")[0], [[1.0, 1.0]]), key
 

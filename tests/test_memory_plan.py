@@ -4,7 +4,9 @@
   one shared 1-rank gloo group; TP/PP shards are checked by the layout test), and the shape-only configs of the
   published models equal transformers' own models built on the meta device;
 - activations: the per-token, per-layer coefficients of the local spec equal the bytes a decoder layer saves for
-  backward (saved-tensor hooks), with and without GQA and recompute;
+  backward (saved-tensor hooks), with and without GQA and recompute, and with LoRA's frozen base and adapters;
+- LoRA: the plan's parameters equal a built LoRA model's (adapters inside the decoder and projector, only they
+  trainable), and it differs from full fine-tuning's by the reference, gradient and optimizer terms;
 - the driver: the dry run prints the plan, as JSON too, and every shipped example fits its node.
 The plan against measured peak memory of whole runs is benchmarks/bench_memory_plan.py.
 """
@@ -20,7 +22,7 @@ import torch
 from conftest import REPO, run_python
 from megatron_po.config import ParallelConfig, load_config
 from megatron_po.families import family_spec
-from megatron_po.memory_plan import _layer_elements, build_plan, stage_params
+from megatron_po.memory_plan import GiB, _layer_elements, build_plan, format_plan, stage_params
 from megatron_po.models.shapes import ModelShape
 
 SHAPES = REPO / "launch" / "configs" / "shapes"
@@ -96,6 +98,7 @@ def test_published_shapes_equal_transformers_models(plan):
     shape = model_shape(cfg)
     unpadded = ModelShape(shape.lm, shape.lm.vocab_size, shape.vision)
     cfg.model.freeze_vit = cfg.model.freeze_aligner = False
+    cfg.model.lora.rank = 0  # every weight counted as trainable: the base model (LoRA configs included)
     p = stage_params(cfg, unpadded, 0, shape.lm.num_layers)
     assert p.trainable == _hf_meta_params(Path(cfg.model.hf_path))
 
@@ -214,3 +217,126 @@ def test_layernorm_recompute_is_refused_without_te():
                              "model.spec=local"])
     with pytest.raises(ValueError, match="needs the Transformer-Engine spec"):
         build_lm_config(cfg.model, ParallelConfig())
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+def _lora_model(cfg, groups, build):
+    """`build()`'s model with cfg.model.lora's adapters, as train/models.build_models adds them."""
+    from megatron_po.models.lora import apply_lora
+
+    model = build()
+    apply_lora(model, cfg.model.lora, groups.tp, seed=0)
+    return model
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("overrides", [
+    ["model.lora.rank=4"],
+    ["model.lora.rank=8", "model.lora.target_modules=linear_qkv,linear_fc2,projector", "model.num_query_groups=4"],
+])
+def test_lora_parameters_equal_the_built_tiny_vlm(groups, overrides):
+    """lm and projector hold their adapters; only the adapters train (what DDP and the optimizer hold)."""
+    from megatron_po.models.specs import padded_vocab_size
+    from megatron_po.models.tiny_vlm.model import build_vlm
+
+    cfg = load_config(None, overrides)
+    vocab = padded_vocab_size(model_shape(cfg).lm.vocab_size, 1)
+    model = _lora_model(cfg, groups, lambda: build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=0))
+    _assert_counts(cfg, model)
+    p = stage_params(cfg, model_shape(cfg), 0, cfg.model.num_layers)
+    assert 0 < p.trainable == p.adapters < 0.1 * p.lm
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_lora_parameters_equal_the_built_hf_families(groups, tmp_path, case):
+    """The projector's linears (VisionFootprint.projector_linears) of each family: column/row-parallel megatron linears
+    (InternVL3) and Qwen2.5-VL's plain torch merger."""
+    pytest.importorskip("transformers")
+    hf = HF_CASES[case](tmp_path / "hf")
+    family = case.split("_vit")[0] if case.startswith("internvl3") else "qwen2_5_vl"
+    cfg = load_config(None, [f"model.family={family}", f"model.hf_path={hf}", f"checkpoint.init_from={tmp_path}",
+                             "model.lora.rank=4", "model.lora.target_modules=linear_qkv,linear_fc1,projector"])
+    config = json.loads((hf / "config.json").read_text())
+    model = _lora_model(cfg, groups, lambda: family_spec(family).hf.build(config, cfg.model, cfg.parallel, groups))
+    _assert_counts(cfg, model)
+
+
+def _plan_pair(**changes) -> tuple:
+    """The same job's plan under full fine-tuning and under LoRA rank 16 (the 72B shape on 8 GPUs, one stage)."""
+    overrides = ["parallel.pp=1", *[f"{k}={v}" for k, v in changes.items()]]
+    full = load_config(SHAPES / "qwen2_5_vl_72b.yaml", overrides)
+    lora = load_config(SHAPES / "qwen2_5_vl_72b.yaml", [*overrides, "model.lora.rank=16"])
+    family = family_spec(full.model.family)
+    return (build_plan(full, family, 8, te=True).stages[0], build_plan(lora, family, 8, te=True).stages[0],
+            stage_params(lora, family.model_shape(lora), 0, 80))
+
+
+@pytest.mark.pure
+def test_lora_plan_drops_the_reference_and_the_base_optimizer():
+    full, lora, p = _plan_pair()
+    assert full.weights_reference > 0 and lora.weights_reference == 0  # adapters_off: no second model
+    assert lora.weights_policy == full.weights_policy + p.adapters * 2  # bf16 adapters on the same base
+    assert lora.gradients == p.adapters * 4  # DDP's fp32 main grads: the adapters only
+    assert lora.optimizer == p.adapters * 12  # fp32 master + Adam m, v (dp 1)
+    # what LoRA saves is the reference and the base's gradients and optimizer state (151 of 182 GiB per GPU here);
+    # the activations move by a few percent (frozen linears keep no inputs, the adapters keep theirs and A x)
+    saved = {key: getattr(full, key) - getattr(lora, key) for key in ("weights_reference", "gradients", "optimizer")}
+    assert full.total - lora.total == pytest.approx(sum(saved.values()), rel=0.01)
+    assert lora.activations == pytest.approx(full.activations, rel=0.1)
+    assert lora.logprob_stage <= full.logprob_stage  # no weight gradient for the frozen head
+    assert lora.total < 0.2 * full.total
+    # a LoRA run may still build a reference model: a copy of the base, without adapters
+    _, with_model, _ = _plan_pair(**{"reference.source": "model"})
+    assert with_model.weights_reference == full.weights_reference
+
+
+@pytest.mark.pure
+def test_lora_plan_sheds_optimizer_state_over_dp():
+    """The distributed optimizer shards the adapters' master weights and moments over DP, not their grads."""
+    def plan(world: int):
+        cfg = load_config(SHAPES / "qwen2_5_vl_72b_lora.yaml", ["train.global_batch_size=32"])
+        return build_plan(cfg, family_spec(cfg.model.family), world, te=True).stages[0]
+
+    one, two = plan(8), plan(16)
+    assert two.optimizer == pytest.approx(one.optimizer / 2) and two.gradients == one.gradients
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("plan", [SHAPES / "qwen2_5_vl_72b_lora.yaml", SHAPES / "internvl3_78b_lora.yaml"],
+                         ids=lambda p: p.stem)
+def test_lora_plan_names_its_reference_and_rank(plan):
+    cfg = load_config(plan)
+    result = build_plan(cfg, family_spec(cfg.model.family), 8, te=True)
+    text = format_plan(result, cfg)
+    assert "reference=adapters_off (the policy's base: no second model)" in text
+    assert "lora=rank 16, alpha 32" in text
+    assert (result.reference, result.lora_rank) == ("adapters_off", 16)
+    assert result.fits and result.peak < 45 * GiB  # one node of 8 x 80 GB, with margin
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.lora.target_modules=linear_qkv"],  # qkv's input kept; proj's and fc2's not
+    ["model.lora.target_modules=linear_proj,linear_fc2"],  # the row-parallel ones: the context and SwiGLU's output
+    ["model.lora.dropout=0.1"],  # the dropped input instead of the input, and its mask (input's dtype on the CPU)
+    ["model.num_query_groups=4"],
+    ["model.recompute=selective"],
+    ["model.recompute=selective", "model.recompute_modules=core_attn,mlp"],
+])
+def test_frozen_layer_activations_equal_saved_tensors(groups, overrides):
+    """Under LoRA a layer keeps its adapters' inputs and A x, and no frozen linear's or norm's operands. Three
+    layers, the last one measured: with qkv not adapted the first layer's attention keeps nothing (no gradient
+    reaches it), so the shared mask is kept by the second."""
+    from megatron_po.models.tiny_vlm.model import build_vlm
+
+    cfg = load_config(None, ["model.max_seq_length=64", "model.num_layers=3", "model.lora.rank=4", *overrides])
+    seq = cfg.model.max_seq_length
+    model = _lora_model(cfg, groups, lambda: build_vlm(cfg.model, cfg.parallel, 256, groups, seed=0))
+    saved = _saved_elements_per_token(model, 2 * seq, seq)
+    act, fp32 = _layer_elements(cfg, model_shape(cfg).lm, te=False, recompute=cfg.model.recompute == "selective")
+    assert fp32 == 0
+    assert saved["layer2"] == pytest.approx(act, abs=0.01), saved

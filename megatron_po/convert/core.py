@@ -24,7 +24,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -131,13 +131,17 @@ def _model_config(dtype: torch.dtype) -> ModelConfig:
     return ModelConfig(params_dtype="bf16" if dtype == torch.bfloat16 else "fp32", spec="local")
 
 
-def _meta_sharded_state_dict(family: FamilyEntry, hf_config: dict, dtype: torch.dtype, groups) -> dict:
+def meta_module(family: FamilyEntry, hf_config: dict, dtype: torch.dtype, groups) -> torch.nn.Module:
+    """The family's module at TP=1 on the meta device: names and full shapes of every tensor, no memory."""
     with torch.device("meta"):
-        module = family.spec().hf.build(hf_config, _model_config(dtype), ParallelConfig(backend="gloo"), groups)
-    return module.sharded_state_dict(prefix=PREFIX)
+        return family.spec().hf.build(hf_config, _model_config(dtype), ParallelConfig(backend="gloo"), groups)
 
 
-def _tensor_entries(sd: dict) -> dict[str, ShardedTensor | ShardedTensorFactory]:
+def _meta_sharded_state_dict(family: FamilyEntry, hf_config: dict, dtype: torch.dtype, groups) -> dict:
+    return meta_module(family, hf_config, dtype, groups).sharded_state_dict(prefix=PREFIX)
+
+
+def tensor_entries(sd: dict) -> dict[str, ShardedTensor | ShardedTensorFactory]:
     """state_dict name (without PREFIX) -> sharded entry, for every tensor entry; objects are checked apart."""
     out = {}
     for name, entry in sd.items():
@@ -214,7 +218,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, family: str | None =
     module = fam.spec().hf
     with single_process_parallel() as groups:
         sd = _meta_sharded_state_dict(fam, hf.config, target, groups)
-        entries = _tensor_entries(sd)
+        entries = tensor_entries(sd)
         # a family reads several HF name layouts (hub vs transformers-module names): the names pick one
         rules = module.hf_rules(hf.config, hf_names=hf.names())
         _check_rules(rules, entries, hf, getattr(module, "HF_IGNORED", ()))
@@ -270,40 +274,39 @@ def read_conversion(ckpt_dir: Path) -> tuple[FamilyEntry, dict, dict]:
 EXPORT_DTYPES = {"source": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
-                   dtype: str = "source") -> Path:
-    """Writes a HF safetensors directory (sharded, with index) from a converted or trained checkpoint.
-
-    `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (OUTPUT_DIR/checkpoints/iter_N)
-    of a run that started from one (it carries hf/ and conversion.json).
-
-    Args:
-        dtype: 'source' (the original HF checkpoint's dtype), 'bf16' or 'fp32'. Weights are read in the dtype
-            they were saved in (the run's); a narrower export dtype rounds them, with a warning.
-    """
-    from safetensors.torch import save_file
-
-    ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
+def export_dtype(meta: dict, dtype: str) -> torch.dtype:
+    """The dtype `dtype` ('source', 'bf16', 'fp32') names for a checkpoint with conversion record `meta`; warns
+    when it is narrower than the weights the run saved."""
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"dtype {dtype!r}: one of {sorted(EXPORT_DTYPES)}")
-    fam, hf_config, meta = read_conversion(ckpt_dir)
     saved = DTYPES[meta["dtype"]]
     export = EXPORT_DTYPES[dtype] or DTYPES[meta.get("source_dtype", meta["dtype"])]
     if torch.finfo(export).bits < torch.finfo(saved).bits:
         logger.warning("megatron-to-hf: the checkpoint holds %s weights; exporting %s rounds them (--dtype fp32 "
                        "keeps them)", dtype_name(saved), dtype_name(export))
-    module = fam.spec().hf
-    rules = module.hf_rules(hf_config)  # written back in the family's default layout
-    with single_process_parallel() as groups:
-        sd = _meta_sharded_state_dict(fam, hf_config, saved, groups)
-        entries = _tensor_entries(sd)
-        missing = sorted(set(entries) - {r.megatron for r in rules})
-        if missing:
-            raise ConversionError(f"{len(missing)} megatron tensor(s) have no HF rule, e.g. {missing[:3]}")
-        for e in entries.values():
-            e.data = torch.empty(_shape_of(e), dtype=saved)
-        _empty_dir(out)
-        loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    return export
+
+
+def load_model_tensors(ckpt_dir: Path, family: FamilyEntry, hf_config: dict, dtype: torch.dtype, rules: list[Rule],
+                       groups) -> dict[str, torch.Tensor]:
+    """Every tensor of the family's model from `ckpt_dir` at its full TP=1 shape, in `dtype` (the one it was saved
+    in), keyed by state_dict name without PREFIX. Every tensor must have a rule (checked before reading)."""
+    sd = _meta_sharded_state_dict(family, hf_config, dtype, groups)
+    entries = tensor_entries(sd)
+    missing = sorted(set(entries) - {r.megatron for r in rules})
+    if missing:
+        raise ConversionError(f"{len(missing)} megatron tensor(s) have no HF rule, e.g. {missing[:3]}")
+    for e in entries.values():
+        e.data = torch.empty(_shape_of(e), dtype=dtype)
+    loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    return {k[len(PREFIX):]: v for k, v in loaded.items() if k.startswith(PREFIX) and k[len(PREFIX):] in entries}
+
+
+def write_safetensors(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
+    """HF shards model.safetensors or model-0000i-of-0000n.safetensors (+ index) from (name, tensor) pairs,
+    each shard written as soon as it fills so that only one shard is held at a time."""
+    from safetensors.torch import save_file
+
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     files: list[str] = []
@@ -318,17 +321,14 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
             weight_map.update({k: name for k in shard})
             shard, size = {}, 0
 
-    for r in rules:
-        tensor = loaded.pop(PREFIX + r.megatron)
-        for name, t in zip(r.hf, r.to_hf(tensor), strict=True):
-            t = t.to(export)
-            if name in weight_map or name in shard:
-                raise ConversionError(f"two rules write HF tensor {name}")
-            nbytes = t.numel() * t.element_size()
-            if size and size + nbytes > max_shard_bytes:
-                flush()
-            shard[name] = t.contiguous()
-            size += nbytes
+    for name, t in tensors:
+        if name in weight_map or name in shard:
+            raise ConversionError(f"two rules write HF tensor {name}")
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = t.contiguous()
+        size += nbytes
     flush()
     # rename model-0000i.safetensors to the HF convention model-0000i-of-0000n.safetensors
     n = len(files)
@@ -340,6 +340,52 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
     if n > 1:
         index = {"metadata": {}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+TensorSource = Callable[[FamilyEntry, dict, dict, list[Rule], object],
+                        tuple[dict[str, torch.Tensor], Callable[[str, torch.Tensor], torch.Tensor]]]
+"""(family, hf_config, conversion record, rules, groups) -> (megatron tensors by name, map(name, tensor) applied
+as each is written): where megatron_to_hf's weights come from other than the checkpoint itself (LoRA merge)."""
+TRAINER_STATE, LORA_BASE = "trainer_state.json", "lora_base"
+"""train/checkpoint.py's STATE_FILE and BASE (convert sits below train, which imports it): a LoRA checkpoint."""
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
+                   dtype: str = "source", tensors: Optional[TensorSource] = None) -> Path:
+    """Writes a HF safetensors directory (sharded, with index) from a converted or trained checkpoint.
+
+    `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (OUTPUT_DIR/checkpoints/iter_N)
+    of a run that started from one (it carries hf/ and conversion.json). A LoRA run's checkpoint holds adapters
+    only: convert/lora.py exports it (`export_hf`), handing its merged weights in as `tensors`.
+
+    Args:
+        dtype: 'source' (the original HF checkpoint's dtype), 'bf16' or 'fp32'. Weights are read in the dtype
+            they were saved in (the run's); a narrower export dtype rounds them, with a warning.
+    """
+    ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
+    state = ckpt_dir / TRAINER_STATE
+    if tensors is None and state.is_file() and LORA_BASE in json.loads(state.read_text()):
+        raise ConversionError(f"{ckpt_dir} holds LoRA adapters only: pass --merge-lora (a full HF model, base + "
+                              "adapters) or --adapter (a PEFT adapter directory)")
+    fam, hf_config, meta = read_conversion(ckpt_dir)
+    export = export_dtype(meta, dtype)
+    module = fam.spec().hf
+    rules = module.hf_rules(hf_config)  # written back in the family's default layout
+    with single_process_parallel() as groups:
+        _empty_dir(out)
+        if tensors is None:
+            loaded = load_model_tensors(ckpt_dir, fam, hf_config, DTYPES[meta["dtype"]], rules, groups)
+            merge = lambda name, w: w  # noqa: E731
+        else:
+            loaded, merge = tensors(fam, hf_config, meta, rules, groups)
+
+    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for r in rules:
+            tensor = merge(r.megatron, loaded.pop(r.megatron))
+            for name, t in zip(r.hf, r.to_hf(tensor), strict=True):
+                yield name, t.to(export)
+
+    write_safetensors(out, hf_tensors(), max_shard_bytes)
     for f in (ckpt_dir / "hf").iterdir():
         shutil.copy2(f, out / f.name)
     return out

@@ -45,3 +45,22 @@ def combined(entries: dict[str, str]) -> str:
     for name in sorted(entries):
         h.update(f"{name}\0{entries[name]}\n".encode())
     return h.hexdigest()
+
+
+def sampled_digest(path: Path, span: int = 1 << 20) -> str:
+    """sha256 of a file's first and last `span` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(span, size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
+
+
+def directory_key(root: Path) -> str:
+    """One digest over a checkpoint directory's files: their names, sizes and sampled digests (a 72B checkpoint is
+    named in a second, not read whole; any other weights differ in their first and last MiB)."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+    return combined({str(p.relative_to(root)): f"{p.stat().st_size}:{sampled_digest(p)}" for p in files})
+

@@ -38,6 +38,35 @@ class VisionFlops:
 
 
 @dataclass(frozen=True)
+class LinearSite:
+    """One linear at its whole (unsplit) widths, and how TP splits it (models/lora.py's convention for its adapter:
+    column-parallel: A replicated, B split like the output; row-parallel: A split like the input, B replicated)."""
+
+    name: str
+    kind: str
+    """'column', 'row' or 'replicated' (a plain torch linear on every TP rank)."""
+    in_features: int
+    out_features: int
+
+    def gemm_flops(self) -> float:
+        """Forward FLOPs of the linear per token."""
+        return 2.0 * self.in_features * self.out_features
+
+    def adapter_flops(self, rank: int) -> tuple[float, float]:
+        """Forward FLOPs per token of a rank-r adapter's A [r, in] and B [out, r] GEMMs."""
+        return 2.0 * rank * self.in_features, 2.0 * rank * self.out_features
+
+    def adapter_params(self, rank: int, tp: int) -> float:
+        """A's and B's parameters on one TP rank: the split half divided by tp."""
+        a, b = rank * self.in_features, rank * self.out_features
+        if self.kind == "column":
+            return a + b / tp
+        if self.kind == "row":
+            return a / tp + b
+        return float(a + b)
+
+
+@dataclass(frozen=True)
 class VisionFootprint:
     """A family's vision tower and projector as the memory plan counts them (parameters exact, activations from
     the worst-case image of a pair)."""
@@ -60,6 +89,9 @@ class VisionFootprint:
     """Decoder tokens the pair's images become."""
     flops: VisionFlops = field(default_factory=VisionFlops)
     """The tower's and projector's forward FLOPs per image (megatron_po/flops.py)."""
+    projector_linears: tuple[LinearSite, ...] = ()
+    """The projector's linears in forward order, per decoder image token (what 'projector' in
+    model.lora.target_modules adapts: the FLOP count and the memory plan of its adapters)."""
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,13 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_po.config import CheckpointConfig
+from megatron_po.models.lora import has_adapters, is_adapter_param
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+BASE = "lora_base"
+"""trainer_state.json's entry of a LoRA run: the base the adapters belong to ({"init_from", "key"}, see
+train/models.base_identity) and the adapters' settings; a resume refuses another base."""
 EXTRA_STATE = "_extra_state"
 """Suffix of Transformer-Engine modules' extra state (FP8 scaling metadata), which a checkpoint written with the
 local spec (the converter's) does not hold."""
@@ -38,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 def _model_sd(policy, prefix: str = "model."):
     # keys are independent of DDP wrapping (DDP.sharded_state_dict adds a 'module.' prefix load does not strip)
-    return policy.sharded_state_dict(prefix=prefix)
+    sd = policy.sharded_state_dict(prefix=prefix)
+    if has_adapters(policy):  # LoRA: the frozen base is not saved; trainer_state.json names it (BASE)
+        sd = {k: v for k, v in sd.items() if is_adapter_param(k)}
+    return sd
 
 
 class Checkpointer:
@@ -143,14 +150,36 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, policy, optimizer) -> dict:
-    """Restores model + optimizer in place (any TP layout) and returns the trainer state."""
+def load_checkpoint(path: Path, policy, optimizer, lora_base: Optional[dict] = None) -> dict:
+    """Restores model + optimizer in place (any TP layout) and returns the trainer state.
+
+    Under LoRA (`lora_base`: this run's base and adapter settings) only the adapters and their optimizer state are
+    read; the policy already holds its base. A checkpoint of another base, other adapters, or of a run with or
+    without LoRA where this one differs is refused before anything is read, naming both.
+    """
+    state = json.loads((path / STATE_FILE).read_text())
+    check_lora_base(path, state.get(BASE), lora_base)
     model_sd = _model_sd(policy)
     sd = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     loaded = dist_checkpointing.load(sd, str(path))
-    policy.load_state_dict(_strip(loaded["model"]), strict=True)
+    _restore(path, policy, loaded["model"], adapters_only=lora_base is not None)
     optimizer.load_state_dict(loaded["optimizer"])
-    return json.loads((path / STATE_FILE).read_text())
+    return state
+
+
+def check_lora_base(path: Path, saved: Optional[dict], current: Optional[dict]) -> None:
+    """Raises ValueError unless the checkpoint's LoRA base and adapter settings are this run's (both None: no LoRA)."""
+    if saved == current:
+        return
+    if saved is None or current is None:
+        has, lacks = ("holds LoRA adapters", "this run has none (model.lora.rank=0)") if current is None else (
+            "holds full weights, no LoRA adapters", "this run trains adapters")
+        raise ValueError(f"cannot resume from {path}: it {has}; {lacks}")
+    for what in ("init_from", "key", "adapters"):
+        if saved.get(what) != current.get(what):
+            raise ValueError(f"cannot resume from {path}: its adapters were trained on base "
+                             f"{saved.get('init_from') or '(random init)'} [{what}: {saved.get(what)}], this run's base "
+                             f"is {current.get('init_from') or '(random init)'} [{what}: {current.get(what)}]")
 
 
 def load_model_weights(path: Path, model) -> None:
@@ -166,6 +195,9 @@ def load_model_weights(path: Path, model) -> None:
         path = latest_checkpoint(Path(path))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint.init_from: no checkpoint directory at {path}")
+    if lora_base_of(Path(path)) is not None:
+        raise ValueError(f"{path} holds LoRA adapters only, not the model's weights (train/models.build_initial_model "
+                         "builds its base and adds them)")
     # megatron's "unexpected" keys are those requested but absent from the checkpoint
     loaded, _, absent = dist_checkpointing.load({"model": _model_sd(model)}, str(path),
                                                 strict=StrictHandling.RETURN_UNEXPECTED)
@@ -178,6 +210,30 @@ def load_model_weights(path: Path, model) -> None:
         if name.endswith(EXTRA_STATE):
             state[name] = own[name]
     model.load_state_dict(state, strict=True)
+
+
+def lora_base_of(path: Path) -> Optional[dict]:
+    """The BASE entry of a LoRA run's checkpoint at `path` (or the latest under a run's checkpoints root); None for
+    any other checkpoint (a full run's, a converted one)."""
+    if not (path / STATE_FILE).exists() and (path / LATEST).exists():
+        path = latest_checkpoint(path)
+    state = path / STATE_FILE
+    return json.loads(state.read_text()).get(BASE) if state.is_file() else None
+
+
+def load_adapters(path: Path, model) -> None:
+    """The adapters of a LoRA run's checkpoint into `model` (which holds its base and the same adapters)."""
+    if not (path / STATE_FILE).exists() and (path / LATEST).exists():
+        path = latest_checkpoint(path)
+    loaded = dist_checkpointing.load({"model": _model_sd(model)}, str(path))
+    _restore(path, model, loaded["model"], adapters_only=True)
+
+
+def _restore(path: Path, model, loaded: dict, adapters_only: bool) -> None:
+    """Loaded tensors into `model`: all of them, or (LoRA) every adapter and nothing else."""
+    missing, unexpected = model.load_state_dict(_strip(loaded), strict=not adapters_only)
+    if adapters_only and (unexpected or any(is_adapter_param(k) for k in missing)):
+        raise RuntimeError(f"{path}: adapters do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def _strip(sd: dict, prefix: str = "model.") -> dict:

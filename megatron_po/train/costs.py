@@ -130,15 +130,26 @@ class MemoryMeter:
         return {"memory/peak_rss_gib": peak / GiB, "memory/baseline_rss_gib": self.baseline / GiB}
 
 
-def step_passes(cfg: Config, objective, reference, policy_tower) -> StepPasses:
-    """The passes of this run's steps, for the FLOP count (`reference`: the step's ReferenceSource or None)."""
+def step_passes(cfg: Config, objective, reference, policy_tower, shape) -> StepPasses:
+    """The passes of this run's steps, for the FLOP count (`reference`: the step's ReferenceSource or None; a
+    LiveReference is a reference model or, `adapters_off`, the policy's base: one forward of the base either way;
+    `shape`: the family's ModelShape of this config, where the adapters sit)."""
+    from megatron_po.flops import lora_adapters
     from megatron_po.train.reference import LiveReference
 
+    m = cfg.model
     live = isinstance(reference, LiveReference)
+    frozen_base = m.freeze_llm or m.lora.enabled  # LoRA freezes every base weight (models/lora.apply_lora)
+    adapters = lora_adapters(m.lora, shape)
     return StepPasses(live_reference=live, statistics_pass=objective.global_batch_stats,
-                      shared_encoding=policy_tower.frozen, vit_trained=not cfg.model.freeze_vit,
-                      projector_trained=not cfg.model.freeze_aligner,
-                      reference_own_tower=live and reference.tower.key != policy_tower.key)
+                      shared_encoding=policy_tower.frozen, vit_trained=not m.freeze_vit,
+                      projector_trained=not m.freeze_aligner,
+                      reference_own_tower=live and reference.tower.key != policy_tower.key,
+                      frozen_base=frozen_base, adapters=adapters,
+                      # the embedding is part of the base; the tower and projector feed the decoder's input, and
+                      # under recompute models/lora.py makes it take a gradient (megatron's checkpoints need one)
+                      decoder_input_grad=(not frozen_base or not policy_tower.frozen
+                                          or (m.lora.enabled and m.recompute != "none")))
 
 
 class CostMeter:

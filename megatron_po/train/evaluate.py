@@ -164,7 +164,7 @@ def run_evaluation(cfg, objective: Objective, family: FamilySpec, groups: Parall
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, interval=max(cfg.eval.interval, 1)))
     _, tok_path = prepare_data(cfg, objective, family)
     tokenizer = build_tokenizer(cfg, family, tok_path)
-    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size)
+    model = build_initial_model(cfg, family, groups, tokenizer.vocab_size, adapters_ok=True)  # a LoRA run's too
     model.eval()
     sets, probes = build_eval_sets(cfg, build_eval_datasets(cfg, family, tokenizer), groups)
     return maybe_evaluate(PreferenceStep(objective, groups, policy_tower(model)), model, sets, probes)

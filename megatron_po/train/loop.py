@@ -36,7 +36,7 @@ from megatron_po.train.guards import StepVerdict, guarded_optimizer_step, step_v
 from megatron_po.train.loader import step_batches
 from megatron_po.train.jobcontrol import NonFiniteStep, Requeue, StopRequests
 from megatron_po.train.metrics import MetricsWriter, global_batch_metrics
-from megatron_po.train.models import build_models, live_reference, policy_tower
+from megatron_po.train.models import base_identity, build_models, live_reference, policy_tower
 from megatron_po.train.ref_cache import open_cache
 from megatron_po.train.reference import CachedReference, ReferenceSource
 from megatron_po.train.step import PreferenceStep, run_schedule, train_forward_step
@@ -280,14 +280,18 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
     reference = build_reference(cfg, groups, objective, family, policy, reference_model,
                                 {"train": ds, **eval_datasets})
     state = build_train_state(cfg, groups, objective, policy, reference)
-    costs.set_passes(step_passes(cfg, objective, reference, state.step.policy_tower))
+    costs.set_passes(step_passes(cfg, objective, reference, state.step.policy_tower, costs.shape))
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
     ckpt_root = out / "checkpoints"
+    lora_base = base_identity(cfg, family)
     start, eval_baselines = 0, {}
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is not None:
-        ts = ckpt.load_checkpoint(latest, policy, state.optimizer)
+        try:
+            ts = ckpt.load_checkpoint(latest, policy, state.optimizer, lora_base)
+        except ValueError as e:  # another LoRA base, or adapters where this run has none (or the reverse)
+            raise ConfigError(str(e)) from None
         try:
             sampler.load_state_dict(ts["sampler"])
         except ValueError as e:  # the data order would change: not a resume of this run
@@ -319,7 +323,8 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
         trainer_state = {"step": step_no, "scheduler": state.scheduler.state_dict(), "sampler": sampler.state_dict(),
                          "objective": cfg.objective.name, "objective_state": state.step.objective_state,
                          "skipped_steps": state.skipped_steps,
-                         "eval_baselines": {ev.name: ev.baseline for ev in eval_sets}}
+                         "eval_baselines": {ev.name: ev.baseline for ev in eval_sets},
+                         **({ckpt.BASE: lora_base} if lora_base else {})}
         with params_in_sync(state.policy):
             saver.save(step_no, policy, state.optimizer, trainer_state, _conversion(cfg, family))
 

@@ -1,5 +1,6 @@
 """Where a step's reference log-probs come from: a frozen reference model, or the precomputed cache.
 
+A live source is a frozen reference model, or under LoRA the policy with its adapters off (no second model).
 Either source fills ``MicroBatch.ref_logps`` of every micro-batch of the step before the policy runs (the
 reference is an *input* of the policy step): `LiveReference` with one forward-only pass of the reference model
 through megatron's schedule (same layout as the policy, no grad), `CachedReference` by looking the samples up by
@@ -8,8 +9,10 @@ record id in a cache written by `megatron-po precompute-ref` (train/ref_cache.py
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
+from megatron_po.models.lora import adapters_off
 from megatron_po.parallel.groups import ParallelGroups
 from megatron_po.train.batch import MicroBatch
 from megatron_po.train.step import Tower, run_logps_pass
@@ -24,16 +27,19 @@ class ReferenceSource(Protocol):
 
 
 class LiveReference:
-    """The frozen reference model, run forward-only over the step's micro-batches."""
+    """The frozen reference model, run forward-only over the step's micro-batches; or, `adapters_off`, the
+    policy itself with every LoRA adapter off (its frozen base), through the same schedule in the same step."""
 
-    def __init__(self, model, groups: ParallelGroups, tower: Tower):
+    def __init__(self, model, groups: ParallelGroups, tower: Tower, adapters_off: bool = False):
         self.model = model
         self.groups = groups
         self.tower = tower
+        self.adapters_off = adapters_off
         self.forwards = 0
 
     def fill(self, batches: list[MicroBatch], split: str = "train") -> None:
-        logps = run_logps_pass(self.groups, self.model, batches, self.tower, reference_rows=True)
+        with adapters_off(self.model) if self.adapters_off else contextlib.nullcontext():
+            logps = run_logps_pass(self.groups, self.model, batches, self.tower, reference_rows=True)
         self.forwards += len(batches)
         if logps is not None:
             for mb, ref in zip(batches, logps):

@@ -27,6 +27,7 @@ from megatron_po.data.p2_records import read_p2_records
 from megatron_po.data.tokenizer import Tokenizer
 from megatron_po.families import family_spec
 from megatron_po.memory_plan import stage_params
+from megatron_po.models.lora import apply_lora, init_a, is_adapter_param
 from megatron_po.models.shapes import ModelShape
 from megatron_po.models.tiny_vlm.model import build_vlm
 from megatron_po.models.specs import padded_vocab_size
@@ -100,11 +101,26 @@ OBJECTIVE_CASES = [  # (label, objective name, params, ref modes beyond "same")
     # activation recompute: whole layers (megatron's full/uniform) and the attention + MLP of each (selective)
     ("dpo_recompute_full", "dpo", {}, ("drifted",)),
     ("acpo_recompute_selective", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
+    # LoRA (model.lora): the base frozen, adapters on the decoder's four linears, the reference the policy with its
+    # adapters off (no second model); "same": B = 0 as built (step 0 = ln 2), "drifted": B set to layout-free noise
+    ("dpo_lora", "dpo", {"beta": 0.1}, ("drifted",)),
+    # ... with whole layers recomputed (the decoder's input must require grad, or no adapter gets a gradient)
+    ("dpo_lora_recompute_full", "dpo", {"beta": 0.1}, ("drifted",)),
+    # ... and on the projector too: the policy's tower then trains (its adapters), the reference encodes its own;
+    # with the attention and MLP of each layer recomputed
+    ("acpo_lora_projector", "acpo", {"alpha_scope": "batch"}, ("drifted",)),
 ]
+DECODER_LINEARS = "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+LORA = {"dpo_lora": DECODER_LINEARS, "dpo_lora_recompute_full": DECODER_LINEARS,
+        "acpo_lora_projector": DECODER_LINEARS + ",projector"}
 MODEL_OVERRIDES = {"dpo_tower": {"freeze_vit": False, "freeze_aligner": False},
                    "dpo_logits": {"logprobs": "logits"},
                    "dpo_recompute_full": {"recompute": "full", "recompute_num_layers": 1},
-                   "acpo_recompute_selective": {"recompute": "selective", "recompute_modules": "core_attn,mlp"}}
+                   "acpo_recompute_selective": {"recompute": "selective", "recompute_modules": "core_attn,mlp"},
+                   **{label: {"lora": {"rank": 4, "alpha": 8.0, "target_modules": targets}}
+                      for label, targets in LORA.items()}}
+MODEL_OVERRIDES["dpo_lora_recompute_full"].update(MODEL_OVERRIDES["dpo_recompute_full"])
+MODEL_OVERRIDES["acpo_lora_projector"].update(MODEL_OVERRIDES["acpo_recompute_selective"])
 P2_LOGIT_KEYS = ("p2/calib_gain_policy", "p2/focus_logit", "p2/calib_logit", "p2/robust_logit")
 
 
@@ -156,27 +172,93 @@ def global_name(name: str, offset: int) -> str:
     return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}" if m else name
 
 
+def sliced_like(p: torch.Tensor, full: torch.Tensor, groups) -> torch.Tensor:
+    """This rank's shard of the full-size `full`, split like parameter `p` over TP (strided shards, e.g. SwiGLU's
+    fc1 [gate_r; up_r] on rank r, take interleaved chunks, as megatron's CPU init does)."""
+    tp, rank = dist.get_world_size(groups.tp), dist.get_rank(groups.tp)
+    if not (getattr(p, "tensor_model_parallel", False) and tp > 1):
+        return full
+    chunks = full.chunk(tp * p.partition_stride, dim=p.partition_dim)
+    return torch.cat(chunks[rank::tp], dim=p.partition_dim)
+
+
+def full_shape(p: torch.Tensor, groups) -> list[int]:
+    shape, tp = list(p.shape), dist.get_world_size(groups.tp)
+    if getattr(p, "tensor_model_parallel", False) and tp > 1:
+        shape[p.partition_dim] *= tp
+    return shape
+
+
+def lora_b_noise(name: str, shape: list[int]) -> torch.Tensor:
+    """A drifted adapter's full-size B (name: the adapter's parameter in the unsplit model)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen) * 0.05
+
+
+def build_lora_policy(cfg: Config, vocab: int, groups, ref_mode: str):
+    """The LoRA policy: the base (POLICY_SEED) with megatron_po's adapters; 'drifted' sets every B to layout-free
+    noise (B = 0 as built leaves the policy equal to its base)."""
+    policy = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=POLICY_SEED)
+    apply_lora(policy, cfg.model.lora, groups.tp, seed=POLICY_SEED)
+    if ref_mode == "drifted":
+        offset = layer_offset(policy)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if name.endswith("lora_b"):
+                    p.copy_(sliced_like(p, lora_b_noise(global_name(name, offset), full_shape(p, groups)), groups))
+    return policy
+
+
+def plain_lora_policy(cfg: Config, vocab: int, groups, ref_mode: str):
+    """The LoRA policy written out in plain torch, independently of models/lora.py (only A's initial values are
+    taken from it): the base at TP=1 with a forward hook per target linear adding (α/r)·x Aᵀ Bᵀ. Returns the
+    model and its adapter parameters, named as megatron_po names them."""
+    lora = cfg.model.lora
+    # without recompute: the plain side is autograd as it is (recompute's replay is what the trainer side tests)
+    plain = dataclasses.replace(cfg.model, recompute="none")
+    model = build_vlm(plain, cfg.parallel, vocab, groups, seed=POLICY_SEED)
+    model.requires_grad_(False)
+    linears = {f"language_model.decoder.layers.{i}.{part}.{attr}": getattr(getattr(layer, part), attr)
+               for i, layer in enumerate(model.language_model.decoder.layers)
+               for part, attrs in (("self_attention", ("linear_qkv", "linear_proj")),
+                                   ("mlp", ("linear_fc1", "linear_fc2")))
+               for attr in attrs if attr in lora.targets}
+    if "projector" in lora.targets:
+        linears.update({f"projector.encoder.{attr}": getattr(model.projector.encoder, attr)
+                        for attr in ("linear_fc1", "linear_fc2")})
+    params = {}
+    for name, linear in linears.items():
+        out_features, in_features = linear.weight.shape
+        a = torch.nn.Parameter(init_a(lora.rank, in_features, name, POLICY_SEED))
+        b = torch.nn.Parameter(lora_b_noise(f"{name}_lora.lora_b", [out_features, lora.rank]) if ref_mode == "drifted"
+                               else torch.zeros(out_features, lora.rank))
+        params[f"{name}_lora.lora_a"], params[f"{name}_lora.lora_b"] = a, b
+
+        def add(module, args, output, a=a, b=b):
+            return (output[0] + (args[0] @ a.T @ b.T) * (lora.alpha / lora.rank), *output[1:])
+
+        linear.register_forward_hook(add)
+    return model, params
+
+
 def build_pair(cfg: Config, vocab: int, groups, ref_mode: str):
     """Policy and reference. ref_mode: 'same' (step 0), 'drifted' (same vision, perturbed LM: the shared-image
-    path) or 'other' (another seed: separate image encodings)."""
+    path) or 'other' (another seed: separate image encodings). Under LoRA the reference is None: the policy with
+    its adapters off."""
+    if cfg.model.lora.enabled:
+        return build_lora_policy(cfg, vocab, groups, ref_mode), None
     policy = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=POLICY_SEED)
     reference = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=REF_SEED if ref_mode == "other" else POLICY_SEED)
     if ref_mode == "drifted":
         # layout-independent noise: drawn at full size per parameter (seeded by its name in the unsplit model,
         # so pipeline stages draw the same) then sliced like the parameter (TP shards along dim 0)
-        tp, rank = dist.get_world_size(groups.tp), dist.get_rank(groups.tp)
+        tp = dist.get_world_size(groups.tp)
         offset = layer_offset(reference)
         with torch.no_grad():
             for name, p in reference.language_model.named_parameters():
                 gen = torch.Generator().manual_seed(zlib.crc32(global_name(f"language_model.{name}", offset).encode()))
                 sharded = getattr(p, "tensor_model_parallel", False) and tp > 1
-                full = list(p.shape)
-                if sharded:
-                    full[p.partition_dim] *= tp
-                noise = torch.randn(full, generator=gen) * 0.05
-                if sharded:  # strided shards take interleaved chunks, as megatron's CPU init does
-                    chunks = noise.chunk(tp * p.partition_stride, dim=p.partition_dim)
-                    noise = torch.cat(chunks[rank::tp], dim=p.partition_dim)
+                noise = sliced_like(p, torch.randn(full_shape(p, groups), generator=gen) * 0.05, groups)
                 # scaled by the mean |w| of the whole parameter: a shard's own mean would make the reference, and
                 # every loss compared with it, depend on the TP layout
                 abs_sum = p.detach().abs().sum()
@@ -193,8 +275,14 @@ def rel(a: torch.Tensor, b: torch.Tensor, scale=None) -> float:
 
 
 def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref_mode: str, groups):
-    """Single-process, full-vocabulary computation over the whole global batch (no megatron reductions)."""
-    policy, reference = build_pair(cfg, vocab, groups, ref_mode)
+    """Single-process, full-vocabulary computation over the whole global batch (no megatron reductions). Under
+    LoRA: the plain-torch adapters on one base, the bare base as the reference."""
+    trained = None
+    if cfg.model.lora.enabled:
+        policy, trained = plain_lora_policy(cfg, vocab, groups, ref_mode)
+        reference = build_vlm(cfg.model, cfg.parallel, vocab, groups, seed=POLICY_SEED)
+    else:
+        policy, reference = build_pair(cfg, vocab, groups, ref_mode)
     idx = build_sampler(cfg, len(ds), 0, 1).global_batch(0)
     batch = ds.collator([ds[i] for i in idx])
     b = batch["num_pairs"]
@@ -232,7 +320,8 @@ def plain_reference(cfg: Config, ds, vocab: int, params_cfg, objective: str, ref
     next_state = obj.next_state(params_cfg, None, stats) if obj.next_state is not None else None
     weight = samples.get("pair_weight")
     (per_pair.sum() / (weight.sum() if weight is not None else b)).backward()
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    trained = trained or {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in trained.items()}
     out = {"loss": per_pair.detach(), "logps": pol.detach(), "grads": grads, "objective_state": next_state}
     if "acpo/alpha_hat" in samples:
         out["alpha_hat"] = samples["acpo/alpha_hat"].detach()
@@ -345,8 +434,12 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     raw loss and gradients). With `cache` the reference log-probs come from it (no reference forward), and the
     entry also compares loss and gradients with `live`, the raw result of the live reference in this layout."""
     policy, reference = build_pair(cfg, vocab, groups, ref_mode)
-    reference.requires_grad_(False).eval()
-    ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    if reference is not None:
+        reference.requires_grad_(False).eval()
+    # what must not move: the reference model, or under LoRA the policy's base (its reference)
+    frozen = dict(reference.named_parameters()) if reference is not None else {
+        n: p for n, p in policy.named_parameters() if not is_adapter_param(n)}
+    ref_before = {n: p.detach().clone() for n, p in frozen.items()}
     vision = list(policy.vision.parameters()) if policy.vision is not None else []
     vision_before = [p.detach().clone() for p in vision]
     lm_before = {n: p.detach().clone() for n, p in policy.language_model.named_parameters()}
@@ -360,7 +453,7 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     # physical rows per collated sequence and real / processed tokens: < 1 and > the unpacked one when packed
     rows_per_sequence = sum(b.rows.shape[0] for b in batches) / sum(b.rows.num_logical for b in batches)
     efficiency = sum(int(b.rows.lengths.sum()) for b in batches) / sum(b.rows.tokens.numel() for b in batches)
-    encodes = count_encodes(policy, reference)
+    encodes = count_encodes(*[m for m in (policy, reference) if m is not None])
     prepare_step(state, batches, iteration=0)
     forwards = count_forwards(policy)
     outputs = forward_backward(state, batches)
@@ -405,8 +498,8 @@ def run_layout(cfg: Config, ds, vocab: int, objective: str, ref_mode: str, group
     finish_step(state, outputs)  # the optimizer step, and the objective's state update on every stage
     mine = {
         "names": sorted(grads), "errors": errors,
-        "ref_grads_none": all(p.grad is None for p in reference.parameters()),
-        "ref_unchanged": all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters()),
+        "ref_grads_none": all(p.grad is None and getattr(p, "main_grad", None) is None for p in frozen.values()),
+        "ref_unchanged": all(torch.equal(p, ref_before[n]) for n, p in frozen.items()),
         "vision_unchanged": all(torch.equal(p, b) for p, b in zip(vision, vision_before)),
         "lm_changed": any(not torch.equal(p, lm_before[n]) for n, p in policy.language_model.named_parameters()),
         "objective_state": state.step.objective_state,
@@ -457,7 +550,13 @@ def planned_vs_built(cfg: Config, vocab: int, policy, groups) -> dict:
 # step 0 (the cache's reference is the policy itself: its log-probs differ from the policy's by the other
 # layout's rounding only, |r_l| ~ 1e-7 of either sign, which must not decide α̂: OBJECTIVES.md §7.3-C)
 CACHE_CASES = {("dpo", "drifted"), ("aspo", "drifted"), ("acpo_batch", "drifted"), ("p2_dpo_rejected", "drifted"),
-               ("acpo", "same")}
+               ("acpo", "same"), ("dpo_lora", "drifted")}
+
+
+def cache_mode(label: str, mode: str) -> str:
+    """The saved reference checkpoint a cache case is computed from: under LoRA the base, i.e. 'same' (the policy's
+    weights before its adapters), whatever the adapters hold."""
+    return "same" if label in LORA else mode
 CACHE_LAYOUTS = {"tp1_dp2", "pp2", "pp2_packed"}
 
 
@@ -465,7 +564,7 @@ def cache_cfg(cfg: Config, out: Path, label: str, mode: str) -> Config:
     """`cfg` reading the reference from the cache of `label`, whose reference is the saved `mode` checkpoint (the
     drifted reference, or the policy's own weights)."""
     return dataclasses.replace(
-        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(out / f"ref_ckpt_{mode}")),
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(out / f"ref_ckpt_{cache_mode(label, mode)}")),
         reference=dataclasses.replace(cfg.reference, source="cache", cache_path=str(out / f"cache_{label}_{mode}")))
 
 
@@ -476,7 +575,7 @@ def precompute_caches(out: Path, vocab: int, tokenizer, ds, cases, layouts, seed
     if not todo or not CACHE_LAYOUTS & set(layouts):
         return set(), {}
     groups = init_parallel(ParallelConfig(tp=1), seed=seed)
-    for mode in sorted({mode for _, mode in todo}):
+    for mode in sorted({cache_mode(label, mode) for label, mode in todo}):
         _, reference = build_pair(make_cfg(out, PLAIN, "dpo", {}), vocab, groups, mode)
         if dist.get_rank() == 0:
             (out / f"ref_ckpt_{mode}").mkdir(exist_ok=True)

@@ -55,7 +55,7 @@ from megatron_po.models.internvl3.processor import (  # noqa: F401
     CHAT_TEMPLATE, RESPONSE_SUFFIX, format_prompt, image_span)
 from megatron_po.models.internvl3.vision import InternViT, InternViTShape, activation, image_features
 from megatron_po.models.lm import build_language_model, lm_shape_from_hf, rope_fields
-from megatron_po.models.shapes import VisionFlops, VisionFootprint
+from megatron_po.models.shapes import LinearSite, VisionFlops, VisionFootprint
 from megatron_po.models.specs import LMShape, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -266,7 +266,9 @@ def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length:
         tower_sharded=0, tower_replicated=tower, projector_sharded=merged * h + h + h * h,
         projector_replicated=2 * merged + h, hidden=v.hidden_size, ffn=v.intermediate_size, heads=v.num_heads,
         layers=v.num_layers, patches_per_pair=tiles * span, attention_span=span,
-        image_tokens_per_pair=tiles * per_tile, flops=flops)
+        image_tokens_per_pair=tiles * per_tile, flops=flops,
+        # LayerNorm(merged) -> fc1 (column-parallel) -> GELU -> fc2 (row-parallel)
+        projector_linears=(LinearSite("linear_fc1", "column", merged, h), LinearSite("linear_fc2", "row", h, h)))
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> InternVL3Model:

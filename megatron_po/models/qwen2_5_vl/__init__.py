@@ -36,7 +36,7 @@ from megatron_po.models.qwen2_5_vl.processor import (  # noqa: F401  (re-exporte
     rope_position_ids,
 )
 from megatron_po.models.qwen2_5_vl.vision import PatchMerger, VisionShape, VisionTower
-from megatron_po.models.shapes import VisionFlops, VisionFootprint
+from megatron_po.models.shapes import LinearSite, VisionFlops, VisionFootprint
 from megatron_po.models.specs import LMShape, build_lm_config, padded_vocab_size
 from megatron_po.parallel.groups import ParallelGroups
 
@@ -198,7 +198,10 @@ def memory_footprint(hf_config: dict, preprocessor_config: dict, max_seq_length:
     return lm, VisionFootprint(
         tower_sharded=0, tower_replicated=tower, projector_sharded=0, projector_replicated=merger,
         hidden=vis.hidden_size, ffn=vis.intermediate_size, heads=vis.num_heads, layers=vis.depth,
-        patches_per_pair=tokens * vis.merge_unit, attention_span=window, image_tokens_per_pair=tokens, flops=flops)
+        patches_per_pair=tokens * vis.merge_unit, attention_span=window, image_tokens_per_pair=tokens, flops=flops,
+        # the patch merger: plain torch linears over merge_unit patches, on every TP rank
+        projector_linears=(LinearSite("linear_fc1", "replicated", unit * hv, unit * hv),
+                           LinearSite("linear_fc2", "replicated", unit * hv, vis.out_hidden_size)))
 
 
 def build(hf_config: dict, model: ModelConfig, par: ParallelConfig, groups: ParallelGroups) -> Qwen25VLModel:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_po.models.family import FamilySpec
-from megatron_po.models.shapes import ModelShape, VisionFlops, VisionFootprint
+from megatron_po.models.shapes import LinearSite, ModelShape, VisionFlops, VisionFootprint
 from megatron_po.models.specs import lm_shape_of, padded_vocab_size
 
 
@@ -41,7 +41,10 @@ def vision_footprint(cfg) -> VisionFootprint:
     return VisionFootprint(tower_sharded=sharded, tower_replicated=replicated, projector_sharded=projector,
                            projector_replicated=0, hidden=hv, ffn=fv, heads=v.num_attention_heads,
                            layers=v.num_layers, patches_per_pair=v.num_patches, attention_span=v.num_patches,
-                           image_tokens_per_pair=v.num_patches, flops=flops)
+                           image_tokens_per_pair=v.num_patches, flops=flops,
+                           # megatron's MultimodalProjector, gated like the decoder's MLP
+                           projector_linears=(LinearSite("linear_fc1", "column", hv, 2 * m.ffn_hidden_size),
+                                              LinearSite("linear_fc2", "row", m.ffn_hidden_size, m.hidden_size)))
 
 
 def model_shape(cfg) -> ModelShape:
