@@ -8,7 +8,8 @@ optimizer (distributed-optimizer checkpoints do not work on CPU), fewer steps, t
 Steps and their time on one H100 (estimates, not measured yet: no GPU was lent so far; without TE ~6.5 min, with
 TE ~8.5 min; GPU_ACCEPTANCE_BUDGET_S, default 450 s, skips the steps that would start after it, and d leaves 40 s
 of it to f):
-  a  tests/test_gpu.py and tests/test_gpu_logprobs.py under pytest (the PP / CP ones need 2 GPUs, some TE)
+  a  tests/test_gpu.py and tests/test_gpu_logprobs.py under pytest (the PP / CP ones need 2 GPUs, some TE;
+     LoRA: each adapter's delta on the TE spec, bf16 LoRA steps)
      ~90 s, with TE ~150 s
   b  bf16 tiny_vlm DPO with packing, the distributed optimizer and selective recompute: a straight run
      of 30 steps, and the same run stopped by train.exit_interval=10 and relaunched (3 launches)        ~75 s

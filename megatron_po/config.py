@@ -469,7 +469,7 @@ class Config:
             self.reference.source = "adapters_off" if m.lora.enabled else "model"
         if self.reference.source == "adapters_off" and not m.lora.enabled:
             raise ConfigError("reference.source=adapters_off needs model.lora.rank > 0 (adapters to switch off)")
-        if m.lora.enabled and not (m.freeze_vit and m.freeze_aligner) or m.lora.enabled and m.freeze_llm:
+        if m.lora.enabled and (not m.freeze_vit or not m.freeze_aligner or m.freeze_llm):
             raise ConfigError("model.lora trains the adapters only: keep model.freeze_vit and freeze_aligner true and "
                               "freeze_llm false (a fully trained tower or projector would make the adapters-off "
                               "reference differ from the base; 'projector' in model.lora.target_modules adapts it)")
