@@ -103,8 +103,8 @@ class LoraAdapter(torch.nn.Module):
         self.lora_a = torch.nn.Parameter(a_full.to(device=device, dtype=dtype).contiguous())
         self.lora_b = torch.nn.Parameter(torch.zeros(shape.out_features, rank, device=device, dtype=dtype))
         tp_split = shape.tp > 1
-        if shape.kind == "column" and tp_split:
-            set_tensor_model_parallel_attributes(self.lora_b, True, 0, 2 if shape.glu else 1)  # fc1: [gate; up] like its weight
+        if shape.kind == "column" and tp_split:  # fc1's B strided like its weight: [gate_r; up_r] on rank r
+            set_tensor_model_parallel_attributes(self.lora_b, True, 0, 2 if shape.glu else 1)
         if shape.kind == "row" and tp_split:
             set_tensor_model_parallel_attributes(self.lora_a, True, 1, 1)
         replicated_half = self.lora_a if shape.kind == "column" else self.lora_b
@@ -131,10 +131,6 @@ class LoraAdapter(torch.nn.Module):
             h = (reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group) if s.sequence_parallel
                  else reduce_from_tensor_model_parallel_region(h, group=self.tp_group))
         return F.linear(h, self.lora_b) * self.scale
-
-    def merged_delta(self) -> torch.Tensor:
-        """(α/r)·B A of this rank's shard, shaped like the linear's local weight."""
-        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """A and B as sharded tensors: the split half along its TP axis (fc1's B as SwiGLU's two halves, like the

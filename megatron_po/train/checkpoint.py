@@ -178,8 +178,8 @@ def check_lora_base(path: Path, saved: Optional[dict], current: Optional[dict]) 
     for what in ("init_from", "key", "adapters"):
         if saved.get(what) != current.get(what):
             raise ValueError(f"cannot resume from {path}: its adapters were trained on base "
-                             f"{saved.get('init_from') or '(random init)'} [{what}: {saved.get(what)}], this run's base "
-                             f"is {current.get('init_from') or '(random init)'} [{what}: {current.get(what)}]")
+                             f"{saved.get('init_from') or '(random init)'} [{what}: {saved.get(what)}], this run's "
+                             f"base is {current.get('init_from') or '(random init)'} [{what}: {current.get(what)}]")
 
 
 def load_model_weights(path: Path, model) -> None:
@@ -233,7 +233,8 @@ def _restore(path: Path, model, loaded: dict, adapters_only: bool) -> None:
     """Loaded tensors into `model`: all of them, or (LoRA) every adapter and nothing else."""
     missing, unexpected = model.load_state_dict(_strip(loaded), strict=not adapters_only)
     if adapters_only and (unexpected or any(is_adapter_param(k) for k in missing)):
-        raise RuntimeError(f"{path}: adapters do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"{path}: adapters do not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
 
 
 def _strip(sd: dict, prefix: str = "model.") -> dict:

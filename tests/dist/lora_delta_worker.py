@@ -43,8 +43,8 @@ def delta_errors(groups, spec: str) -> dict:
             if name.endswith("lora_b"):
                 p.normal_(0, 0.05)
     modules = dict(model.named_modules())
-    linears = {name: m for name, m in modules.items()
-               if name.split(".")[-1] in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") and "decoder" in name}
+    targets = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    linears = {name: m for name, m in modules.items() if name.split(".")[-1] in targets and "decoder" in name}
     seen: dict[str, tuple] = {}
     def capture(name):
         def hook(module, args, out) -> None:  # first call only: the adapted forward
