@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,21 +45,17 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch.distributed as dist  # noqa: E402
 
-from bench_step import step_batches  # noqa: E402  (benchmarks/bench_step.py)
+from bench_step import launch_child, run_data, run_state, step_batches  # noqa: E402  (benchmarks/bench_step.py)
 from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
 
 from megatron_po.config import load_config  # noqa: E402
-from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_po.families import family_spec  # noqa: E402
 from megatron_po.flops import step_flops  # noqa: E402
 from megatron_po.memory_plan import GiB, RankPlan, build_plan  # noqa: E402
-from megatron_po.objectives import build_objective  # noqa: E402
 from megatron_po.parallel.groups import init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.batch import BatchWork  # noqa: E402
 from megatron_po.train.costs import step_passes  # noqa: E402
-from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data  # noqa: E402
-from megatron_po.train.loop import build_reference, build_train_state, train_step  # noqa: E402
-from megatron_po.train.models import build_models  # noqa: E402
+from megatron_po.train.loop import train_step  # noqa: E402
 
 MiB = 2**20
 REPO = Path(__file__).resolve().parents[1]
@@ -90,11 +85,7 @@ def timed_steps(cfg, objective, groups, tokenizer, ds, args, mem: PeakRSS) -> di
     """Builds the arm's train state and runs its steps; its times, model FLOPs, peak above its start and rows."""
     mem.start()
     start = mem.proc.memory_info().rss
-    family = family_spec(cfg.model.family)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
-    sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
+    family, state, policy, reference, sampler = run_state(cfg, objective, groups, tokenizer, ds)
     passes = step_passes(cfg, objective, reference, state.step.policy_tower, family.model_shape(cfg))
     times, flops, rows, length = [], [], 0, 0
     for it in range(args.warmup + args.steps):
@@ -125,10 +116,7 @@ def run_arm(name: str, args) -> None:
     cfg = load_config(None, overrides + [f"train.global_batch_size={args.micro_batch * world * args.micro_batches}"])
     groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
     try:
-        objective, family = build_objective(cfg.objective.name, {}), family_spec(cfg.model.family)
-        train_path, tok_path = prepare_data(cfg, objective, family)
-        tokenizer = Tokenizer(tok_path)
-        ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
+        objective, family, tokenizer, ds = run_data(cfg)
         r = timed_steps(cfg, objective, groups, tokenizer, ds, args, PeakRSS())
         found = [None] * world
         dist.all_gather_object(found, r)
@@ -146,15 +134,7 @@ def run_arm(name: str, args) -> None:
 
 def launch(name: str, args) -> dict:
     """`run_arm(name)` in a torchrun launch of its own."""
-    passed = [a for a in sys.argv[1:] if not a.startswith("--child")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           __file__, "--child", name, *passed]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{name}: failed ({proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return json.loads(lines[0][len("RESULT "):])
+    return launch_child(__file__, name, args.nproc, [a for a in sys.argv[1:] if not a.startswith("--child")])
 
 
 def print_measured(args, results: list[dict]) -> None:

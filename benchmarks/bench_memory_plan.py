@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -33,18 +32,13 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from bench_step import step_batches  # noqa: E402  (benchmarks/bench_step.py)
+from bench_step import launch_child, run_data, run_state, step_batches  # noqa: E402  (benchmarks/bench_step.py)
 from peak_rss import PeakRSS  # noqa: E402
 
 from megatron_po.config import load_config  # noqa: E402
-from megatron_po.data.tokenizer import Tokenizer  # noqa: E402
-from megatron_po.families import family_spec  # noqa: E402
 from megatron_po.memory_plan import ROWS, build_plan  # noqa: E402
-from megatron_po.objectives import build_objective  # noqa: E402
 from megatron_po.parallel.groups import init_parallel, init_process_group, teardown  # noqa: E402
-from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data  # noqa: E402
-from megatron_po.train.loop import build_reference, build_train_state, train_step  # noqa: E402
-from megatron_po.train.models import build_models  # noqa: E402
+from megatron_po.train.loop import train_step  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 
 MiB = 2**20
@@ -66,11 +60,7 @@ def measure(cfg, objective, groups, tokenizer, ds, steps: int, seq: int, mem: Pe
     """(bytes above the start of this configuration at its peak, the most rows a micro-batch had, its longest row)."""
     mem.start()
     start = mem.proc.memory_info().rss
-    family = family_spec(cfg.model.family)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
-    sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
+    _, state, policy, reference, sampler = run_state(cfg, objective, groups, tokenizer, ds)
     rows = length = 0
     for it in range(steps):
         batches = step_batches(cfg, ds, sampler, it, seq, tokenizer.pad_id, groups)
@@ -78,7 +68,7 @@ def measure(cfg, objective, groups, tokenizer, ds, steps: int, seq: int, mem: Pe
         length = max(length, *(b.rows.tokens.shape[1] for b in batches))
         train_step(state, batches)
     peak = mem.stop() - start
-    del state, policy, reference, reference_model
+    del state, policy, reference  # the reference model goes with its source
     return peak, rows, length
 
 
@@ -99,10 +89,7 @@ def run_config(name: str, args) -> None:
                                     f"train.train_steps={args.steps}"])
     groups = init_parallel(cfg.parallel, seed=cfg.train.seed)
     try:
-        objective, family = build_objective(cfg.objective.name, {}), family_spec(cfg.model.family)
-        train_path, tok_path = prepare_data(cfg, objective, family)
-        tokenizer = Tokenizer(tok_path)
-        ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
+        objective, family, tokenizer, ds = run_data(cfg)
         if cfg.reference.source == "cache":
             precompute_reference(cfg, objective, family, groups)
         peak, rows, length = measure(cfg, objective, groups, tokenizer, ds, args.steps, args.seq, PeakRSS())
@@ -144,15 +131,7 @@ def main() -> int:
     table = []
     for name in names:
         passed = [a for a in sys.argv[1:] if not a.startswith("--configs") and a not in (*names, args.configs)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               __file__, "--child", name, *passed]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{name}: failed ({proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
-            return 1
-        r = json.loads(lines[0][len("RESULT "):])
+        r = launch_child(__file__, name, args.nproc, passed)
         table.append(r)
         print(f"{name}: planned {r['planned'] / MiB:.0f} MiB, measured {r['measured'] / MiB:.0f} MiB", flush=True)
     print(f"\nworld {args.nproc}, hidden {args.hidden}, {args.layers} layers, seq {args.seq}, vocab {args.vocab}, "

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +58,7 @@ from megatron_po.objectives import OBJECTIVES, build_objective  # noqa: E402
 from megatron_po.parallel.groups import destroy_parallel, init_parallel, init_process_group, teardown  # noqa: E402
 from megatron_po.train.batch import MicroBatch  # noqa: E402
 from megatron_po.train.data import build_sampler, build_train_dataset, prepare_data, step_micro_batches  # noqa: E402
-from megatron_po.train.loop import build_reference, build_train_state, train_step  # noqa: E402
-from megatron_po.train.models import build_models  # noqa: E402
+from megatron_po.train.loop import build_run_state, train_step  # noqa: E402
 from megatron_po.train.precompute import precompute_reference  # noqa: E402
 from peak_rss import PeakRSS  # noqa: E402  (benchmarks/peak_rss.py)
 
@@ -116,12 +116,39 @@ def pad_batch(batch: dict, seq: int, pad_id: int) -> dict:
 
 # ---- one configuration -------------------------------------------------------------------------------------------
 
-def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
+def launch_child(script: str, name: str, nproc: int, passed: list[str]) -> dict:
+    """`script --child NAME *passed` under torchrun with `nproc` ranks (a configuration in a process of its own, so
+    one's heap does not shape the next one's peak): the JSON of its rank 0's `RESULT {json}` line; exits with the
+    launch's tail if it failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+           "--child", name, *passed]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{name}: failed ({proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def run_data(cfg) -> tuple:
+    """(objective, family, tokenizer, training set) of a configuration's embedded task (written on first use)."""
+    objective, family = build_objective(cfg.objective.name, {}), family_spec(cfg.model.family)
+    train_path, tok_path = prepare_data(cfg, objective, family)
+    tokenizer = Tokenizer(tok_path)
+    return objective, family, tokenizer, build_train_dataset(cfg, family, train_path, tokenizer, objective)
+
+
+def run_state(cfg, objective, groups, tokenizer, ds) -> tuple:
+    """(family, train state, policy, reference source, sampler) of a configuration, built as the trainer builds
+    them (the benchmarks that measure memory start their window before calling this)."""
     family = family_spec(cfg.model.family)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
+    state = build_run_state(cfg, objective, family, groups, tokenizer.vocab_size, {"train": ds})
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
+    return family, state, state.policy.module, state.reference, sampler
+
+
+def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, seq: int) -> dict:
+    family, state, policy, reference, sampler = run_state(cfg, objective, groups, tokenizer, ds)
     on_gpu = groups.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -160,7 +187,7 @@ def bench_one(cfg, objective, groups, tokenizer, ds, steps: int, warmup: int, se
     }
     if on_gpu:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    del state, policy, reference, reference_model
+    del state, policy, reference  # the reference model goes with its source
     return out
 
 

@@ -27,8 +27,7 @@ def in_process_run(groups, out: Path, overrides: list[str]) -> InProcessRun:
     from megatron_po.objectives import build_objective
     from megatron_po.train.data import build_sampler, build_tokenizer, build_train_dataset, prepare_data, \
         step_micro_batches
-    from megatron_po.train.loop import build_reference, build_train_state
-    from megatron_po.train.models import build_models
+    from megatron_po.train.loop import build_run_state
 
     cfg = load_config(None, [f"output_dir={out}", "parallel.backend=gloo", *overrides])
     objective = build_objective(cfg.objective.name, cfg.objective.params, cfg.objective.batch_stat_scope)
@@ -36,8 +35,7 @@ def in_process_run(groups, out: Path, overrides: list[str]) -> InProcessRun:
     train_path, tok_path = prepare_data(cfg, objective, family)
     tokenizer = build_tokenizer(cfg, family, tok_path)
     ds = build_train_dataset(cfg, family, train_path, tokenizer, objective)
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model, {"train": ds})
-    state = build_train_state(cfg, groups, objective, policy, reference)
+    state = build_run_state(cfg, objective, family, groups, tokenizer.vocab_size, {"train": ds})
+    reference = state.reference
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
     return InProcessRun(cfg, objective, family, reference, state, step_micro_batches(cfg, ds, sampler, 0, groups))

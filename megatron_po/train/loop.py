@@ -137,6 +137,16 @@ def build_train_state(cfg: Config, groups: ParallelGroups, objective: Objective,
     return TrainState(ddp, reference, optimizer, scheduler, step, groups, cfg.train.skip_nonfinite_steps)
 
 
+def build_run_state(cfg: Config, objective: Objective, family: FamilySpec, groups: ParallelGroups,
+                    vocab_size: int, datasets: dict) -> TrainState:
+    """The policy (LoRA adapters on its base where configured), the reference source (a reference model, the
+    policy with its adapters off, or the cache checked against `datasets`) and the train state around them, as a
+    run builds them; the unwrapped policy is ``state.policy.module``."""
+    policy, reference_model = build_models(cfg, family, groups, vocab_size, objective)
+    reference = build_reference(cfg, groups, objective, family, policy, reference_model, datasets)
+    return build_train_state(cfg, groups, objective, policy, reference)
+
+
 def prepare_step(state: TrainState, batches: list[MicroBatch], iteration: int, clock: StepClock = NO_CLOCK) -> None:
     """What the policy step takes as inputs besides the micro-batches (which carry their samples' global
     positions, `step_micro_batches`): the step counter, the reference log-probs of every micro-batch, and (if the
@@ -276,10 +286,8 @@ def _train(cfg: Config, objective: Objective, family: FamilySpec, groups: Parall
     cfg = with_epochs(cfg, len(ds))
     eval_datasets = build_eval_datasets(cfg, family, tokenizer)
     costs = CostMeter(cfg, family, objective, groups)  # before the models: the resident size they add is measured
-    policy, reference_model = build_models(cfg, family, groups, tokenizer.vocab_size, objective)
-    reference = build_reference(cfg, groups, objective, family, policy, reference_model,
-                                {"train": ds, **eval_datasets})
-    state = build_train_state(cfg, groups, objective, policy, reference)
+    state = build_run_state(cfg, objective, family, groups, tokenizer.vocab_size, {"train": ds, **eval_datasets})
+    policy, reference = state.policy.module, state.reference
     costs.set_passes(step_passes(cfg, objective, reference, state.step.policy_tower, costs.shape))
     sampler = build_sampler(cfg, len(ds), groups.dp_rank, groups.dp_size)
 
