@@ -215,12 +215,12 @@ def test_lora_checkpoint_needs_a_lora_export(exported, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_core_knows_a_lora_checkpoint():
-    """convert.core sits below train (which imports it), so it names trainer_state.json's entry itself."""
-    from megatron_po.convert import core
-    from megatron_po.train import checkpoint
-
-    assert (core.TRAINER_STATE, core.LORA_BASE) == (checkpoint.STATE_FILE, checkpoint.BASE)
+def test_lora_checkpoint_needs_a_lora_mode_in_the_api(exported, tmp_path):
+    """The same refusal from the export function itself (convert.lora.export_hf, the one entry for any checkpoint):
+    naming both flags, nothing written."""
+    with pytest.raises(ConversionError, match="holds LoRA adapters only: pass --merge-lora .* or --adapter"):
+        megatron_to_hf(exported["ckpt"], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_lora_flags_need_a_lora_checkpoint(exported, tmp_path):

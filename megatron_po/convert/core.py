@@ -346,8 +346,6 @@ TensorSource = Callable[[FamilyEntry, dict, dict, list[Rule], object],
                         tuple[dict[str, torch.Tensor], Callable[[str, torch.Tensor], torch.Tensor]]]
 """(family, hf_config, conversion record, rules, groups) -> (megatron tensors by name, map(name, tensor) applied
 as each is written): where megatron_to_hf's weights come from other than the checkpoint itself (LoRA merge)."""
-TRAINER_STATE, LORA_BASE = "trainer_state.json", "lora_base"
-"""train/checkpoint.py's STATE_FILE and BASE (convert sits below train, which imports it): a LoRA checkpoint."""
 
 
 def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
@@ -356,17 +354,14 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: i
 
     `ckpt_dir` is a directory made by `hf_to_megatron`, or a training checkpoint (OUTPUT_DIR/checkpoints/iter_N)
     of a run that started from one (it carries hf/ and conversion.json). A LoRA run's checkpoint holds adapters
-    only: convert/lora.py exports it (`export_hf`), handing its merged weights in as `tensors`.
+    only: convert/lora.py exports it (`export_hf`, which refuses it without a LoRA mode), handing its merged weights
+    in as `tensors`.
 
     Args:
         dtype: 'source' (the original HF checkpoint's dtype), 'bf16' or 'fp32'. Weights are read in the dtype
             they were saved in (the run's); a narrower export dtype rounds them, with a warning.
     """
     ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
-    state = ckpt_dir / TRAINER_STATE
-    if tensors is None and state.is_file() and LORA_BASE in json.loads(state.read_text()):
-        raise ConversionError(f"{ckpt_dir} holds LoRA adapters only: pass --merge-lora (a full HF model, base + "
-                              "adapters) or --adapter (a PEFT adapter directory)")
     fam, hf_config, meta = read_conversion(ckpt_dir)
     export = export_dtype(meta, dtype)
     module = fam.spec().hf

@@ -66,15 +66,18 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 
 
 
 def check_mode(ckpt_dir: Path, mode: Optional[str]) -> Optional[dict]:
-    """The checkpoint's `lora_base` entry for a LoRA export (`mode` 'merge' or 'adapter'), None for a full one
-    (`mode` None: core.megatron_to_hf refuses a LoRA checkpoint then, naming both flags)."""
-    if mode is None:
-        return None
-    if mode not in LORA_EXPORTS:
+    """The checkpoint's `lora_base` entry for a LoRA export (`mode` 'merge' or 'adapter'), None for a full one;
+    a LoRA checkpoint without a mode is refused, naming both flags, before anything is written."""
+    if mode is not None and mode not in LORA_EXPORTS:
         raise ConversionError(f"lora {mode!r}: one of {list(LORA_EXPORTS)}")
     from megatron_po.train.checkpoint import lora_base_of
 
     base = lora_base_of(ckpt_dir)
+    if mode is None:
+        if base is not None:
+            raise ConversionError(f"{ckpt_dir} holds LoRA adapters only: pass --merge-lora (a full HF model, base + "
+                                  "adapters) or --adapter (a PEFT adapter directory)")
+        return None
     if base is None:
         raise ConversionError(f"{ckpt_dir}: --merge-lora / --adapter need a LoRA training checkpoint; this one holds "
                               "full weights (no lora_base in trainer_state.json): export it without either")
@@ -91,14 +94,13 @@ def lora_config(base: dict) -> LoraConfig:
 def base_dir(ckpt_dir: Path, base: dict, override: str | Path | None) -> Path:
     """The base checkpoint directory (`override`, else lora_base.init_from), refused unless its files' key is
     the one the run recorded: merged into other weights, the adapters would give another model silently."""
-    from megatron_po.train.checkpoint import LATEST, STATE_FILE, latest_checkpoint
+    from megatron_po.train.checkpoint import resolve_checkpoint
 
     root = Path(override or base["init_from"])
     if not root.is_dir():
         raise ConversionError(f"{ckpt_dir}: base checkpoint {root} (lora_base.init_from) not found; pass its "
                               "current place with --lora-base DIR")
-    if not (root / STATE_FILE).exists() and (root / LATEST).exists():
-        root = latest_checkpoint(root)
+    root = resolve_checkpoint(root)
     if directory_key(root) != base["key"]:
         raise ConversionError(f"{ckpt_dir}: {root} is not the base its adapters were trained on (its files' key "
                               f"differs from lora_base.key, recorded for {base['init_from']})")

@@ -140,6 +140,14 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return gone
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` itself when it is one checkpoint; its `latest` when it is a run's checkpoints root."""
+    path = Path(path)
+    if not (path / STATE_FILE).exists() and (path / LATEST).exists():
+        return latest_checkpoint(path)
+    return path
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     f = root / LATEST
     if not f.exists():
@@ -191,11 +199,10 @@ def load_model_weights(path: Path, model) -> None:
     checkpoint, such as every converted one, lacks. Those entries, and only those, may be absent: the module keeps
     its fresh extra state (a bf16 run has no FP8 history to restore). Any other missing tensor is an error.
     """
-    if not (Path(path) / STATE_FILE).exists() and (Path(path) / LATEST).exists():
-        path = latest_checkpoint(Path(path))
-    if not Path(path).is_dir():
+    path = resolve_checkpoint(path)
+    if not path.is_dir():
         raise FileNotFoundError(f"checkpoint.init_from: no checkpoint directory at {path}")
-    if lora_base_of(Path(path)) is not None:
+    if lora_base_of(path) is not None:
         raise ValueError(f"{path} holds LoRA adapters only, not the model's weights (train/models.build_initial_model "
                          "builds its base and adds them)")
     # megatron's "unexpected" keys are those requested but absent from the checkpoint
@@ -215,16 +222,13 @@ def load_model_weights(path: Path, model) -> None:
 def lora_base_of(path: Path) -> Optional[dict]:
     """The BASE entry of a LoRA run's checkpoint at `path` (or the latest under a run's checkpoints root); None for
     any other checkpoint (a full run's, a converted one)."""
-    if not (path / STATE_FILE).exists() and (path / LATEST).exists():
-        path = latest_checkpoint(path)
-    state = path / STATE_FILE
+    state = resolve_checkpoint(path) / STATE_FILE
     return json.loads(state.read_text()).get(BASE) if state.is_file() else None
 
 
 def load_adapters(path: Path, model) -> None:
     """The adapters of a LoRA run's checkpoint into `model` (which holds its base and the same adapters)."""
-    if not (path / STATE_FILE).exists() and (path / LATEST).exists():
-        path = latest_checkpoint(path)
+    path = resolve_checkpoint(path)
     loaded = dist_checkpointing.load({"model": _model_sd(model)}, str(path))
     _restore(path, model, loaded["model"], adapters_only=True)
 
