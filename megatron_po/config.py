@@ -201,6 +201,12 @@ class ModelConfig:
     """LoRA (model.lora.rank > 0): adapters on the decoder's (and optionally the projector's) linears, the base
     frozen; the reference is then the same model with its adapters off (reference.source=adapters_off)."""
 
+    @property
+    def decoder_frozen(self) -> bool:
+        """The language model's weights take no gradient: freeze_llm, or LoRA (every base weight frozen; only the
+        adapters train)."""
+        return self.freeze_llm or self.lora.enabled
+
     def __post_init__(self):
         if self.family not in FAMILY_NAMES:
             raise ConfigError(f"model.family {self.family!r} unknown; known: {list(FAMILY_NAMES)}")

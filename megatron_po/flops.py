@@ -97,7 +97,6 @@ class Adapters:
     """The adapted linears of every decoder layer."""
     projector: tuple[LinearSite, ...] = ()
     """The projector's adapted linears ('projector' in model.lora.target_modules)."""
-    dropout: float = 0.0
 
     def layer_params(self, tp: int) -> float:
         """One decoder layer's adapter parameters on a TP rank."""
@@ -121,7 +120,7 @@ def lora_adapters(lora, shape: ModelShape) -> Adapters | None:
         return None
     decoder = tuple(s for s in decoder_linears(shape.lm) if s.name in lora.targets)
     projector = shape.vision.projector_linears if "projector" in lora.targets else ()
-    return Adapters(lora.rank, decoder, projector, lora.dropout)
+    return Adapters(lora.rank, decoder, projector)
 
 
 def chain_pass(sites: tuple[LinearSite, ...], adapted: set[str], rank: int, tokens: float, grad_in: bool,

@@ -45,7 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from megatron_po.config import Config
-from megatron_po.flops import Adapters, lora_adapters
+from megatron_po.flops import lora_adapters
 from megatron_po.logprobs import auto_chunk_tokens
 from megatron_po.models.family import FamilySpec
 from megatron_po.models.shapes import ModelShape
@@ -77,15 +77,10 @@ class StageParams:
     """The LoRA adapters among `lm` and `projector`."""
 
 
-def plan_adapters(cfg: Config, shape: ModelShape) -> Adapters | None:
-    """model.lora's adapters on this model (None without LoRA)."""
-    return lora_adapters(cfg.model.lora, shape)
-
-
 def stage_params(cfg: Config, shape: ModelShape, stage: int, layers: int) -> StageParams:
     par, lm, vis, tp = cfg.parallel, shape.lm, shape.vision, cfg.parallel.tp
     first, last = stage == 0, stage == par.pp - 1
-    adapters = plan_adapters(cfg, shape)
+    adapters = lora_adapters(cfg.model.lora, shape)
     n = layers * layer_params(lm, tp)
     embedding = shape.padded_vocab * lm.hidden_size / tp
     if first:
@@ -125,7 +120,7 @@ def _layer_elements(cfg: Config, lm: LMShape, te: bool, recompute: bool) -> tupl
     k = lm.num_query_groups * d
     s = m.max_seq_length // par.cp
     modules = set(m.recompute_modules.split(",")) if recompute else set()
-    if m.lora.enabled or m.freeze_llm:
+    if m.decoder_frozen:
         return _frozen_layer_elements(cfg, lm, te, modules)
     mlp = 0.0 if "mlp" in modules else 5 * f / tp
     if te:
@@ -363,9 +358,8 @@ def build_plan(cfg: Config, family: FamilySpec, world_size: int, device_memory_g
         if last:
             vocab_local = shape.padded_vocab / par.tp
             if m.logprobs == "fused":
-                head_trained = not (m.freeze_llm or m.lora.enabled)
                 r.logprob_stage = logprob_stage_bytes(tokens, vocab_local, lm.hidden_size, act_bytes,
-                                                      m.logprob_chunk_tokens, device_type, head_trained)
+                                                      m.logprob_chunk_tokens, device_type, not m.decoder_frozen)
             else:
                 r.logprob_stage = tokens * vocab_local * (act_bytes + 3 * 4)
         if first:

@@ -139,16 +139,15 @@ def step_passes(cfg: Config, objective, reference, policy_tower, shape) -> StepP
 
     m = cfg.model
     live = isinstance(reference, LiveReference)
-    frozen_base = m.freeze_llm or m.lora.enabled  # LoRA freezes every base weight (models/lora.apply_lora)
     adapters = lora_adapters(m.lora, shape)
     return StepPasses(live_reference=live, statistics_pass=objective.global_batch_stats,
                       shared_encoding=policy_tower.frozen, vit_trained=not m.freeze_vit,
                       projector_trained=not m.freeze_aligner,
                       reference_own_tower=live and reference.tower.key != policy_tower.key,
-                      frozen_base=frozen_base, adapters=adapters,
+                      frozen_base=m.decoder_frozen, adapters=adapters,
                       # the embedding is part of the base; the tower and projector feed the decoder's input, and
                       # under recompute models/lora.py makes it take a gradient (megatron's checkpoints need one)
-                      decoder_input_grad=(not frozen_base or not policy_tower.frozen
+                      decoder_input_grad=(not m.decoder_frozen or not policy_tower.frozen
                                           or (m.lora.enabled and m.recompute != "none")))
 
 
