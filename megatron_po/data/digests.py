@@ -20,12 +20,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_digests(paths: list[Path]) -> dict[str, str]:
-    """sha256 of each file, the files shared out over all ranks (each reads 1/world of the bytes)."""
+def file_digests(paths: list[Path], digest=sha256_file) -> dict[str, str]:
+    """`digest` (sha256) of each file, the files shared out over all ranks (each reads 1/world of the bytes)."""
     paths = sorted({str(p) for p in paths})
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    mine = {p: sha256_file(Path(p)) for p in paths[rank::world]}
+    mine = {p: digest(Path(p)) for p in paths[rank::world]}
     if world == 1:
         return mine
     parts = [None] * world
@@ -60,7 +60,9 @@ def sampled_digest(path: Path, span: int = 1 << 20) -> str:
 
 def directory_key(root: Path) -> str:
     """One digest over a checkpoint directory's files: their names, sizes and sampled digests (a 72B checkpoint is
-    named in a second, not read whole; any other weights differ in their first and last MiB)."""
+    named in a second, not read whole; any other weights differ in their first and last MiB). Collective under
+    torch.distributed: the files are shared out over the ranks, as `file_digests` shares them."""
     files = sorted(p for p in Path(root).rglob("*") if p.is_file())
-    return combined({str(p.relative_to(root)): f"{p.stat().st_size}:{sampled_digest(p)}" for p in files})
+    sampled = file_digests(files, digest=sampled_digest)
+    return combined({str(p.relative_to(root)): f"{p.stat().st_size}:{sampled[str(p)]}" for p in files})
 

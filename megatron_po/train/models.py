@@ -90,7 +90,8 @@ def base_identity(cfg: Config, family: FamilySpec) -> Optional[dict]:
     """What a LoRA run's adapters belong to (None without LoRA): checkpoint.init_from and a key of its files (their
     names, sizes and the sha256 of each file's first and last MiB: a 72B base is never read whole at launch, and
     any other weights differ there), or the seed and shapes of a randomly initialised base; and the adapters'
-    settings. Saved in every checkpoint (checkpoint.BASE); a resume refuses a checkpoint whose entry differs."""
+    settings. Saved in every checkpoint (checkpoint.BASE); a resume refuses a checkpoint whose entry differs.
+    Collective (every rank calls it): the ranks share out the base's files (data/digests.directory_key)."""
     if not cfg.model.lora.enabled:
         return None
     root, _ = ref_cache.reference_files(cfg)
